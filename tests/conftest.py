@@ -1,0 +1,100 @@
+"""Shared fixtures: real data, real PostgreSQL and Redis, or a plain skip message saying what was not run.
+
+With ``CI=true`` nothing may be skipped for a missing service or missing data: the fixture fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("COVID_CXR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+POSTGRES_ADMIN_URL = os.environ.get("COVID_CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("COVID_CXR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+_missing_services: set[str] = set()
+
+
+def _unavailable(what: str) -> None:
+    """Skip, or fail under CI where every test must run."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI (CI=true) but is unavailable")
+    _missing_services.add(what)
+    pytest.skip(f"{what} unavailable: this test was NOT run (its embedded twin still runs)")
+
+
+def _port_open(url: str, default_port: int) -> bool:
+    parsed = urlparse(url.replace("+psycopg", ""))
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real chest X-rays and DICOM files)."""
+    if not (SHARED_DATA / "dicom" / "manifest.csv").exists():
+        _unavailable(f"shared data at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(shared_data: Path) -> Path:
+    return shared_data / "dicom"
+
+
+@pytest.fixture(scope="session")
+def cxr_dir(shared_data: Path) -> Path:
+    return shared_data / "cxr"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    if not _port_open(POSTGRES_ADMIN_URL, 5432):
+        _unavailable("PostgreSQL")
+    import sqlalchemy as sa
+
+    name = f"covid_cxr_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database index reserved for tests, emptied before use."""
+    if not _port_open(REDIS_TEST_URL, 6379):
+        _unavailable("Redis")
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    client.flushdb()
+    client.close()
+    return REDIS_TEST_URL
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _missing_services:
+        terminalreporter.write_line(
+            "SKIPPED because unavailable here (embedded twins ran instead): " + ", ".join(sorted(_missing_services)),
+            yellow=True,
+        )
