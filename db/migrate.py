@@ -1,0 +1,65 @@
+"""Schema migrations with Alembic: upgrade to head, and refuse to run on an out-of-date schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from covid_cxr.errors import SchemaOutOfDate
+from covid_cxr.settings import Settings
+from db.session import create_engine_for, engine_for_url
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(settings: Settings, revision: str = "head") -> str:
+    """Bring the schema to ``revision``; returns the revision now in place."""
+    engine = create_engine_for(settings)
+    with engine.begin() as connection:
+        config = alembic_config(settings.database)
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    return current_revision(engine) or ""
+
+
+def upgrade_url(url: str) -> str:
+    engine = engine_for_url(url)
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return current_revision(engine) or ""
+
+
+def check_schema(settings: Settings) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the code's head revision."""
+    current = current_revision(create_engine_for(settings))
+    head = head_revision()
+    if current != head:
+        state = "has no schema" if current is None else f"is at revision {current}"
+        raise SchemaOutOfDate(
+            f"the database {state}, this code needs {head}: run `covid-cxr db upgrade` first"
+        )

@@ -1,0 +1,257 @@
+"""The schema: studies, instances, normalized images, predictions, study results, models, labels, reports."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+
+UID = String(64)  # DICOM UIDs are at most 64 characters
+SHA256 = String(64)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class InstanceState(str, enum.Enum):
+    """Life cycle of one received file: received -> queued -> predicted | rejected | duplicate | failed."""
+
+    received = "received"
+    queued = "queued"
+    predicted = "predicted"
+    rejected = "rejected"
+    duplicate = "duplicate"
+    failed = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in {InstanceState.predicted, InstanceState.rejected, InstanceState.duplicate, InstanceState.failed}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True, doc="HMAC-SHA256 of PatientID")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    """One received file. Duplicates and conflicts are rows too, so every file dropped is accounted for."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=InstanceState.received.value)
+    reason: Mapped[str | None] = mapped_column(String(64), index=True, doc="stable reason code when rejected/failed")
+    message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    file_name: Mapped[str] = mapped_column(Text, doc="path relative to the inbox when it was found")
+    file_sha256: Mapped[str] = mapped_column(SHA256, index=True)
+    file_size: Mapped[int | None] = mapped_column(Integer)
+    stored_path: Mapped[str | None] = mapped_column(Text, doc="where the file went: archive/quarantine path, or null if deleted")
+
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    flags: Mapped[list[Any] | None] = mapped_column(JSON, doc="e.g. ['view_unknown']")
+
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"),
+                                                         doc="the first instance with this SOPInstanceUID (duplicate or conflict)")
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False, doc="same SOPInstanceUID, different content")
+    batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study | None] = relationship(back_populates="instances")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="instance")
+
+    __table_args__ = (
+        # One primary row per SOPInstanceUID; duplicates/conflicts point at it. Guards concurrent ingesters.
+        Index(
+            "uq_instances_primary_sop_instance_uid",
+            "sop_instance_uid",
+            unique=True,
+            sqlite_where=text("duplicate_of_id IS NULL AND sop_instance_uid IS NOT NULL"),
+            postgresql_where=text("duplicate_of_id IS NULL AND sop_instance_uid IS NOT NULL"),
+        ),
+    )
+
+
+class NormalizedImage(Base):
+    """The 224x224 uint8 model input (PNG-encoded), so workers need only the database, never the inbox."""
+
+    __tablename__ = "normalized_images"
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
+    preprocessing_version: Mapped[str] = mapped_column(String(32))
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    mean: Mapped[float | None] = mapped_column(Float, doc="pixel mean 0..255, for drift monitoring")
+    std: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    """A registered model artifact; the .keras bytes live here so any worker can fetch and verify them."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(SHA256)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    artifact: Mapped[bytes] = deferred(mapped_column(LargeBinary))
+
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_models_name_version"),
+        Index("uq_models_one_active_per_name", "name", unique=True,
+              sqlite_where=text("active"), postgresql_where=text("active")),
+    )
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    model_version: Mapped[str] = mapped_column(String(64))
+    preprocessing_version: Mapped[str] = mapped_column(String(32))
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON, doc='{"covid": p, "normal": 1-p}')
+    prob_covid: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    inference_ms: Mapped[float | None] = mapped_column(Float, doc="batch forward time / batch size")
+    queued_ms: Mapped[float | None] = mapped_column(Float, doc="file found -> prediction written")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_predictions_instance_model"),)
+
+
+class StudyResult(Base):
+    """Study-level aggregate over the study's frontal images (rule documented in the README)."""
+
+    __tablename__ = "study_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    n_images: Mapped[int] = mapped_column(Integer)
+    prob_covid: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    rule: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_id", "model_version", name="uq_study_results_study_model"),)
+
+
+class GroundTruthLabel(Base):
+    """A true label (RT-PCR, radiologist read) keyed by a DICOM identifier."""
+
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_type: Mapped[str] = mapped_column(String(32), doc="study_instance_uid | sop_instance_uid | accession_number")
+    key_value: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64), doc="e.g. rt-pcr, radiologist")
+    label_date: Mapped[str | None] = mapped_column(String(10))
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("key_type", "key_value", "source", name="uq_labels_key_source"),)
+
+
+class LabelChange(Base):
+    """History of a label that changed on re-import."""
+
+    __tablename__ = "label_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), index=True)
+    old_label: Mapped[str] = mapped_column(String(16))
+    new_label: Mapped[str] = mapped_column(String(16))
+    file_name: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvaluationReport(Base):
+    __tablename__ = "evaluation_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    window: Mapped[str] = mapped_column(String(16), doc="24h | 7d | 30d | all")
+    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    period: Mapped[str] = mapped_column(String(32), doc="identity of the window: its end date for rolling windows")
+    model_version: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8), doc="image | study")
+    n: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    text_report: Mapped[str] = mapped_column(Text)
+    flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    plot_paths: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    html_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("window", "period", "model_version", "level", name="uq_evaluation_reports_window_model"),
+    )
