@@ -18,6 +18,17 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+#: Modules that add subcommands, in the order they appear in ``--help``.
+COMMAND_MODULES = (
+    "ingest.cli",  # inspect
+    "ingest.service_cli",  # ingest, serve
+    "worker.cli",  # worker, status, results
+    "model_store.cli",  # train, models
+    "worker.evaluation_cli",  # labels, evaluate, report
+    "db.cli",  # db upgrade|current
+)
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options every subcommand accepts; each overrides the matching ``COVID_CXR_*`` variable."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -39,10 +50,7 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from db import cli as db_cli
-    from ingest import cli as ingest_cli
-    from model_store import cli as model_store_cli
-    from worker import cli as worker_cli
+    import importlib
 
     parser = argparse.ArgumentParser(
         prog="covid-cxr",
@@ -51,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = common_options()
-    for module in (ingest_cli, model_store_cli, worker_cli, db_cli):
-        module.register(subparsers, common)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers, common)
     return parser
 
 
