@@ -1,0 +1,112 @@
+"""Where the VGG16 base's weights come from: none, Keras's ImageNet download, or a local HDF5 file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from covid_cxr.errors import ModelError
+
+if TYPE_CHECKING:
+    import keras
+
+#: The file Keras downloads for ``weights="imagenet", include_top=False``; air-gapped sites copy it in.
+KERAS_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def describe_base_weights(base_weights: str | Path | None) -> dict[str, Any]:
+    """Provenance of the base weights for an artifact's metadata: kind, and for a file its name and sha256."""
+    kind = _kind(base_weights)
+    if kind == "file":
+        path = Path(base_weights)  # type: ignore[arg-type]
+        return {"source": "file", "file_name": path.name, "sha256": _sha256(path)}
+    return {"source": kind}
+
+
+def load_base_weights(base: keras.Model, base_weights: str | Path | None) -> None:
+    """Put the requested weights into a freshly built Keras VGG16 base (``include_top=False``).
+
+    Raises :class:`ModelError` with what to do when ImageNet weights cannot be downloaded or a local
+    file is missing, not HDF5, or lacks a VGG16 layer or has one with the wrong shape.
+    """
+    kind = _kind(base_weights)
+    if kind == "none":
+        return
+    if kind == "imagenet":
+        _load_imagenet(base)
+        return
+    path = Path(base_weights)  # type: ignore[arg-type]
+    _check_weights_file(path, base)
+    base.load_weights(str(path), by_name=True)
+
+
+def _kind(base_weights: str | Path | None) -> str:
+    if base_weights is None or (isinstance(base_weights, str) and base_weights.lower() in {"", "none"}):
+        return "none"
+    if isinstance(base_weights, str) and base_weights.lower() == "imagenet":
+        return "imagenet"
+    return "file"
+
+
+def _load_imagenet(base: keras.Model) -> None:
+    import keras
+
+    try:
+        reference = keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=base.input_shape[1:])
+    except Exception as exc:  # Keras raises bare Exception/URLError/HTTPError when offline
+        raise ModelError(
+            "could not obtain Keras's ImageNet VGG16 weights (no internet access?): "
+            f"{type(exc).__name__}: {exc}. On an air-gapped machine copy {KERAS_NOTOP_FILE} from a machine that "
+            "has it (~/.keras/models/) and pass --base-weights PATH, or train with --base-weights none",
+            reason="imagenet_weights_unavailable",
+        ) from exc
+    base.set_weights(reference.get_weights())
+
+
+def _check_weights_file(path: Path, base: keras.Model) -> None:
+    """Fail early, naming the problem, instead of Keras's positional-mismatch errors."""
+    import h5py
+
+    if not path.is_file():
+        raise ModelError(f"base weights file {path} does not exist", reason="weights_file_missing")
+    if path.suffix.lower() not in {".h5", ".hdf5"}:
+        raise ModelError(f"base weights file {path} must be an HDF5 file named *.h5 or *.hdf5 "
+                         f"(the layout of Keras's {KERAS_NOTOP_FILE})", reason="weights_file_invalid")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ModelError(f"base weights file {path} is not a readable HDF5 file: {exc}",
+                         reason="weights_file_invalid") from exc
+    with handle:
+        group: Any = handle
+        if "layer_names" not in group.attrs and "model_weights" in group:
+            group = group["model_weights"]
+        if "layer_names" not in group.attrs:
+            raise ModelError(f"{path} is not in the Keras HDF5 weights layout (no 'layer_names' attribute); "
+                             f"expected the layout of {KERAS_NOTOP_FILE}", reason="weights_file_invalid")
+        stored = {_text(name) for name in group.attrs["layer_names"]}
+        for layer in base.layers:
+            if not layer.weights:
+                continue
+            if layer.name not in stored:
+                raise ModelError(f"{path} has no weights for VGG16 layer {layer.name}", reason="weights_file_invalid")
+            layer_group = group[layer.name]
+            names = [_text(name) for name in layer_group.attrs.get("weight_names", [])]
+            shapes = [tuple(layer_group[name].shape) for name in names]
+            expected = [tuple(weight.shape) for weight in layer.weights]
+            if shapes != expected:
+                raise ModelError(f"{path}: layer {layer.name} has weight shapes {shapes}, VGG16 needs {expected}",
+                                 reason="weights_file_invalid")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
