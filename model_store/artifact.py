@@ -1,0 +1,150 @@
+"""A model artifact: ``model.keras`` plus ``metadata.json`` (version, sha256, provenance); verified before loading."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from covid_cxr.errors import ModelError, ModelIntegrityError
+
+if TYPE_CHECKING:
+    import keras
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+#: Metadata keys that every artifact must carry (point 3 of issue 3).
+REQUIRED_METADATA = ("name", "version", "sha256", "created_at", "architecture", "base_weights",
+                     "preprocessing_version", "class_names", "decision_threshold")
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """Where an artifact was written and what identifies it."""
+
+    directory: Path
+    model_path: Path
+    metadata_path: Path
+    version: str
+    sha256: str
+    metadata: dict[str, Any]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_version(created_at: datetime, sha256: str) -> str:
+    """``YYYYMMDD-HHMMSS-<first 8 hex of sha256>`` (UTC): sortable, and names the bytes."""
+    return f"{created_at.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{sha256[:8]}"
+
+
+def save_artifact(model: keras.Model, metadata: dict[str, Any], out_dir: Path) -> ArtifactInfo:
+    """Write ``model.keras`` (no optimizer state) and ``metadata.json`` into ``out_dir``.
+
+    ``metadata`` is completed with ``version``, ``sha256`` (of ``model.keras``), ``created_at`` (UTC, ISO 8601),
+    ``model_file`` and ``model_bytes``; the caller's dict is not modified. An existing artifact is not overwritten.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILE
+    metadata_path = out_dir / METADATA_FILE
+    if model_path.exists() or metadata_path.exists():
+        raise ModelError(f"{out_dir} already holds an artifact; choose another output folder", reason="artifact_exists")
+    created_at = datetime.now(timezone.utc)
+    partial = out_dir / (MODEL_FILE + ".partial.keras")
+    model.save(partial, include_optimizer=False)
+    partial.replace(model_path)
+    sha256 = sha256_of(model_path)
+    completed = dict(metadata)
+    completed.update({
+        "version": make_version(created_at, sha256),
+        "sha256": sha256,
+        "created_at": created_at.isoformat(),
+        "model_file": MODEL_FILE,
+        "model_bytes": model_path.stat().st_size,
+    })
+    metadata_path.write_text(json.dumps(completed, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return ArtifactInfo(out_dir, model_path, metadata_path, completed["version"], sha256, completed)
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, datetime)):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def read_metadata(directory_or_model: Path) -> dict[str, Any]:
+    """The ``metadata.json`` beside a ``model.keras`` (or inside an artifact folder), checked for required keys."""
+    path = Path(directory_or_model)
+    metadata_path = path / METADATA_FILE if path.is_dir() else path.with_name(METADATA_FILE)
+    if not metadata_path.is_file():
+        raise ModelError(f"no {METADATA_FILE} found at {metadata_path}", reason="artifact_incomplete")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{metadata_path} is not valid JSON: {exc}", reason="artifact_incomplete") from exc
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ModelError(f"{metadata_path} lacks {', '.join(missing)}", reason="artifact_incomplete")
+    return metadata
+
+
+def model_path_of(directory_or_model: Path) -> Path:
+    path = Path(directory_or_model)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def verify_sha256(path: Path, expected_sha256: str) -> None:
+    """Raise :class:`ModelIntegrityError` unless the file's sha256 equals ``expected_sha256``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist", reason="artifact_missing")
+    actual = sha256_of(path)
+    if not hmac.compare_digest(actual, expected_sha256.lower()):
+        raise ModelIntegrityError(
+            f"{path} has sha256 {actual}, but its record says {expected_sha256}: the file was changed or "
+            "corrupted after it was registered; refusing to load it", reason="sha256_mismatch")
+
+
+def load_verified_model(path: Path, expected_sha256: str) -> keras.Model:
+    """Load a ``.keras`` model only if its sha256 matches, and only in Keras safe mode (no arbitrary code).
+
+    Raises
+    ------
+    ModelIntegrityError
+        ``sha256_mismatch`` when the bytes differ from the record; ``unsafe_or_invalid`` when Keras refuses
+        the file in safe mode (e.g. a Lambda layer carrying Python bytecode) or cannot read it; ``wrong_io`` when
+        the model does not map ``(N, 224, 224, 3)`` to ``(N, 2)``.
+    """
+    import keras
+
+    from model_store.architecture import CLASS_NAMES, INPUT_SHAPE
+
+    verify_sha256(path, expected_sha256)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError/TypeError/zip errors; all mean "do not serve this"
+        raise ModelIntegrityError(f"{path} cannot be loaded in Keras safe mode: {type(exc).__name__}: {exc}",
+                                  reason="unsafe_or_invalid") from exc
+    input_shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
+    output_shape = tuple(model.output_shape[1:]) if not isinstance(model.output_shape, list) else None
+    if input_shape != INPUT_SHAPE or output_shape != (len(CLASS_NAMES),):
+        raise ModelIntegrityError(f"{path} maps {model.input_shape} to {model.output_shape}; expected "
+                                  f"(None, {', '.join(map(str, INPUT_SHAPE))}) to (None, {len(CLASS_NAMES)})",
+                                  reason="wrong_io")
+    return model

@@ -1,0 +1,351 @@
+"""Labelled training/evaluation sets: folder or CSV listing, validation, decoding through ingest, patient-level split, manifest."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_cxr.errors import CovidCxrError, DatasetError
+from covid_cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
+#: Prefix of the patient id given to an image that has none, so that it is its own group.
+IMAGE_AS_PATIENT = "image:"
+#: How many failing files an error message names before it says "and N more".
+SHOWN_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image file."""
+
+    path: Path
+    label: str
+    patient_id: str
+    key: str  # path relative to the dataset root: how the manifest names the file
+
+
+@dataclass
+class Dataset:
+    """Labelled image files, in a stable order, and where they came from."""
+
+    items: list[Item]
+    source: dict[str, Any]
+    classes: tuple[str, ...]
+    patient_ids_given: bool
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([item.label for item in self.items], dtype=object)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([item.patient_id for item in self.items], dtype=object)
+
+    def counts(self, indices: Iterable[int] | None = None) -> dict[str, int]:
+        chosen = self.items if indices is None else [self.items[i] for i in indices]
+        found = Counter(item.label for item in chosen)
+        return {name: found.get(name, 0) for name in self.classes}
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        return Dataset([self.items[i] for i in indices], dict(self.source), self.classes, self.patient_ids_given,
+                       list(self.ignored))
+
+
+def _with_problems(message: str, problems: Sequence[str]) -> str:
+    shown = "; ".join(problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return f"{message}: {shown}{more}"
+
+
+def from_folder(folder: Path, classes: Sequence[str]) -> Dataset:
+    """A folder with one subfolder per class (``covid/``, ``normal/``) of PNG/JPEG or DICOM files.
+
+    Files are found recursively inside each class folder; hidden files are skipped; other subfolders
+    and files with other suffixes are listed in :attr:`Dataset.ignored` (and logged), never guessed at.
+    Each image is its own patient (a folder carries no patient ids): use a CSV for a patient-level split.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder", reason="dataset_not_found")
+    items: list[Item] = []
+    ignored: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() or entry.name not in classes:
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
+            continue
+        for path in sorted(p for p in entry.rglob("*") if p.is_file()):
+            relative = path.relative_to(folder).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+                ignored.append(relative)
+                continue
+            items.append(Item(path, entry.name, IMAGE_AS_PATIENT + relative, relative))
+    if ignored:
+        log.warning("ignored in %s (not a class folder or not an image): %s", folder, ", ".join(ignored[:SHOWN_PROBLEMS]))
+    dataset = Dataset(items, {"kind": "folder", "path": str(folder)}, tuple(classes), False, ignored)
+    check_dataset(dataset)
+    return dataset
+
+
+def parse_where(expressions: Sequence[str]) -> dict[str, frozenset[str]]:
+    """``["subset=pyimagesearch50", "label=covid,normal"]`` -> ``{column: allowed values}`` (filters are ANDed)."""
+    filters: dict[str, frozenset[str]] = {}
+    for expression in expressions:
+        column, sep, values = expression.partition("=")
+        if not sep or not column.strip() or not values.strip():
+            raise DatasetError(f"bad filter {expression!r}: expected COLUMN=VALUE[,VALUE...]", reason="bad_filter")
+        filters[column.strip()] = frozenset(value.strip() for value in values.split(","))
+    return filters
+
+
+def from_csv(
+    csv_path: Path,
+    classes: Sequence[str],
+    *,
+    label_column: str = "label",
+    path_column: str | None = None,
+    patient_column: str = "patient_id",
+    where: Mapping[str, frozenset[str]] | None = None,
+) -> Dataset:
+    """A CSV with a header: a path column (``path`` or ``file``, relative to the CSV's folder), a label column,
+    and optionally a patient id column. ``where`` keeps only rows whose columns hold one of the given values.
+
+    Every row left after filtering must have a known label and an existing file; otherwise
+    :class:`DatasetError` names the offending rows (nothing is silently dropped).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path} does not exist", reason="dataset_not_found")
+    where = dict(where or {})
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if path_column is None:
+        path_column = next((name for name in ("path", "file") if name in columns), "path")
+    for needed in (path_column, label_column, *where):
+        if needed not in columns:
+            raise DatasetError(f"{csv_path} has no column {needed!r} (columns: {', '.join(columns) or 'none'})",
+                               reason="bad_csv")
+    has_patients = patient_column in columns
+    root = csv_path.parent
+    items: list[Item] = []
+    unknown: list[str] = []
+    missing: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(column, "") not in allowed for column, allowed in where.items()):
+            continue
+        label = (row[label_column] or "").strip()
+        relative = (row[path_column] or "").strip()
+        if label not in classes:
+            unknown.append(f"line {line}: {label!r}")
+            continue
+        path = root / relative
+        if not relative or not path.is_file():
+            missing.append(f"line {line}: {relative!r}")
+            continue
+        patient = (row.get(patient_column) or "").strip() if has_patients else ""
+        items.append(Item(path, label, patient or IMAGE_AS_PATIENT + relative, relative))
+    if unknown:
+        labels = Counter(entry.split(": ", 1)[1] for entry in unknown)
+        raise DatasetError(_with_problems(
+            f"{csv_path}: {len(unknown)} rows have labels other than {', '.join(classes)} "
+            f"({', '.join(f'{k} x{v}' for k, v in labels.items())}); drop them with --where "
+            f"{label_column}={','.join(classes)}", unknown), reason="unknown_labels")
+    if missing:
+        raise DatasetError(_with_problems(f"{csv_path}: {len(missing)} rows name files that do not exist", missing),
+                           reason="missing_files")
+    source = {"kind": "csv", "path": str(csv_path), "label_column": label_column, "path_column": path_column,
+              "patient_column": patient_column if has_patients else None,
+              "where": {column: sorted(values) for column, values in where.items()}}
+    dataset = Dataset(items, source, tuple(classes), has_patients)
+    check_dataset(dataset)
+    return dataset
+
+
+def check_dataset(dataset: Dataset) -> None:
+    """Refuse a set that cannot train or evaluate a two-class model: empty, or a class without images."""
+    where = dataset.source.get("path", "the dataset")
+    if not dataset.items:
+        raise DatasetError(f"no labelled images found in {where} (expected {'/, '.join(dataset.classes)}/ "
+                           "subfolders of PNG/JPEG/DICOM files, or CSV rows)", reason="empty_dataset")
+    counts = dataset.counts()
+    absent = [name for name, count in counts.items() if count == 0]
+    if absent:
+        raise DatasetError(f"{where} has no images of class {', '.join(absent)} "
+                           f"(counts: {counts}); a two-class model needs both", reason="one_class_only")
+
+
+def load_images(dataset: Dataset, settings: Settings | None = None, progress: bool = True) -> np.ndarray:
+    """Decode and normalize every image exactly as serving does: ``(N, 224, 224)`` uint8.
+
+    PNG/JPEG go through :func:`ingest.pixels.load_image_file` then :func:`ingest.pixels.normalize_grayscale`;
+    DICOM through :func:`ingest.reader.read_radiograph` with the configured acceptance policy.
+    All files are tried first; then :class:`DatasetError` lists every file that could not be used.
+    """
+    from tqdm import tqdm
+
+    from ingest.pixels import IMAGE_SIZE, load_image_file, normalize_grayscale
+
+    policy = None
+    images = np.zeros((len(dataset.items), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    problems: list[str] = []
+    for index, item in enumerate(tqdm(dataset.items, desc="decode", unit="img", disable=not progress)):
+        try:
+            if item.path.suffix.lower() in IMAGE_SUFFIXES:
+                images[index] = normalize_grayscale(load_image_file(item.path))
+                continue
+            from ingest.reader import ReaderPolicy, read_radiograph
+
+            if policy is None:
+                from covid_cxr.settings import load_settings
+
+                policy = ReaderPolicy.from_settings(settings or load_settings())
+            result = read_radiograph(item.path, policy)
+            if not result.accepted:
+                rejection = result.rejection
+                problems.append(f"{item.key}: {getattr(rejection, 'reason', rejection)} "
+                                f"({getattr(rejection, 'message', '')})")
+                continue
+            images[index] = result.image
+        except CovidCxrError as exc:
+            problems.append(f"{item.key}: {exc.reason} ({exc.message})")
+    if problems:
+        raise DatasetError(_with_problems(f"{len(problems)} of {len(dataset.items)} images cannot be used", problems),
+                           reason="unreadable_images")
+    return images
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into a :class:`Dataset` for each part; every patient is in exactly one part."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    method: str
+    seed: int
+    test_fraction: float
+    validation_fraction: float
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+def _group_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One fold of scikit-learn's StratifiedGroupKFold with ``round(1 / fraction)`` folds: (rest, held out)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / fraction))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held_out = next(folds.split(np.zeros(len(labels)), labels, groups))
+    return rest, held_out
+
+
+def split_dataset(dataset: Dataset, test_fraction: float = 0.2, validation_fraction: float = 0.2,
+                  seed: int = 42) -> Split:
+    """Stratified, patient-level train / validation / test split (an image without a patient id is its own patient).
+
+    ``test_fraction`` of the patients are held out for the test; ``validation_fraction`` of the rest for
+    early stopping (0 = no validation part). Raises :class:`DatasetError` when a part would lack a class.
+    """
+    if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1:
+        raise DatasetError(f"fractions must be in (0, 1): test={test_fraction}, validation={validation_fraction}",
+                           reason="bad_split")
+    labels, groups = dataset.labels, dataset.groups
+    _check_groups_have_one_label(dataset)
+    rest, test = _group_fold(labels, groups, test_fraction, seed)
+    validation = np.array([], dtype=int)
+    train = rest
+    if validation_fraction > 0:
+        kept, held_out = _group_fold(labels[rest], groups[rest], validation_fraction, seed)
+        train, validation = rest[kept], rest[held_out]
+    split = Split(np.sort(train), np.sort(validation), np.sort(test),
+                  "StratifiedGroupKFold by patient_id" if dataset.patient_ids_given
+                  else "StratifiedGroupKFold by image (no patient ids given)",
+                  seed, test_fraction, validation_fraction)
+    for part, indices in split.parts().items():
+        if part == "validation" and validation_fraction == 0:
+            continue
+        counts = dataset.counts(indices)
+        if min(counts.values()) == 0:
+            raise DatasetError(f"too few patients for a stratified split: the {part} part would have {counts}; "
+                               f"add images or change --test-fraction/--validation-fraction", reason="bad_split")
+    return split
+
+
+def _check_groups_have_one_label(dataset: Dataset) -> None:
+    labels_of: dict[str, set[str]] = {}
+    for item in dataset.items:
+        labels_of.setdefault(item.patient_id, set()).add(item.label)
+    mixed = sorted(patient for patient, labels in labels_of.items() if len(labels) > 1)
+    if mixed:
+        log.warning("patients with images of both classes (kept together in one split part): %s", ", ".join(mixed[:10]))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(dataset: Dataset, split: Split | None = None) -> dict[str, Any]:
+    """What a model was trained on: source, counts, a hash over (file, sha256, label, patient) and the split's patients.
+
+    The hash changes if any file's bytes, label or patient assignment changes, or a file is added or removed.
+    """
+    lines = sorted(f"{item.key}\t{file_sha256(item.path)}\t{item.label}\t{item.patient_id}" for item in dataset.items)
+    result: dict[str, Any] = {
+        "source": dataset.source,
+        "n_images": len(dataset.items),
+        "n_patients": len(set(dataset.groups)),
+        "counts": dataset.counts(),
+        "patient_ids_given": dataset.patient_ids_given,
+        "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+        "hash_of": "sorted lines 'relative path<TAB>file sha256<TAB>label<TAB>patient id', newline-joined",
+    }
+    if dataset.ignored:
+        result["ignored"] = dataset.ignored
+    if split is not None:
+        parts: dict[str, Any] = {}
+        for part, indices in split.parts().items():
+            parts[part] = {
+                "n_images": int(len(indices)),
+                "counts": dataset.counts(indices),
+                "patient_ids": sorted({dataset.items[i].patient_id for i in indices}),
+            }
+        result["split"] = {"method": split.method, "seed": split.seed, "test_fraction": split.test_fraction,
+                           "validation_fraction": split.validation_fraction, **parts}
+    return result
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One line naming where a dataset came from, for reports."""
+    if source.get("kind") == "csv":
+        where = " and ".join(f"{column} in {{{', '.join(values)}}}" for column, values in source.get("where", {}).items())
+        return f"CSV {source['path']} (labels from column {source['label_column']!r}{', rows where ' + where if where else ''})"
+    return f"folder {source.get('path')}"
+
+
+def indices_of_patients(dataset: Dataset, patient_ids: Iterable[str]) -> np.ndarray:
+    """Indices of the items whose patient id is listed (to re-select a recorded split part)."""
+    wanted = set(patient_ids)
+    return np.array([i for i, item in enumerate(dataset.items) if item.patient_id in wanted], dtype=int)
