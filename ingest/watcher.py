@@ -36,6 +36,7 @@ class _Candidate:
     signature: Signature
     stable_since: float  # monotonic time the signature was last seen to change
     atomic: bool  # renamed into place: complete as soon as it appears
+    not_before: float = 0.0  # monotonic time before which it is not handed out (a retry)
 
 
 class InboxWatcher:
@@ -185,7 +186,8 @@ class InboxWatcher:
         for path, candidate in items:
             signature = _signature(path)
             with self._lock:
-                if path in self._claimed or self._candidates.get(path) is not candidate:
+                if (path in self._claimed or self._candidates.get(path) is not candidate
+                        or now < candidate.not_before):
                     continue
                 if signature is None:
                     del self._candidates[path]
@@ -210,19 +212,25 @@ class InboxWatcher:
             if signature is not None:
                 self._done[path] = signature
 
-    def retry_later(self, path: Path) -> None:
-        """End the claim on ``path`` without remembering it: it is offered again once it settles."""
+    def retry_later(self, path: Path, delay: float = 0.0) -> None:
+        """End the claim on ``path`` without remembering it: it is offered again after ``delay`` seconds."""
+        path = Path(path)
         with self._lock:
-            self._claimed.discard(Path(path))
-        self._note(Path(path), atomic=False)
+            self._claimed.discard(path)
+        self._note(path, atomic=False)
+        with self._lock:
+            candidate = self._candidates.get(path)
+            if candidate is not None:
+                candidate.not_before = self._clock() + delay
 
     def seconds_until_next_check(self) -> float | None:
         """How long until the earliest waiting file could be ready; ``None`` if none waits."""
         with self._lock:
             if not self._candidates:
                 return None
-            earliest = min(c.stable_since for c in self._candidates.values())
-        return max(0.0, earliest + self.settle_seconds - self._clock())
+            earliest = min(max(c.stable_since + self.settle_seconds, c.not_before)
+                           for c in self._candidates.values())
+        return max(0.0, earliest - self._clock())
 
     def wait(self, timeout: float) -> None:
         """Sleep until an event arrives or ``timeout`` seconds pass."""

@@ -170,8 +170,10 @@ def test_a_claimed_file_is_handed_out_once(tmp_path, dicom_dir):
         handle.write(b"\0")
     watcher.scan()
     assert watcher.take_ready() == [path.resolve()]
-    # retry_later: offered again without a change
-    watcher.retry_later(path.resolve())
+    # retry_later: offered again without a change, once the delay has passed
+    watcher.retry_later(path.resolve(), delay=5.0)
+    assert watcher.take_ready() == []
+    clock.now += 5.0
     assert watcher.take_ready() == [path.resolve()]
 
 
