@@ -5,6 +5,8 @@ With ``CI=true`` nothing may be skipped for a missing service or missing data: t
 
 from __future__ import annotations
 
+pytest_plugins = ["service_fixtures"]
+
 import os
 import socket
 import uuid
