@@ -1,0 +1,446 @@
+"""The pixel pipeline: DICOM (or PNG/JPEG) pixels to the model's 224x224 uint8 input, one named step per function.
+
+DICOM order (PS3.4 N.2.1.1): decode -> modality LUT / rescale -> VOI LUT or window ->
+MONOCHROME1 inversion, then the part shared with training images (:func:`normalize_grayscale`):
+8-bit -> pad to square -> 224x224 resize. Change any behaviour here and bump
+:data:`PREPROCESSING_VERSION`: it is stored with every model and every prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
+
+from covid_cxr.errors import InputRejected
+from ingest.metadata import transfer_syntax_of
+from ingest.reasons import RejectReason
+
+#: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
+PREPROCESSING_VERSION = "cxr-norm-1"
+#: Side of the square model input.
+IMAGE_SIZE = 224
+
+#: Percentiles of the fallback window (of non-padding pixels): robust to a few hot or dead pixels and labels.
+PERCENTILE_WINDOW = (0.5, 99.5)
+#: A stated VOI "does not fit" when more than this fraction of pixels saturate at either end...
+VOI_MAX_SATURATED_FRACTION = 0.95
+#: ... or when its output's standard deviation is below this many 8-bit grey levels.
+VOI_MIN_STD_LEVELS = 4.0
+#: Statistics (percentiles, fit check) use a regular subsample of about this many pixels.
+STATISTICS_SAMPLE_PIXELS = 1 << 18
+#: Images whose stored values span fewer values than this go through a per-value lookup table.
+MAX_LOOKUP_TABLE_ENTRIES = 1 << 20
+#: The pylibjpeg decoders are preferred where several plugins can decode a syntax, so that lossy
+#: codestreams decode to the same values on every installation (Pillow or GDCM may differ by a level).
+PREFERRED_DECODING_PLUGIN = "pylibjpeg"
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Steps :func:`normalize_grayscale` always runs, in order (some may be no-ops for a given image).
+GRAYSCALE_STEPS = ("to_uint8", "pad_to_square", f"resize_{IMAGE_SIZE}")
+
+
+# --- DICOM steps ------------------------------------------------------------------------------
+
+
+def check_decodable(ds: pydicom.Dataset) -> UID:
+    """Refuse, before any decoding, what the pipeline cannot or must not decode; return the transfer syntax.
+
+    Raises :class:`InputRejected` with ``unsupported_photometric`` (anything but one sample of
+    MONOCHROME1/2), ``unsupported_transfer_syntax`` (no decoder, or its plugin is not
+    installed: the message names it) or ``truncated`` (native pixel data shorter than
+    Rows x Columns x frames x BitsAllocated needs).
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    samples = _int_or_none(ds, "SamplesPerPixel")
+    if photometric not in MONOCHROME or samples not in (None, 1):
+        shown = photometric or "missing"
+        raise InputRejected(
+            f"PhotometricInterpretation {shown} with SamplesPerPixel {samples}: only single-sample "
+            "MONOCHROME1/MONOCHROME2 radiographs are accepted",
+            reason=RejectReason.UNSUPPORTED_PHOTOMETRIC,
+        )
+    syntax = transfer_syntax_of(ds)
+    if syntax is None:
+        raise InputRejected(
+            "no Transfer Syntax UID (file without file meta) and the encoding cannot be inferred",
+            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+        )
+    uid = UID(syntax)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise InputRejected(
+            f"no pixel data decoder exists for transfer syntax {uid.name} ({uid})",
+            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(f"{plugin}: {need}" for plugin, need in decoder.missing_dependencies)
+        raise InputRejected(
+            f"the decoder for {uid.name} ({uid}) is not installed ({missing})",
+            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+        )
+    if not uid.is_compressed and "PixelData" in ds:
+        try:
+            expected = int(get_expected_length(ds, unit="bytes"))
+            actual = len(ds.PixelData)
+        except Exception as exc:  # missing Rows/BitsAllocated etc.: the decoder reports it properly
+            raise InputRejected(
+                f"the Image Pixel module is incomplete or invalid: {exc}", reason=RejectReason.DECODE_FAILED
+            ) from exc
+        if actual < expected:
+            raise InputRejected(
+                f"pixel data has {actual} bytes, the header needs {expected}",
+                reason=RejectReason.TRUNCATED,
+            )
+    return uid
+
+
+def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
+    """Decode one frame's stored values (2-D, the file's dtype) with pydicom and the pylibjpeg plugins.
+
+    ``frame`` is the 0-based frame to decode; ``None`` requires a single-frame image.
+    Runs :func:`check_decodable` first. Decoder errors become ``decode_failed``.
+    """
+    uid = check_decodable(ds)
+    decoder = get_decoder(uid)
+    plugin = PREFERRED_DECODING_PLUGIN if PREFERRED_DECODING_PLUGIN in decoder.available_plugins else ""
+    try:
+        arr, _ = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
+    except Exception as exc:  # the plugins raise anything from ValueError to RuntimeError
+        raise InputRejected(
+            f"{uid.name} pixel data could not be decoded: {type(exc).__name__}: {exc}",
+            reason=RejectReason.DECODE_FAILED,
+        ) from exc
+    if arr.ndim != 2:
+        raise InputRejected(
+            f"decoded pixel data has shape {arr.shape}, expected one 2-D frame",
+            reason=RejectReason.DECODE_FAILED,
+        )
+    return arr
+
+
+def padding_mask(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """Pixels equal to PixelPaddingValue (or within PixelPaddingRangeLimit), ``None`` when the tag is absent.
+
+    Padding marks "no image here" (outside a collimated or shuttered area); it is left out of
+    every statistic and shown black.
+    """
+    value = _int_or_none(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _int_or_none(ds, "PixelPaddingRangeLimit")
+    if limit is None:
+        mask = stored == value
+    else:
+        low, high = sorted((value, limit))
+        mask = (stored >= low) & (stored <= high)
+    return mask if mask.any() else None
+
+
+def apply_modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Stored values -> modality values: Modality LUT Sequence if present, else RescaleSlope/Intercept (pydicom).
+
+    Returns the values and ``("modality_lut_sequence",)``, ``("rescale",)`` or ``()`` (identity).
+    A malformed LUT or rescale raises ``decode_failed``.
+    """
+    if ds.get("ModalityLUTSequence"):
+        step = "modality_lut_sequence"
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        step = "rescale"
+    else:
+        return stored, ()
+    try:
+        values = apply_modality_lut(stored, ds)
+    except Exception as exc:
+        raise InputRejected(
+            f"the modality LUT / rescale could not be applied: {type(exc).__name__}: {exc}",
+            reason=RejectReason.DECODE_FAILED,
+        ) from exc
+    return values, (step,)
+
+
+def apply_voi_or_window(
+    values: np.ndarray, ds: pydicom.Dataset, *, sample: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Modality values -> display values in [0, 1] (float32, before MONOCHROME1 inversion).
+
+    ``sample`` holds the modality values that statistics are taken from (default: all of
+    ``values``); the caller leaves padding pixels out of it. Policy, in order:
+
+    1. a VOI LUT Sequence, its first item (pydicom's preference when a window is also present);
+    2. else WindowCenter/WindowWidth, the first pair when several (VOILUTFunction honoured);
+    3. else a percentile window, 0.5 to 99.5 % of the sample.
+
+    The VOI output is scaled by the VOI's own output range (not the image's), so a stated
+    window keeps its meaning. A stated VOI that is malformed, or that "does not fit" (more
+    than 95 % of the sample saturated, or its output's std below 4 grey levels, while the
+    sample does have contrast), is replaced by the percentile window: a radiograph with real
+    contrast never comes out near-constant because of a wrong header.
+
+    Returns the display values and the steps that ran: ``voi_lut_sequence`` / ``window`` /
+    ``percentile_window``, plus ``voi_fallback_percentile`` when a stated VOI was replaced.
+    """
+    sample = values.ravel() if sample is None else sample
+    stated = _stated_voi(ds)
+    if stated is None:
+        return percentile_window(values, sample), ("percentile_window",)
+    try:
+        display = _apply_stated_voi(values, ds, stated)
+        fits = display is not None and voi_fits(_apply_stated_voi(sample, ds, stated), sample)
+    except Exception:  # a window width < 1, a LUT with a bad descriptor...: not a reason to reject
+        fits = False
+    if fits:
+        return display, (stated,)
+    return percentile_window(values, sample), (stated, "voi_fallback_percentile")
+
+
+def voi_fits(shown: np.ndarray | None, sample: np.ndarray) -> bool:
+    """Whether a stated VOI keeps the contrast of ``sample`` (modality values); ``shown`` is its [0, 1] output.
+
+    False when more than 95 % of the pixels saturate at either end, or the output's std is
+    below 4 grey levels, while the input spans more than one value between its 0.5th and
+    99.5th percentiles. ``None`` (a VOI without a usable output range) never fits.
+    """
+    if shown is None:
+        return False
+    if sample.size == 0:
+        return True
+    low, high = np.percentile(sample, PERCENTILE_WINDOW)
+    if high <= low:
+        return True  # nothing to rescue: the pixels themselves are (nearly) constant
+    saturated = np.count_nonzero(shown <= 0.5 / 255) + np.count_nonzero(shown >= 254.5 / 255)
+    if saturated > VOI_MAX_SATURATED_FRACTION * shown.size:
+        return False
+    return float(shown.std()) * 255.0 >= VOI_MIN_STD_LEVELS
+
+
+def percentile_window(values: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
+    """Linear window from the 0.5th to the 99.5th percentile of ``sample`` (default: all of ``values``), to [0, 1].
+
+    Falls back to min..max when those percentiles coincide; a constant image maps to 0.
+    """
+    sample = values.ravel() if sample is None else sample
+    if sample.size == 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    low, high = (float(v) for v in np.percentile(sample, PERCENTILE_WINDOW))
+    if high <= low:
+        low, high = float(sample.min()), float(sample.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return _scale_to_unit(values, low, high)
+
+
+def invert_monochrome1(display: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Make bones bright: ``1 - display`` when PhotometricInterpretation is MONOCHROME1, else unchanged.
+
+    Decided by PhotometricInterpretation alone. Presentation LUT Shape is not consulted: for
+    CR/DX it must agree with it (INVERSE goes with MONOCHROME1, PS3.3 C.8.11.6.1.2), so
+    honouring both would invert twice, and deciding by it alone leaves MONOCHROME1 files
+    without the tag negative.
+    """
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        return 1.0 - display, ("invert_monochrome1",)
+    return display, ()
+
+
+def display_from_stored(
+    stored: np.ndarray, ds: pydicom.Dataset, *, sample: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Stored values -> display values in [0, 1], bones bright: modality, VOI/window, MONOCHROME1, padding.
+
+    Every step is a function of the stored value alone, so ``stored`` may be the image or
+    just the range of values it contains (see :func:`normalize_radiograph`); ``sample``
+    (default: ``stored``) holds the stored values statistics are taken from. Pixels marked by
+    PixelPaddingValue are left out of the statistics and shown black.
+    """
+    sample = stored.ravel() if sample is None else sample
+    sample_padding = padding_mask(sample, ds)
+    if sample_padding is not None:
+        sample = sample[~sample_padding]
+    values, steps = apply_modality(stored, ds)
+    sample_values, _ = apply_modality(sample, ds)
+    display, ran = apply_voi_or_window(values, ds, sample=sample_values)
+    steps += ran
+    display, ran = invert_monochrome1(display, ds)
+    steps += ran
+    padding = padding_mask(stored, ds)
+    if padding is not None:
+        display = np.where(padding, np.float32(0.0), display)
+        steps += ("pixel_padding_black",)
+    return display, steps
+
+
+def normalize_radiograph(ds: pydicom.Dataset, *, frame: int | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A DICOM radiograph -> the model's 224x224 uint8 input, plus the names of the steps that ran.
+
+    Runs :func:`decode`, :func:`display_from_stored` and :func:`normalize_grayscale`. Because
+    the DICOM steps map each stored value independently, they are run once per distinct
+    value (at most 65536 for 16-bit data) and the resulting 8-bit table is looked up per
+    pixel, as viewers do: the same result as running them on every pixel, several times
+    faster. Raises :class:`InputRejected` (``unsupported_photometric``,
+    ``unsupported_transfer_syntax``, ``truncated``, ``decode_failed``); policy checks
+    (modality, body part, view, size) are the reader's job and are not made here.
+    """
+    stored = decode(ds, frame=frame)
+    sample = _sample(stored)
+    low, high = int(stored.min()), int(stored.max())
+    if stored.dtype.kind in "iu" and high - low < MAX_LOOKUP_TABLE_ENTRIES:
+        domain = np.arange(low, high + 1, dtype=np.int64)
+        display, steps = display_from_stored(domain, ds, sample=sample)
+        table = to_uint8(display)
+        image = table[stored] if low == 0 else table[stored.astype(np.int64) - low]
+    else:
+        display, steps = display_from_stored(stored, ds, sample=sample)
+        image = to_uint8(display)
+    return normalize_grayscale(image), ("decode",) + steps + GRAYSCALE_STEPS
+
+
+# --- shared by DICOM serving and PNG/JPEG training ---------------------------------------------
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Display-ready grayscale of any dtype -> uint8.
+
+    * uint8: unchanged.
+    * float: display values in [0, 1] (what the DICOM VOI step produces), clipped, x255, rounded.
+    * bool: 0/255.
+    * other integers (e.g. a 16-bit PNG, which carries no window): min..max stretched to 0..255.
+    """
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * np.uint8(255)
+    if np.issubdtype(image.dtype, np.floating):
+        scaled = np.clip(image, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
+        return np.rint(scaled, out=scaled).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer):
+        low, high = int(image.min()), int(image.max())
+        if high <= low:
+            return np.zeros(image.shape, dtype=np.uint8)
+        return to_uint8(_scale_to_unit(image, low, high))
+    raise TypeError(f"cannot convert an image of dtype {image.dtype} to 8 bit")
+
+
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    """Centre the image on a black square of side max(height, width): aspect ratio kept, nothing cropped.
+
+    Why: the signs of COVID-19 pneumonia are peripheral and basal, so cropping to a square
+    would cut the costophrenic angles or the lateral lung fields; a plain resize (what the
+    original pyimagesearch project did) squeezes heart and lungs by a different factor for
+    each source aspect ratio, which the model would have to learn away. Black is what an
+    unexposed border looks like after windowing, and it invents no anatomy (unlike edge
+    replication or reflection).
+    """
+    height, width = image.shape
+    side = max(height, width)
+    if height == width:
+        return image
+    top = (side - height) // 2
+    left = (side - width) // 2
+    return cv2.copyMakeBorder(
+        image, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0
+    )
+
+
+def resize_to_input(image: np.ndarray) -> np.ndarray:
+    """Square uint8 image -> IMAGE_SIZE x IMAGE_SIZE: area interpolation when shrinking, bilinear when enlarging.
+
+    Area interpolation averages every source pixel (no aliasing of fine lines or noise);
+    OpenCV's area mode degenerates to nearest-neighbour when enlarging, hence bilinear there.
+    """
+    if image.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] >= IMAGE_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(image, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
+
+
+def normalize_grayscale(image: np.ndarray) -> np.ndarray:
+    """2-D display-ready grayscale (any dtype, bones bright) -> 224x224 uint8.
+
+    THE function shared by training and serving: :func:`to_uint8`, :func:`pad_to_square`,
+    :func:`resize_to_input` (the steps named in :data:`GRAYSCALE_STEPS`). Raises
+    ``ValueError`` for anything but a non-empty 2-D array.
+    """
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected a non-empty 2-D grayscale image, got shape {image.shape}")
+    return np.ascontiguousarray(resize_to_input(pad_to_square(to_uint8(image))))
+
+
+def load_image_file(path: Path) -> np.ndarray:
+    """Decode a PNG/JPEG (any channels, EXIF orientation ignored) to 2-D grayscale uint8.
+
+    OpenCV's grayscale decode (luma 0.299 R + 0.587 G + 0.114 B for colour files); 16-bit
+    files are min-max stretched to 8 bit by :func:`to_uint8`. An unreadable or undecodable
+    file raises :class:`InputRejected` with reason ``decode_failed``.
+    """
+    try:
+        encoded = np.fromfile(Path(path), dtype=np.uint8)
+    except OSError as exc:
+        raise InputRejected(f"cannot read {path}: {exc}", reason=RejectReason.DECODE_FAILED) from exc
+    flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(encoded, flags) if encoded.size else None
+    if image is None or image.ndim != 2 or image.size == 0:
+        raise InputRejected(f"{path} is not a decodable PNG/JPEG image", reason=RejectReason.DECODE_FAILED)
+    return to_uint8(image)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _int_or_none(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except Exception:  # damaged values are treated as absent
+        return None
+
+
+def _scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linear map low -> 0, high -> 1, clipped, as float32."""
+    scale = np.float32(1.0 / (high - low))
+    out = values.astype(np.float32)
+    out -= np.float32(low)
+    out *= scale
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _sample(image: np.ndarray) -> np.ndarray:
+    """A regular grid subsample of about STATISTICS_SAMPLE_PIXELS pixels, flattened."""
+    stride = max(1, int(math.sqrt(image.size / STATISTICS_SAMPLE_PIXELS)))
+    return image[::stride, ::stride].ravel()
+
+
+def _stated_voi(ds: pydicom.Dataset) -> str | None:
+    """Which VOI the header states: ``voi_lut_sequence``, ``window`` or ``None`` (as pydicom's apply_voi_lut decides)."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
+        return "voi_lut_sequence"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _apply_stated_voi(values: np.ndarray, ds: pydicom.Dataset, stated: str) -> np.ndarray | None:
+    """Apply the first VOI LUT or window with pydicom and scale by that VOI's output range to [0, 1]."""
+    if stated == "voi_lut_sequence":
+        # A LUT is indexed by integers; rescale may have produced integral floats.
+        indices = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
+        output = apply_voi(indices, ds, index=0)
+        descriptor = ds.VOILUTSequence[0].LUTDescriptor
+        entries, first = int(descriptor[0]) or 65536, int(descriptor[1])
+        lut = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
+        low, high = float(lut.min()), float(lut.max())
+    else:
+        output = apply_windowing(values, ds, index=0)
+        # Far below and far above the window give the window's own output range.
+        low, high = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds, index=0))
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return None
+    return _scale_to_unit(output, low, high)

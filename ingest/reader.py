@@ -1,0 +1,299 @@
+"""Reads one file's bytes into a normalized radiograph plus kept metadata, or a typed rejection; never raises for any bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import BytesLengthException
+
+from covid_cxr.errors import InputRejected
+from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
+from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
+from ingest.reasons import RejectReason
+
+logger = logging.getLogger(__name__)
+
+MULTI_FRAME_POLICIES = ("reject", "first_frame")
+#: BodyPartExamined words taken to mean the chest (CID 4031 "CHEST", older "THORAX", vendor and
+#: national variants). Matched per word, so "PORT CHEST" or "CHEST_PA" count too.
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "TORAX", "TORACE", "THORAKS"})
+#: ViewPosition values meaning a lateral projection (PS3.3 C.8.11.5 defines LL and RL).
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "LLAT", "RLAT"})
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+#: A file without the DICM prefix is taken as DICOM only if a forced read starts with one of
+#: these groups (file meta, or the identifying group every IOD starts with).
+_PLAUSIBLE_FIRST_GROUPS = (0x0002, 0x0008)
+_IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "MediaStorageSOPClassUID")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+#: What pydicom raises when the bytes end inside an element's tag, VR or length.
+_END_OF_DATA = (EOFError, OSError, struct.error, BytesLengthException)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ReaderPolicy:
+    """What the reader accepts; build it with :meth:`from_settings` in the service.
+
+    ``allowed_modalities``: Modality values accepted as radiographs. ``max_pixels``: limit on
+    Rows x Columns x NumberOfFrames, checked before any decoding. ``multi_frame_policy``:
+    ``"reject"`` or ``"first_frame"``. ``pseudonym_secret``: HMAC key for patient ids.
+    Raises ``ValueError`` when a field is invalid.
+    """
+
+    allowed_modalities: frozenset[str]
+    max_pixels: int
+    multi_frame_policy: str
+    pseudonym_secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        modalities = frozenset(str(m).strip().upper() for m in self.allowed_modalities)
+        if not modalities:
+            raise ValueError("allowed_modalities must name at least one modality, e.g. {'CR', 'DX'}")
+        object.__setattr__(self, "allowed_modalities", modalities)
+        if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
+        if self.multi_frame_policy not in MULTI_FRAME_POLICIES:
+            raise ValueError(f"multi_frame_policy must be one of {MULTI_FRAME_POLICIES}, got {self.multi_frame_policy!r}")
+        if not isinstance(self.pseudonym_secret, bytes) or not self.pseudonym_secret:
+            raise ValueError("pseudonym_secret must be non-empty bytes")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ReaderPolicy:
+        """The policy configured in :class:`covid_cxr.settings.Settings` (may create the pseudonym key file)."""
+        return cls(
+            allowed_modalities=frozenset(settings.allowed_modalities),
+            max_pixels=int(settings.max_pixels),
+            multi_frame_policy=str(settings.multi_frame_policy),
+            pseudonym_secret=settings.pseudonym_secret,
+        )
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """The outcome of reading one file: an accepted 224x224 image, or a rejection with its reason.
+
+    ``metadata`` is set whenever the header could be parsed, for rejections too (duplicate
+    detection needs the UIDs). ``steps`` are the pixel pipeline steps that ran; ``flags``
+    note accepted oddities (``view_unknown``, ``body_part_unknown``, ``view_not_frontal``,
+    ``first_frame_only``, ``voi_did_not_fit``).
+    """
+
+    sha256: str
+    metadata: InstanceMetadata | None
+    image: np.ndarray | None
+    rejection: InputRejected | None
+    steps: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.rejection is None and self.image is not None
+
+    @property
+    def reason(self) -> str | None:
+        """The rejection's reason code, ``None`` when accepted."""
+        return None if self.rejection is None else self.rejection.reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary without the image (and without any clear patient identifier)."""
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "message": "accepted" if self.rejection is None else self.rejection.message,
+            "sha256": self.sha256,
+            "preprocessing_version": PREPROCESSING_VERSION,
+            "metadata": None if self.metadata is None else self.metadata.to_dict(),
+            "steps": list(self.steps),
+            "flags": list(self.flags),
+        }
+
+
+def read_radiograph(source: Path | bytes, policy: ReaderPolicy) -> ReadResult:
+    """Read a DICOM file (path or bytes) into a :class:`ReadResult`.
+
+    Never raises for any input bytes: every problem becomes a rejection with a
+    :class:`~ingest.reasons.RejectReason` code. Only reading a path can raise ``OSError``
+    (missing file, permissions): that is a problem of the file system, not of the input,
+    and the caller may retry.
+    """
+    data = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
+    data = bytes(data)
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        result = _read(data, sha256, policy)
+    except Exception as exc:  # a bug in covid-cxr; the file still gets a typed answer
+        logger.error("internal error reading sha256=%s", sha256, exc_info=True)
+        result = ReadResult(
+            sha256,
+            None,
+            None,
+            InputRejected(f"internal error: {type(exc).__name__}", reason=RejectReason.INTERNAL_ERROR),
+        )
+    _log(result)
+    return result
+
+
+def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
+    def reject(reason: RejectReason, message: str, metadata: InstanceMetadata | None = None) -> ReadResult:
+        return ReadResult(sha256, metadata, None, InputRejected(message, reason=reason))
+
+    if not data:
+        return reject(RejectReason.NOT_DICOM, "the file is empty (0 bytes)")
+    part10 = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not part10)
+    except _END_OF_DATA as exc:
+        if part10:
+            return reject(
+                RejectReason.TRUNCATED,
+                f"the file ends inside its header ({type(exc).__name__}: {exc})",
+                _salvage_metadata(data, policy),
+            )
+        return reject(RejectReason.NOT_DICOM, "no DICM prefix and not parseable as DICOM")
+    except Exception as exc:  # unknown VR, bad characters...: a corrupt header, not a cut one
+        prefix = "has the DICM prefix but its header" if part10 else "no DICM prefix, and the bytes"
+        return reject(RejectReason.NOT_DICOM, f"{prefix} cannot be parsed as DICOM ({type(exc).__name__})")
+    if not part10 and not _looks_like_dicom(ds):
+        return reject(RejectReason.NOT_DICOM, "no DICM prefix and no plausible DICOM elements")
+    if len(ds) == 0:
+        # pydicom drops the whole dataset when the file ends inside an undefined-length
+        # element (encapsulated pixel data or a sequence without its delimiter).
+        return reject(
+            RejectReason.TRUNCATED,
+            "the file ends before the dataset does (no delimiter for an undefined-length element)",
+            _salvage_metadata(data, policy),
+        )
+    metadata = InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
+    cut = _cut_element(ds, len(data))
+    if cut is not None:
+        return reject(RejectReason.TRUNCATED, f"the file ends inside element {cut}", metadata)
+
+    sop_name = sop_class_name(metadata.sop_class_uid)
+    if sop_name is not None and "Image Storage" not in sop_name:
+        return reject(RejectReason.NOT_AN_IMAGE, f"SOP class {sop_name} is not an image", metadata)
+    if "PixelData" not in ds:
+        return reject(RejectReason.NO_PIXEL_DATA, f"{sop_name or 'the object'} has no Pixel Data element", metadata)
+
+    flags: list[str] = []
+    modality = (metadata.modality or "").upper()
+    if modality not in policy.allowed_modalities:
+        allowed = ", ".join(sorted(policy.allowed_modalities))
+        return reject(
+            RejectReason.WRONG_MODALITY, f"Modality {modality or 'missing'} is not accepted (accepted: {allowed})", metadata
+        )
+    body_part = metadata.body_part_examined
+    if body_part is None:
+        flags.append("body_part_unknown")
+    elif not CHEST_WORDS.intersection(re.split(r"[^A-Z]+", body_part.upper())):
+        return reject(RejectReason.WRONG_BODY_PART, f"BodyPartExamined is {body_part}, not the chest", metadata)
+    view = (metadata.view_position or "").upper()
+    if view in LATERAL_VIEWS:
+        return reject(RejectReason.LATERAL_VIEW, f"ViewPosition {view} is a lateral view; only frontal views are accepted", metadata)
+    if not view:
+        flags.append("view_unknown")
+    elif view not in FRONTAL_VIEWS:
+        flags.append("view_not_frontal")
+
+    frames = metadata.number_of_frames or 1
+    frame: int | None = None
+    if frames > 1:
+        if policy.multi_frame_policy == "reject":
+            return reject(RejectReason.MULTI_FRAME, f"{frames} frames; the multi-frame policy is 'reject'", metadata)
+        frame = 0
+        flags.append("first_frame_only")
+    pixels = (metadata.rows or 0) * (metadata.columns or 0) * frames
+    if pixels > policy.max_pixels:
+        return reject(
+            RejectReason.TOO_LARGE,
+            f"{metadata.rows} x {metadata.columns} x {frames} frames = {pixels} pixels exceeds the limit of {policy.max_pixels}",
+            metadata,
+        )
+
+    try:
+        image, steps = normalize_radiograph(ds, frame=frame)
+    except InputRejected as exc:
+        return ReadResult(sha256, metadata, None, exc, (), tuple(flags))
+    except Exception as exc:  # corrupt header values surface as anything from TypeError to IndexError
+        logger.warning("pixel pipeline failed for sop_instance_uid=%s", metadata.sop_instance_uid, exc_info=True)
+        return reject(RejectReason.DECODE_FAILED, f"the pixel pipeline failed: {type(exc).__name__}: {exc}", metadata)
+    if "voi_fallback_percentile" in steps:
+        flags.append("voi_did_not_fit")
+    return ReadResult(sha256, metadata, image, None, steps, tuple(flags))
+
+
+def _looks_like_dicom(ds: pydicom.Dataset) -> bool:
+    """Whether a forced read of bytes without the DICM prefix found real DICOM rather than noise.
+
+    Requires the first element to be in group 0002 or 0008 and an identifying UID that
+    looks like a UID. Random bytes fail both; a preamble-less file passes.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    tags = [*(file_meta.keys() if file_meta else []), *ds.keys()]
+    if not tags or min(tags).group not in _PLAUSIBLE_FIRST_GROUPS:
+        return False
+    for keyword in _IDENTIFYING_KEYWORDS:
+        for holder in (ds, file_meta):
+            if holder is None:
+                continue
+            try:
+                value = holder.get(keyword)
+            except Exception:  # a damaged UID is not evidence of DICOM
+                continue
+            if value is not None and _UID.match(str(value).strip("\x00 ")):
+                return True
+    return False
+
+
+def _cut_element(ds: pydicom.Dataset, size: int) -> str | None:
+    """The tag of a top-level element the file ends inside of, ``None`` when every element is complete.
+
+    pydicom keeps a short value when the bytes run out inside it; an undefined-length element
+    (encapsulated pixel data) must also be followed by its 8-byte sequence delimiter. Element
+    positions are only checked for non-deflated files, where they are file offsets.
+    """
+    deflated = transfer_syntax_of(ds) == pydicom.uid.DeflatedExplicitVRLittleEndian
+    for tag in ds.keys():
+        element = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(element, RawDataElement) or not isinstance(element.value, bytes):
+            continue
+        if element.length != _UNDEFINED_LENGTH:
+            if len(element.value) < element.length:
+                return str(element.tag)
+        elif not deflated and element.value_tell + len(element.value) + 8 > size:
+            return str(element.tag)
+    return None
+
+
+def _salvage_metadata(data: bytes, policy: ReaderPolicy) -> InstanceMetadata | None:
+    """Metadata of a damaged file from the header alone (pixel data skipped), ``None`` when even that fails."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        if len(ds) == 0:
+            return None
+        return InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
+    except Exception:  # nothing to salvage
+        return None
+
+
+def _log(result: ReadResult) -> None:
+    uid = result.metadata.sop_instance_uid if result.metadata else None
+    if result.accepted:
+        logger.debug("accepted sop_instance_uid=%s sha256=%s steps=%s", uid, result.sha256, ",".join(result.steps))
+    elif result.rejection is not None:
+        logger.info(
+            "rejected sop_instance_uid=%s sha256=%s reason=%s: %s",
+            uid,
+            result.sha256,
+            result.rejection.reason,
+            result.rejection.message,
+        )
