@@ -1,0 +1,251 @@
+"""Records each inbox file in the database: study, instance and normalized image in one transaction.
+
+Identity rules (the database is the source of truth):
+
+* A primary instance is the first row for a SOPInstanceUID (``duplicate_of_id`` null).
+* The same SOPInstanceUID with the same sha256 as any earlier row -> state ``duplicate``,
+  ``duplicate_of_id`` = the primary; no normalized image, never queued.
+* The same SOPInstanceUID with different content -> a *conflict*: state ``rejected``, reason
+  ``sop_instance_conflict`` (unless the reader rejected the file for its own reason first),
+  ``conflict`` true, ``duplicate_of_id`` = the primary; the file goes to quarantine, so both
+  versions are kept (the first one in the archive) and an operator decides.
+* The same physical file is never recorded twice: the row, including where the file is
+  about to go (``stored_path``), is committed *before* the file leaves the inbox, and
+  :func:`find_recorded_file` recognises a file whose name and sha256 already have a row
+  that still points at it (kept in the inbox, or a crash between commit and move).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from covid_cxr.settings import Settings
+from db.models import Instance, InstanceState, NormalizedImage, Study
+from db.session import session_scope
+from ingest.inbox import Disposal, plan_disposal
+
+if TYPE_CHECKING:
+    from ingest.reader import ReadResult
+
+#: Reason code of a file whose SOPInstanceUID was already recorded with different content.
+SOP_INSTANCE_CONFLICT = "sop_instance_conflict"
+#: Reason code of a byte-identical copy of an instance already recorded.
+DUPLICATE_INSTANCE = "duplicate_instance"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`record` decided for one file (already committed)."""
+
+    instance_id: int
+    state: InstanceState
+    reason: str | None
+    message: str | None
+    disposal: Disposal
+    duplicate_of_id: int | None = None
+    conflict: bool = False
+    sop_instance_uid: str | None = None
+
+    @property
+    def enqueue(self) -> bool:
+        """True when the instance waits for a prediction (a new, accepted image)."""
+        return self.state is InstanceState.received
+
+    def reason_record(self, rel_name: str, sha256: str) -> dict[str, Any]:
+        """The content of ``<file>.reason.json`` when the file is quarantined."""
+        return {
+            "reason": self.reason,
+            "message": self.message,
+            "instance_id": self.instance_id,
+            "file_name": rel_name,
+            "sha256": sha256,
+            "sop_instance_uid": self.sop_instance_uid,
+            "duplicate_of_id": self.duplicate_of_id,
+            "conflict": self.conflict,
+            "recorded_at": _utcnow().isoformat(),
+        }
+
+
+def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: str) -> Instance | None:
+    """The row that already accounts for *this physical file*, or ``None`` if the file is a new drop.
+
+    A row with the same inbox name and sha256 accounts for the file when its ``stored_path``
+    is the file itself (kept, or deletion pending), names a place the file never reached (a
+    crash between commit and move), or is another name of the same inode (a crash between
+    the hard link and the unlink of a move). A row whose file really is elsewhere, or was
+    deleted, means the file was dropped again: a new instance (a duplicate).
+    """
+    with session_scope(settings) as session:
+        rows = session.scalars(
+            select(Instance)
+            .where(Instance.file_sha256 == sha256, Instance.file_name == rel_name)
+            .order_by(Instance.id.desc())
+        ).all()
+    here = path.resolve()
+    for row in rows:
+        if row.stored_path is None:
+            continue
+        stored = Path(row.stored_path)
+        if stored == here or not stored.exists() or _same_file(stored, here):
+            return row
+    return None
+
+
+def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, result: ReadResult) -> Outcome:
+    """Commit the rows for one read file and the planned disposal; returns the outcome.
+
+    Retries once when a concurrent ingester committed the same SOPInstanceUID first (the
+    partial unique index on primary rows makes the second one a duplicate or conflict).
+    """
+    for attempt in (1, 2):
+        try:
+            with session_scope(settings) as session:
+                return _record(session, settings, path=path, rel_name=rel_name, file_size=file_size, result=result)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, file_size: int,
+            result: ReadResult) -> Outcome:
+    metadata = result.metadata
+    fields = metadata.to_dict() if metadata is not None else {}
+    sop_instance_uid = fields.get("sop_instance_uid")
+    accepted = result.accepted
+
+    primary_id, same_content = _earlier_instances(session, sop_instance_uid, result.sha256)
+    now = _utcnow()
+    reason = message = None
+    conflict = False
+    if primary_id is None:
+        if accepted:
+            state = InstanceState.received
+        else:
+            state, reason, message = InstanceState.rejected, result.rejection.reason, result.rejection.message
+    elif same_content:
+        state, reason = InstanceState.duplicate, DUPLICATE_INSTANCE
+        message = f"identical copy (same SOPInstanceUID and sha256) of instance {primary_id}"
+    else:
+        conflict = True
+        state = InstanceState.rejected
+        if accepted:
+            reason = SOP_INSTANCE_CONFLICT
+            message = (f"SOPInstanceUID {sop_instance_uid} was already recorded (instance {primary_id}) with "
+                       "different content; both files are kept, this one in quarantine")
+        else:
+            reason, message = result.rejection.reason, result.rejection.message
+    # A conflicting version is quarantined even when readable: which version is right is an operator's call.
+    disposal = plan_disposal(settings, path, rel_name, accepted=accepted and not conflict)
+
+    instance = Instance(
+        state=state.value,
+        reason=reason,
+        message=message,
+        attempts=0,
+        file_name=rel_name,
+        file_sha256=result.sha256,
+        file_size=file_size,
+        stored_path=str(disposal.destination),
+        study_instance_uid=fields.get("study_instance_uid"),
+        series_instance_uid=fields.get("series_instance_uid"),
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=fields.get("sop_class_uid"),
+        modality=fields.get("modality"),
+        view_position=fields.get("view_position"),
+        body_part_examined=fields.get("body_part_examined"),
+        manufacturer=fields.get("manufacturer"),
+        rows=fields.get("rows"),
+        columns=fields.get("columns"),
+        photometric_interpretation=fields.get("photometric_interpretation"),
+        transfer_syntax_uid=fields.get("transfer_syntax_uid"),
+        bits_stored=fields.get("bits_stored"),
+        flags=list(result.flags) or None,
+        duplicate_of_id=primary_id,
+        conflict=conflict,
+        created_at=now,
+        updated_at=now,
+        finished_at=None if state is InstanceState.received else now,
+    )
+    if accepted and not conflict and fields.get("study_instance_uid"):
+        instance.study_id = _study_id(session, fields)
+    session.add(instance)
+    session.flush()
+    if state is InstanceState.received:
+        session.add(_normalized_image(instance.id, result.image))
+    return Outcome(instance.id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
+
+
+def _earlier_instances(session: Session, sop_instance_uid: str | None, sha256: str) -> tuple[int | None, bool]:
+    """(primary instance id, whether any earlier row with this SOPInstanceUID has this sha256)."""
+    if not sop_instance_uid:
+        return None, False
+    rows = session.execute(
+        select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).all()
+    primary = next((row.id for row in rows if row.duplicate_of_id is None), None)
+    return primary, any(row.file_sha256 == sha256 for row in rows)
+
+
+def _study_id(session: Session, fields: dict[str, Any]) -> int:
+    uid = fields["study_instance_uid"]
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+    if study_id is not None:
+        return study_id
+    try:
+        with session.begin_nested():  # a concurrent ingester may create the same study
+            study = Study(study_instance_uid=uid, accession_number=fields.get("accession_number"),
+                          study_date=fields.get("study_date"), patient_pseudonym=fields.get("patient_pseudonym"))
+            session.add(study)
+            session.flush()
+            return study.id
+    except IntegrityError:
+        return session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+
+
+def _normalized_image(instance_id: int, image: np.ndarray) -> NormalizedImage:
+    from ingest.pixels import PREPROCESSING_VERSION
+
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
+    if not ok:
+        raise ValueError(f"could not PNG-encode the normalized image of instance {instance_id}")
+    return NormalizedImage(instance_id=instance_id, preprocessing_version=PREPROCESSING_VERSION,
+                           png=encoded.tobytes(), mean=float(image.mean()), std=float(image.std()))
+
+
+def set_stored_path(settings: Settings, instance_id: int, stored_path: Path | None) -> None:
+    """Record where the file of ``instance_id`` ended up (``None``: deleted)."""
+    with session_scope(settings) as session:
+        session.execute(update(Instance).where(Instance.id == instance_id)
+                        .values(stored_path=None if stored_path is None else str(stored_path), updated_at=_utcnow()))
+
+
+def counts_by_state(settings: Settings) -> dict[str, int]:
+    """Number of instances in each state (every state present, zero included)."""
+    with session_scope(settings) as session:
+        rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+    counts = {state.value: 0 for state in InstanceState}
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)

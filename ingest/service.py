@@ -1,0 +1,289 @@
+"""The ingest loop: complete inbox files -> read -> record -> batch -> enqueue, plus periodic reconciliation.
+
+One thread does all the work (the watchdog observer thread only hints), so a file is read,
+recorded and disposed of by exactly one code path. The steps, each testable alone:
+
+1. :class:`~ingest.watcher.InboxWatcher` hands out files that are complete.
+2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason.
+3. :func:`~ingest.recorder.record` commits the rows (and where the file will go).
+4. :func:`~ingest.inbox.carry_out` archives, keeps, deletes or quarantines the file.
+5. :class:`Batcher` groups new instances and :func:`worker.dispatch.enqueue_batch` sends one
+   task per batch; a batch the broker refused stays ``received`` for step 6.
+6. Every ``reconcile_interval_seconds``: a full inbox scan and
+   :func:`worker.dispatch.requeue_stale` (never-sent and lost messages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from covid_cxr.settings import Settings
+from db.models import Instance, InstanceState
+from ingest.inbox import carry_out, move_no_clobber, relative_name, write_reason
+from ingest.recorder import (
+    Outcome,
+    counts_by_state,
+    find_recorded_file,
+    record,
+    set_stored_path,
+)
+from ingest.watcher import InboxWatcher
+
+log = logging.getLogger(__name__)
+
+#: Seconds between progress lines while something changes.
+PROGRESS_INTERVAL_SECONDS = 5.0
+#: A file whose processing failed (database down...) is retried after this long.
+RETRY_DELAY_SECONDS = 10.0
+#: Longest sleep of the loop, so that settling files are re-checked often enough.
+MAX_SLEEP_SECONDS = 0.5
+
+
+class Batcher:
+    """Groups instance ids into batches of ``batch_size``; a partial batch leaves after ``max_wait_seconds``.
+
+    ``send(ids) -> bool`` publishes one batch; ``False`` (broker down) drops the batch from
+    here: its instances stay ``received`` in the database, where reconciliation finds them.
+    """
+
+    def __init__(self, batch_size: int, max_wait_seconds: float, send: Callable[[list[int]], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.batch_size = batch_size
+        self.max_wait_seconds = max_wait_seconds
+        self._send = send
+        self._clock = clock
+        self._pending: list[int] = []
+        self._oldest: float | None = None
+        self.sent_batches = 0
+        self.refused_batches = 0
+
+    def add(self, instance_id: int) -> None:
+        if not self._pending:
+            self._oldest = self._clock()
+        self._pending.append(instance_id)
+        while len(self._pending) >= self.batch_size:
+            self._emit(self.batch_size)
+
+    def flush(self, *, force: bool = False) -> None:
+        """Send the partial batch if it waited ``max_wait_seconds`` (or now, with ``force``)."""
+        if self._pending and (force or self.seconds_until_due() == 0.0):
+            self._emit(len(self._pending))
+
+    def seconds_until_due(self) -> float | None:
+        if not self._pending or self._oldest is None:
+            return None
+        return max(0.0, self._oldest + self.max_wait_seconds - self._clock())
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _emit(self, size: int) -> None:
+        batch, self._pending = self._pending[:size], self._pending[size:]
+        self._oldest = self._clock() if self._pending else None
+        if self._send(batch):
+            self.sent_batches += 1
+        else:
+            self.refused_batches += 1
+
+
+class IngestService:
+    """Runs the ingest loop for ``settings`` until :meth:`stop` (or a signal handler calling it).
+
+    Parameters
+    ----------
+    settings
+        The installation; the inbox, archive, quarantine and queues come from here.
+    enqueue, requeue
+        Publishing functions, :func:`worker.dispatch.enqueue_batch` and
+        :func:`worker.dispatch.requeue_stale` unless given (tests may count calls).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        enqueue: Callable[[Settings, list[int]], bool] | None = None,
+        requeue: Callable[[Settings], int] | None = None,
+        progress_interval: float = PROGRESS_INTERVAL_SECONDS,
+    ) -> None:
+        from ingest.reader import ReaderPolicy
+
+        if enqueue is None or requeue is None:
+            from worker.dispatch import enqueue_batch, requeue_stale
+
+            enqueue, requeue = enqueue or enqueue_batch, requeue or requeue_stale
+        self.settings = settings
+        self.policy = ReaderPolicy.from_settings(settings)
+        self.watcher = InboxWatcher(
+            settings.inbox,
+            settle_seconds=settings.settle_seconds,
+            ignore_dirs=_own_folders(settings),
+            polling=settings.use_polling_observer,
+        )
+        self.batcher = Batcher(settings.batch_size, settings.batch_max_wait_seconds,
+                               lambda ids: enqueue(settings, ids))
+        self._requeue = requeue
+        self._stop = threading.Event()
+        self._progress_interval = progress_interval
+        #: Outcomes of this run by state, plus ``already_recorded`` (files recognised after a restart).
+        self.counts: Counter[str] = Counter()
+        self.started = threading.Event()
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the file at hand, send the pending batch and return."""
+        self._stop.set()
+        self.watcher.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Scan, then process files as they become complete until :meth:`stop`."""
+        self.settings.inbox.mkdir(parents=True, exist_ok=True)
+        self.watcher.start()
+        log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs)",
+                 self.settings.inbox.resolve(), self.settings.settle_seconds, self.settings.batch_size,
+                 self.settings.batch_max_wait_seconds, self.settings.after_ingest,
+                 self.settings.reconcile_interval_seconds)
+        next_reconcile = 0.0  # at once: the start-up scan and a sweep for what a crash left behind
+        next_progress = time.monotonic() + self._progress_interval
+        last_reported: tuple[object, ...] | None = None
+        self.started.set()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = now + self.settings.reconcile_interval_seconds
+                for path in self.watcher.take_ready():
+                    if self._stop.is_set():
+                        self.watcher.retry_later(path)
+                        continue
+                    self._process_claimed(path)
+                self._send_due_batch()
+                if time.monotonic() >= next_progress:
+                    last_reported = self.report_progress(last_reported)
+                    next_progress = time.monotonic() + self._progress_interval
+                self.watcher.wait(self._sleep_seconds(next_reconcile))
+        finally:
+            self._send_due_batch(force=True)
+            self.watcher.stop()
+            self.report_progress(None)
+
+    def _sleep_seconds(self, next_reconcile: float) -> float:
+        waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
+        for wait in (self.watcher.seconds_until_next_check(), self.batcher.seconds_until_due()):
+            if wait is not None:
+                waits.append(wait)
+        return max(0.01, min(waits))
+
+    # --- one file ----------------------------------------------------------------------------
+    def _process_claimed(self, path: Path) -> None:
+        try:
+            self.process_file(path)
+        except Exception:
+            log.exception("could not ingest %s; retrying in %.0fs", path, RETRY_DELAY_SECONDS)
+            self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
+        else:
+            self.watcher.release(path)
+
+    def process_file(self, path: Path) -> Outcome | None:
+        """Read, record and dispose of one complete file; ``None`` if it was gone or already recorded."""
+        from ingest.reader import read_radiograph
+
+        rel_name = relative_name(path, self.settings.inbox)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        sha256 = hashlib.sha256(data).hexdigest()
+        known = find_recorded_file(self.settings, path, rel_name, sha256)
+        if known is not None:
+            self._finish_disposal(known, path)
+            self.counts["already_recorded"] += 1
+            log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)
+            return None
+
+        result = read_radiograph(data, self.policy)
+        outcome = record(self.settings, path=path, rel_name=rel_name, file_size=len(data), result=result)
+        reason = outcome.reason_record(rel_name, sha256) if outcome.disposal.action == "quarantine" else None
+        final = carry_out(outcome.disposal, path, reason)
+        if final != outcome.disposal.destination:
+            set_stored_path(self.settings, outcome.instance_id, final)
+        if outcome.enqueue:
+            self.batcher.add(outcome.instance_id)
+        self.counts[outcome.state.value] += 1
+        log.info("%s -> instance %d %s%s", rel_name, outcome.instance_id, outcome.state.value,
+                 f" ({outcome.reason})" if outcome.reason else "")
+        return outcome
+
+    def _finish_disposal(self, row: Instance, path: Path) -> None:
+        """Complete what a previous run committed for this very file but did not finish (or nothing, for keep)."""
+        stored, here = Path(row.stored_path or ""), path.resolve()
+        if stored == here:
+            if self.settings.after_ingest == "delete":
+                here.unlink(missing_ok=True)
+                set_stored_path(self.settings, row.id, None)
+            return
+        if stored.exists():  # a second name of this same file: the move had linked but not unlinked
+            here.unlink(missing_ok=True)
+            return
+        final = move_no_clobber(here, stored)
+        if row.state == InstanceState.rejected.value:
+            write_reason(final, {"reason": row.reason, "message": row.message, "instance_id": row.id,
+                                 "file_name": row.file_name, "sha256": row.file_sha256,
+                                 "sop_instance_uid": row.sop_instance_uid, "duplicate_of_id": row.duplicate_of_id,
+                                 "conflict": row.conflict})
+        if final != stored:
+            set_stored_path(self.settings, row.id, final)
+
+    # --- queue ---------------------------------------------------------------------------------
+    def _send_due_batch(self, *, force: bool = False) -> None:
+        try:
+            self.batcher.flush(force=force)
+        except Exception:  # the instances stay 'received': reconciliation sends them
+            log.exception("could not send a batch; reconciliation will re-enqueue it")
+
+    def reconcile(self) -> int:
+        """Full inbox scan, then re-enqueue never-sent and lost instances; returns how many were re-sent."""
+        found = self.watcher.scan()
+        if found:
+            log.debug("scan: %d new file(s) in the inbox", found)
+        try:
+            return self._requeue(self.settings)
+        except Exception:
+            log.exception("reconciliation could not re-enqueue; trying again in %.0fs",
+                          self.settings.reconcile_interval_seconds)
+            return 0
+
+    # --- progress ------------------------------------------------------------------------------
+    def report_progress(self, last: tuple[object, ...] | None) -> tuple[object, ...] | None:
+        """Log one line of counts if anything changed since ``last``; returns what was reported."""
+        try:
+            in_db = counts_by_state(self.settings)
+        except Exception:
+            log.warning("database unreachable: no counts this time")
+            return last
+        this_run = dict(sorted(self.counts.items()))
+        now = (self.watcher.waiting, self.batcher.pending, tuple(in_db.items()), tuple(this_run.items()))
+        if now != last:
+            waiting, pending, _, _ = now
+            database = " ".join(f"{state}={n}" for state, n in in_db.items())
+            run = " ".join(f"{state}={n}" for state, n in this_run.items()) or "nothing yet"
+            log.info("progress | inbox: %d settling, %d batching | this run: %s | database: %s",
+                     waiting, pending, run, database)
+        return now
+
+
+def _own_folders(settings: Settings) -> list[Path]:
+    """Folders of this installation that may lie inside the inbox and must never be ingested."""
+    return [settings.archive, settings.quarantine, settings.reports, settings.model_cache, settings.broker_dir]

@@ -1,0 +1,209 @@
+"""Recording read files: rows, normalized images, duplicates, conflicts, and recognising a file already recorded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from covid_cxr.settings import load_settings
+from db.migrate import upgrade
+from db.models import Instance, InstanceState, NormalizedImage, Study
+from db.session import session_scope
+from ingest.inbox import carry_out, relative_name
+from ingest.pixels import PREPROCESSING_VERSION
+from ingest.reader import ReaderPolicy, read_radiograph
+from ingest.recorder import DUPLICATE_INSTANCE, SOP_INSTANCE_CONFLICT, find_recorded_file, record, set_stored_path
+
+SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
+HIP = "pylibjpeg-data__RG2_JPLY_fixed.dcm"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    settings = load_settings(data_dir=tmp_path / "data", database_url=url)
+    upgrade(settings)
+    return settings
+
+
+def _drop(settings, source: Path, rel: str) -> Path:
+    path = settings.inbox / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    return path
+
+
+def _record(settings, path: Path):
+    data = path.read_bytes()
+    result = read_radiograph(data, ReaderPolicy.from_settings(settings))
+    return record(settings, path=path, rel_name=relative_name(path, settings.inbox), file_size=len(data),
+                  result=result), result
+
+
+def _instance(settings, instance_id: int) -> Instance:
+    with session_scope(settings) as session:
+        return session.get(Instance, instance_id)
+
+
+def _changed_pixel_copy(source: Path, target: Path) -> None:
+    """The same SOP instance with one pixel changed: what a re-export after editing produces."""
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] ^= 1
+    ds.PixelData = pixels.tobytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+
+
+def test_an_accepted_file_records_study_instance_and_normalized_image(settings, dicom_dir):
+    path = _drop(settings, dicom_dir / SIIM, "site/chest.dcm")
+    outcome, result = _record(settings, path)
+    assert outcome.state is InstanceState.received and outcome.enqueue
+    assert outcome.disposal.action == "archive"
+    assert outcome.disposal.destination == settings.archive.resolve() / "site" / "chest.dcm"
+    with session_scope(settings) as session:
+        instance = session.get(Instance, outcome.instance_id)
+        assert instance.state == "received" and instance.reason is None and instance.finished_at is None
+        assert instance.file_name == "site/chest.dcm" and instance.file_sha256 == result.sha256
+        assert instance.file_size == path.stat().st_size
+        assert instance.stored_path == str(outcome.disposal.destination)
+        assert instance.sop_instance_uid == result.metadata.sop_instance_uid
+        assert instance.modality == "CR" and instance.body_part_examined == "CHEST"
+        study = session.get(Study, instance.study_id)
+        assert study.study_instance_uid == result.metadata.study_instance_uid
+        image = session.get(NormalizedImage, instance.id)
+        assert image.preprocessing_version == PREPROCESSING_VERSION
+        decoded = cv2.imdecode(np.frombuffer(image.png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.shape == (224, 224) and decoded.dtype == np.uint8
+    assert np.array_equal(decoded, result.image)  # PNG is lossless: the worker sees exactly this
+    assert image.mean == pytest.approx(result.image.mean()) and image.std == pytest.approx(result.image.std())
+    assert len(image.png) < 100_000
+
+
+def test_a_rejected_file_is_recorded_with_its_reason_and_goes_to_quarantine(settings, dicom_dir):
+    outcome, _ = _record(settings, _drop(settings, dicom_dir / HIP, "hip.dcm"))
+    assert outcome.state is InstanceState.rejected and not outcome.enqueue
+    assert outcome.reason == "wrong_body_part" and outcome.disposal.action == "quarantine"
+    instance = _instance(settings, outcome.instance_id)
+    assert instance.reason == "wrong_body_part" and instance.message and instance.finished_at is not None
+    assert instance.study_id is None and instance.sop_instance_uid  # UIDs kept for duplicate detection
+    with session_scope(settings) as session:
+        assert session.get(NormalizedImage, outcome.instance_id) is None
+
+
+def test_a_file_that_is_not_dicom_is_rejected(settings):
+    path = settings.inbox / "notes.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"Patient called, will send the films tomorrow.\n")
+    outcome, _ = _record(settings, path)
+    assert outcome.state is InstanceState.rejected and outcome.reason == "not_dicom"
+    assert _instance(settings, outcome.instance_id).sop_instance_uid is None
+
+
+def test_the_same_instance_again_is_a_duplicate(settings, dicom_dir):
+    first, _ = _record(settings, _drop(settings, dicom_dir / SIIM, "a.dcm"))
+    again, _ = _record(settings, _drop(settings, dicom_dir / SIIM, "copy-of-a.dcm"))
+    assert again.state is InstanceState.duplicate and not again.enqueue
+    assert again.duplicate_of_id == first.instance_id and not again.conflict
+    assert again.reason == DUPLICATE_INSTANCE and again.disposal.action == "archive"
+    with session_scope(settings) as session:
+        assert session.get(NormalizedImage, again.instance_id) is None
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+
+
+def test_a_rejected_instance_again_is_a_duplicate_too(settings, dicom_dir):
+    first, _ = _record(settings, _drop(settings, dicom_dir / HIP, "hip.dcm"))
+    again, _ = _record(settings, _drop(settings, dicom_dir / HIP, "hip-again.dcm"))
+    assert again.state is InstanceState.duplicate and again.duplicate_of_id == first.instance_id
+    assert again.disposal.action == "quarantine"
+
+
+def test_changed_content_under_the_same_sop_instance_uid_is_a_conflict(settings, dicom_dir):
+    first, _ = _record(settings, _drop(settings, dicom_dir / UNCOMPRESSED_CHEST, "chest.dcm"))
+    changed = settings.inbox / "chest-edited.dcm"
+    _changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, changed)
+    conflict, result = _record(settings, changed)
+    assert result.accepted  # a perfectly readable file...
+    assert conflict.state is InstanceState.rejected and conflict.reason == SOP_INSTANCE_CONFLICT  # ...held back
+    assert conflict.conflict and conflict.duplicate_of_id == first.instance_id
+    assert conflict.disposal.action == "quarantine"
+    assert _instance(settings, first.instance_id).state == "received"  # the first version is untouched
+    # a third copy identical to the conflicting one is a duplicate of it, not a new conflict
+    again, _ = _record(settings, _drop(settings, changed, "chest-edited-again.dcm"))
+    assert again.state is InstanceState.duplicate and again.duplicate_of_id == first.instance_id
+
+
+def test_concurrent_ingesters_leave_one_primary_row(settings, dicom_dir):
+    paths = [_drop(settings, dicom_dir / SIIM, f"{i}.dcm") for i in range(4)]
+    barrier = threading.Barrier(len(paths))
+    outcomes = []
+    lock = threading.Lock()
+
+    def ingest(path: Path) -> None:
+        barrier.wait()
+        outcome, _ = _record(settings, path)
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=ingest, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    states = sorted(o.state.value for o in outcomes)
+    assert states == ["duplicate", "duplicate", "duplicate", "received"]
+
+
+def test_a_kept_file_is_recognised_on_the_next_scan(tmp_path, dicom_dir):
+    settings = load_settings(data_dir=tmp_path, after_ingest="keep")
+    upgrade(settings)
+    path = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    outcome, result = _record(settings, path)
+    assert carry_out(outcome.disposal, path) == path
+    found = find_recorded_file(settings, path, "a.dcm", result.sha256)
+    assert found is not None and found.id == outcome.instance_id
+
+
+def test_a_crash_between_commit_and_move_is_recognised(settings, dicom_dir):
+    path = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    outcome, result = _record(settings, path)
+    # the process died here: the row says archive/a.dcm, the file is still in the inbox
+    found = find_recorded_file(settings, path, "a.dcm", result.sha256)
+    assert found is not None and found.id == outcome.instance_id
+
+
+def test_a_crash_between_link_and_unlink_is_recognised(settings, dicom_dir):
+    path = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    outcome, result = _record(settings, path)
+    outcome.disposal.destination.parent.mkdir(parents=True)
+    os.link(path, outcome.disposal.destination)  # the move's first half
+    assert find_recorded_file(settings, path, "a.dcm", result.sha256).id == outcome.instance_id
+
+
+def test_the_same_file_dropped_again_after_archiving_is_new(settings, dicom_dir):
+    path = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    outcome, result = _record(settings, path)
+    carry_out(outcome.disposal, path)
+    again = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    assert find_recorded_file(settings, again, "a.dcm", result.sha256) is None
+    assert _record(settings, again)[0].state is InstanceState.duplicate
+
+
+def test_a_deleted_file_dropped_again_is_new(tmp_path, dicom_dir):
+    settings = load_settings(data_dir=tmp_path, after_ingest="delete")
+    upgrade(settings)
+    path = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    outcome, result = _record(settings, path)
+    assert carry_out(outcome.disposal, path) is None
+    set_stored_path(settings, outcome.instance_id, None)
+    again = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    assert find_recorded_file(settings, again, "a.dcm", result.sha256) is None

@@ -1,0 +1,206 @@
+"""The ingest loop without a worker: batching, disposal, restarts and crashes, with the publish step recorded."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from covid_cxr.settings import load_settings
+from db.migrate import upgrade
+from db.models import Instance
+from db.session import session_scope
+from ingest import service as service_module
+from ingest.inbox import read_reason
+from ingest.service import Batcher, IngestService
+from service_fixtures import wait_until
+
+SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
+HIP = "pylibjpeg-data__RG2_JPLY_fixed.dcm"
+MR = "dcmfx-pydicom__MR_small_RLE.dcm"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Publisher:
+    """Stands in for the broker: records batches, or refuses them while ``down``."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.requeues = 0
+        self.down = False
+
+    def enqueue(self, settings, ids) -> bool:
+        if self.down:
+            return False
+        self.batches.append(list(ids))
+        return True
+
+    def requeue(self, settings) -> int:
+        self.requeues += 1
+        return 0
+
+
+def test_batcher_sends_full_batches_at_once_and_partial_ones_after_the_wait():
+    clock, sent = FakeClock(), []
+    batcher = Batcher(3, 2.0, lambda ids: sent.append(ids) or True, clock=clock)
+    for i in range(7):
+        batcher.add(i)
+    assert sent == [[0, 1, 2], [3, 4, 5]] and batcher.pending == 1
+    batcher.flush()
+    assert batcher.pending == 1 and batcher.seconds_until_due() == 2.0
+    clock.now = 2.0
+    batcher.flush()
+    assert sent[-1] == [6] and batcher.pending == 0 and batcher.seconds_until_due() is None
+
+
+def test_a_refused_batch_is_left_to_reconciliation():
+    batcher = Batcher(2, 1.0, lambda ids: False, clock=FakeClock())
+    batcher.add(1)
+    batcher.add(2)
+    assert batcher.pending == 0 and batcher.refused_batches == 1 and batcher.sent_batches == 0
+
+
+@pytest.fixture
+def settings(tmp_path):
+    settings = load_settings(data_dir=tmp_path / "data", settle_seconds=0.3, batch_size=2, batch_max_wait_seconds=0.3,
+                             reconcile_interval_seconds=1.0)
+    upgrade(settings)
+    return settings
+
+
+def _drop(settings, source: Path, rel: str) -> Path:
+    """Copy in under a temporary name, then rename: how a careful sender delivers."""
+    target = settings.inbox / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".part")
+    shutil.copyfile(source, staging)
+    staging.rename(target)
+    return target
+
+
+def _rows(settings) -> list[Instance]:
+    with session_scope(settings) as session:
+        return list(session.scalars(select(Instance).order_by(Instance.id)).all())
+
+
+class Running:
+    """The service in a thread, stopped on exit."""
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+        self.thread = threading.Thread(target=service.run)
+
+    def __enter__(self) -> IngestService:
+        self.thread.start()
+        assert self.service.started.wait(10)
+        return self.service
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _wait_for_rows(settings, count: int, timeout: float = 60.0) -> list[Instance]:
+    return wait_until(lambda: (rows := _rows(settings)) and len(rows) >= count and rows, timeout=timeout,
+                      what=f"{count} instance rows")
+
+
+def test_files_are_recorded_batched_and_disposed_of(settings, dicom_dir):
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue, progress_interval=0.2)
+    with Running(service):
+        for rel, name in [("s1/a.dcm", SIIM), ("s1/b.dcm", SMALL_CHEST), ("hip.dcm", HIP), ("mr", MR)]:
+            _drop(settings, dicom_dir / name, rel)
+        _wait_for_rows(settings, 4)
+        _drop(settings, dicom_dir / SIIM, "s1/a-again.dcm")
+        rows = _wait_for_rows(settings, 5)
+        wait_until(lambda: sum(len(b) for b in publisher.batches) == 2, timeout=10, what="one batch of two")
+    by_name = {row.file_name: row for row in rows}
+    assert {name: row.state for name, row in by_name.items()} == {
+        "s1/a.dcm": "received", "s1/b.dcm": "received", "hip.dcm": "rejected", "mr": "rejected",
+        "s1/a-again.dcm": "duplicate"}
+    assert publisher.batches == [sorted([by_name["s1/a.dcm"].id, by_name["s1/b.dcm"].id])]
+    assert publisher.requeues >= 1
+    archive, quarantine = settings.archive.resolve(), settings.quarantine.resolve()
+    assert sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*") if p.is_file()) == [
+        "s1/a-again.dcm", "s1/a.dcm", "s1/b.dcm"]
+    assert read_reason(quarantine / "hip.dcm")["reason"] == "wrong_body_part"
+    assert read_reason(quarantine / "mr")["reason"] == "wrong_modality"
+    assert [p for p in settings.inbox.rglob("*") if p.is_file()] == []
+    for row in rows:
+        assert Path(row.stored_path).is_file()
+    assert service.counts["received"] == 2
+
+
+def test_kept_files_are_not_processed_again_after_a_restart(tmp_path, dicom_dir):
+    settings = load_settings(data_dir=tmp_path, after_ingest="keep", settle_seconds=0.2, batch_max_wait_seconds=0.1)
+    upgrade(settings)
+    publisher = Publisher()
+    _drop(settings, dicom_dir / SIIM, "a.dcm")
+    with Running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)):
+        _wait_for_rows(settings, 1)
+    assert (settings.inbox / "a.dcm").exists()
+    restarted = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    _drop(settings, dicom_dir / SMALL_CHEST, "b.dcm")
+    with Running(restarted):
+        _wait_for_rows(settings, 2)
+        wait_until(lambda: restarted.counts["already_recorded"] == 1, timeout=10, what="a.dcm recognised")
+    assert [row.file_name for row in _rows(settings)] == ["a.dcm", "b.dcm"]
+
+
+def test_a_crash_between_commit_and_move_is_finished_by_the_next_run(settings, dicom_dir, monkeypatch):
+    publisher = Publisher()
+    path = _drop(settings, dicom_dir / HIP, "hip.dcm")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(service_module, "carry_out", crash)
+    with pytest.raises(KeyboardInterrupt):
+        IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue).process_file(path)
+    monkeypatch.undo()
+    [row] = _rows(settings)
+    assert path.exists() and row.stored_path == str(settings.quarantine.resolve() / "hip.dcm")
+
+    assert IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue).process_file(path) is None
+    [again] = _rows(settings)
+    assert again.id == row.id and not path.exists()
+    assert read_reason(Path(row.stored_path))["reason"] == "wrong_body_part"
+
+
+def test_with_the_broker_down_instances_stay_received_for_reconciliation(settings, dicom_dir):
+    publisher = Publisher()
+    publisher.down = True
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    for i, name in enumerate([SIIM, SMALL_CHEST]):
+        service.process_file(_drop(settings, dicom_dir / name, f"{i}.dcm"))
+    assert service.batcher.refused_batches == 1 and service.batcher.pending == 0
+    assert [row.state for row in _rows(settings)] == ["received", "received"]
+    service.reconcile()
+    assert publisher.requeues == 1
+
+
+def test_delete_mode_removes_accepted_files_and_still_quarantines_rejects(tmp_path, dicom_dir):
+    settings = load_settings(data_dir=tmp_path, after_ingest="delete")
+    upgrade(settings)
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    service.process_file(_drop(settings, dicom_dir / SIIM, "a.dcm"))
+    service.process_file(_drop(settings, dicom_dir / HIP, "hip.dcm"))
+    accepted, rejected = _rows(settings)
+    assert accepted.stored_path is None and not (settings.inbox / "a.dcm").exists()
+    assert Path(rejected.stored_path).is_file()
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2
