@@ -93,16 +93,18 @@ class ActiveModel:
 def model_artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``build_model(None)`` (random weights: enough to wire and time the pipeline) saved once per session."""
     from ingest.pixels import PREPROCESSING_VERSION
-    from model_store.architecture import ARCHITECTURE, CLASS_NAMES, build_model
+    from model_store.architecture import ARCHITECTURE, CLASS_NAMES, POSITIVE_CLASS, build_model
     from model_store.artifact import save_artifact
+    from model_store.weights import describe_base_weights
 
     model = build_model(None)
     metadata = {
         "name": "covid-cxr",
         "architecture": ARCHITECTURE,
-        "base_weights": "none",
+        "base_weights": describe_base_weights(None),
         "preprocessing_version": PREPROCESSING_VERSION,
         "class_names": list(CLASS_NAMES),
+        "positive_class": POSITIVE_CLASS,
         "decision_threshold": 0.5,
         "notes": "untrained test model (random weights)",
     }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 from celery.schedules import crontab
 
+from covid_cxr.cli import build_parser, main
 from covid_cxr.settings import load_settings
-from worker.app import EVALUATE_TASK, PREDICT_TASK, create_app
+from worker.app import EVALUATE_TASK, PREDICT_TASK, create_app, worker_command
 
 
 def test_app_is_json_only_with_late_acks_and_prefetch_one(tmp_path):
@@ -51,11 +53,29 @@ def test_nightly_evaluation_follows_the_configured_cron(tmp_path):
     assert entry["schedule"] == crontab(minute="30", hour="3", day_of_month="*", month_of_year="*", day_of_week="1")
 
 
+def test_worker_command_carries_the_settings_but_no_secret(tmp_path, monkeypatch):
+    from worker.cli import _settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(data_dir="rel-data", batch_size=4, max_attempts=5, model_name="m",
+                             pseudonym_key="secret-key", database_url="sqlite:////tmp/x.sqlite3")
+    argv = worker_command(settings, ["gpu"], concurrency=2, beat=True, pool="solo")
+    assert argv[:4] == [sys.executable, "-m", "covid_cxr", "worker"]
+    assert "secret-key" not in " ".join(argv)
+    args = build_parser().parse_args(argv[3:])
+    assert (args.queues, args.concurrency, args.beat, args.pool) == ("gpu", 2, True, "solo")
+    child = _settings(args)
+    assert child.data_dir == tmp_path / "rel-data"  # absolute: the child's working directory does not matter
+    assert (child.batch_size, child.max_attempts, child.model_name, child.database) == (
+        4, 5, "m", "sqlite:////tmp/x.sqlite3")
+    assert json.loads(argv[argv.index("--settings-json") + 1])["batch_size"] == 4
+
+
 def test_no_tensorflow_in_the_process_that_forks_the_pool():
     # Everything the parent worker process and the ingester import before forking.
     code = (
         "import sys, covid_cxr.cli as c; c.build_parser();"
-        "import worker.app, worker.dispatch;"
+        "import worker.app, worker.tasks, worker.dispatch, worker.results, worker.inference;"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules);"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -70,3 +90,9 @@ def test_importing_the_app_module_has_no_side_effects(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "COVID_CXR_BATCH_SIZE": "7"})
     assert done.returncode == 0, done.stderr
+
+
+def test_worker_refuses_an_out_of_date_schema(tmp_path, capsys):
+    assert main(["worker", "--data-dir", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "covid-cxr db upgrade" in error and "schema_out_of_date" in error

@@ -1,0 +1,152 @@
+"""Inference in a worker process: the active model (loaded once, reloaded when the active version changes) and its forward pass.
+
+TensorFlow is imported here only inside functions, so importing this module in the parent
+worker process (before the pool forks) stays free of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from covid_cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How often a worker asks the registry whether the active model changed (seconds).
+ACTIVE_MODEL_CHECK_SECONDS = 5.0
+#: The image size the model was built for.
+IMAGE_SHAPE = (224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A verified model in memory, with the provenance every prediction records."""
+
+    model: Any = field(repr=False)
+    model_id: int | None
+    name: str
+    version: str
+    sha256: str
+    threshold: float
+    class_names: tuple[str, ...]
+    positive_class: str
+    preprocessing_version: str | None
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``(N, len(class_names))`` probabilities for ``(N, 224, 224)`` uint8 images: one forward pass."""
+        from model_store.architecture import to_model_input
+
+        outputs = self.model(to_model_input(images), training=False)
+        return np.asarray(outputs, dtype=np.float64)
+
+    def label_for(self, positive_probability: float) -> str:
+        """The positive class at or above the model's decision threshold, the other class below it."""
+        if positive_probability >= self.threshold:
+            return self.positive_class
+        return next(name for name in self.class_names if name != self.positive_class)
+
+
+def load_active_model(settings: Settings) -> LoadedModel:
+    """Fetch the active version of ``settings.model_name`` from the registry and load it in Keras safe mode.
+
+    Raises :class:`~covid_cxr.errors.NoActiveModel` or :class:`~covid_cxr.errors.ModelError`
+    (:class:`~covid_cxr.errors.ModelIntegrityError` when the sha256 does not match).
+    """
+    from model_store.artifact import load_verified_model
+    from model_store.registry import fetch_artifact, get_active
+
+    record = get_active(settings, settings.model_name)
+    path = fetch_artifact(settings, record)
+    started = time.perf_counter()
+    model = load_verified_model(path, record.sha256)
+    loaded = describe(model, record)
+    log.info("loaded model %s version %s (sha256 %s...) in %.1f s", loaded.name, loaded.version,
+             loaded.sha256[:12], time.perf_counter() - started)
+    return loaded
+
+
+def describe(model: Any, record: Any) -> LoadedModel:
+    """Pair a loaded Keras model with its registry record's metadata."""
+    from model_store.architecture import CLASS_NAMES, POSITIVE_CLASS
+
+    metadata = dict(getattr(record, "metadata_json", None) or getattr(record, "metadata", None) or {})
+    class_names = tuple(metadata.get("class_names") or CLASS_NAMES)
+    positive = metadata.get("positive_class") or POSITIVE_CLASS
+    if positive not in class_names or len(class_names) != 2:
+        from covid_cxr.errors import ModelError
+
+        raise ModelError(f"model {record.name} {record.version} has classes {class_names!r}: "
+                         f"expected two classes including {positive!r}", reason="model_error")
+    return LoadedModel(
+        model=model,
+        model_id=getattr(record, "id", None),
+        name=record.name,
+        version=str(record.version),
+        sha256=record.sha256,
+        threshold=float(metadata.get("decision_threshold", 0.5)),
+        class_names=class_names,
+        positive_class=positive,
+        preprocessing_version=metadata.get("preprocessing_version"),
+    )
+
+
+class ActiveModelCache:
+    """The active model of this process, asked for again at most every ``check_seconds``.
+
+    A Keras model is loaded once per version; when the operator activates another version,
+    the next batch after the check interval runs on it.
+    """
+
+    def __init__(self, check_seconds: float = ACTIVE_MODEL_CHECK_SECONDS) -> None:
+        self.check_seconds = check_seconds
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[str, str], tuple[LoadedModel, float]] = {}
+
+    def get(self, settings: Settings) -> LoadedModel:
+        key = (settings.database, settings.model_name)
+        with self._lock:
+            cached = self._loaded.get(key)
+            if cached is not None and time.monotonic() - cached[1] < self.check_seconds:
+                return cached[0]
+            from model_store.registry import get_active
+
+            record = get_active(settings, settings.model_name)
+            if cached is not None and (cached[0].version, cached[0].sha256) == (str(record.version), record.sha256):
+                self._loaded[key] = (cached[0], time.monotonic())
+                return cached[0]
+            if cached is not None:
+                log.info("active model changed from %s to %s: reloading", cached[0].version, record.version)
+            self._loaded.pop(key, None)
+            loaded = load_active_model(settings)
+            self._loaded[key] = (loaded, time.monotonic())
+            return loaded
+
+    def clear(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+#: The one cache of a worker process.
+MODELS = ActiveModelCache()
+
+
+def decode_png(png: bytes) -> np.ndarray:
+    """The stored normalized image as ``(224, 224)`` uint8; raises ``ValueError`` if it is not one."""
+    image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("the stored normalized image is not a decodable PNG")
+    if image.dtype != np.uint8 or image.shape != IMAGE_SHAPE:
+        raise ValueError(f"the stored normalized image is {image.dtype} {image.shape}, expected uint8 {IMAGE_SHAPE}")
+    return image
+
+
+def stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack(list(images)).astype(np.uint8, copy=False)
