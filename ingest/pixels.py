@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
@@ -42,6 +43,11 @@ MAX_LOOKUP_TABLE_ENTRIES = 1 << 20
 PREFERRED_DECODING_PLUGIN = "pylibjpeg"
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Compressed syntaxes whose codestreams end with the FFD9 marker (JPEG EOI, JPEG 2000 EOC).
+_SYNTAXES_WITH_END_MARKER = frozenset(
+    [*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes, *pydicom.uid.JPEG2000TransferSyntaxes]
+)
+_END_OF_IMAGE = b"\xff\xd9"
 #: Steps :func:`normalize_grayscale` always runs, in order (some may be no-ops for a given image).
 GRAYSCALE_STEPS = ("to_uint8", "pad_to_square", f"resize_{IMAGE_SIZE}")
 
@@ -109,6 +115,8 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     Runs :func:`check_decodable` first. Decoder errors become ``decode_failed``.
     """
     uid = check_decodable(ds)
+    if uid in _SYNTAXES_WITH_END_MARKER:
+        _check_end_of_codestream(ds, uid, frame or 0)
     decoder = get_decoder(uid)
     plugin = PREFERRED_DECODING_PLUGIN if PREFERRED_DECODING_PLUGIN in decoder.available_plugins else ""
     try:
@@ -124,6 +132,33 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
             reason=RejectReason.DECODE_FAILED,
         )
     return arr
+
+
+def _check_end_of_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> None:
+    """Refuse a JPEG / JPEG-LS / JPEG 2000 frame without its end marker (FFD9) as ``truncated``.
+
+    libjpeg decodes a codestream cut in half without complaint and fills the rest, so a cut
+    frame would otherwise reach the model as a plausible-looking image. Scan data cannot
+    contain FFD9 (byte stuffing), and encoders pad after the marker with at most a few
+    0x00/0xFF bytes, hence the search in the last 16 bytes.
+    """
+    frames = _int_or_none(ds, "NumberOfFrames") or 1
+    try:
+        for index, codestream in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            if index == frame:
+                break
+        else:
+            raise ValueError(f"frame {frame} is missing")
+    except Exception as exc:  # malformed items: the file lost bytes or was damaged
+        raise InputRejected(
+            f"the encapsulated {uid.name} pixel data is incomplete: {type(exc).__name__}: {exc}",
+            reason=RejectReason.TRUNCATED,
+        ) from exc
+    if _END_OF_IMAGE not in codestream[-16:]:
+        raise InputRejected(
+            f"the {uid.name} codestream of frame {frame} has no end marker (FFD9): it was cut",
+            reason=RejectReason.TRUNCATED,
+        )
 
 
 def padding_mask(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:

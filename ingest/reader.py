@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException
 
-from covid_cxr.errors import InputRejected
+from covid_cxr.errors import ConfigurationError, InputRejected
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
 from ingest.reasons import RejectReason
@@ -24,9 +24,18 @@ from ingest.reasons import RejectReason
 logger = logging.getLogger(__name__)
 
 MULTI_FRAME_POLICIES = ("reject", "first_frame")
-#: BodyPartExamined words taken to mean the chest (CID 4031 "CHEST", older "THORAX", vendor and
-#: national variants). Matched per word, so "PORT CHEST" or "CHEST_PA" count too.
-CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "TORAX", "TORACE", "THORAKS"})
+#: Words taken to mean the chest (CID 4031 "CHEST", older "THORAX", vendor and national variants).
+#: Matched per word, so "PORT CHEST" or "CHEST_PA" count too; "THORACIC" does not (TSPINE).
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORACE", "THORAKS", "POITRINE"})
+#: Words naming a region that is not the chest, looked for only when BodyPartExamined is absent.
+OTHER_REGION_WORDS = frozenset({
+    "SKULL", "HEAD", "BRAIN", "SINUS", "SINUSES", "FACE", "ORBIT", "MANDIBLE", "JAW", "TEETH", "TOOTH", "DENTAL",
+    "OPG", "PANORAMIC", "NECK", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "PELVIS", "HIP", "HIPS", "SACRUM",
+    "ABDOMEN", "KUB", "SHOULDER", "CLAVICLE", "HUMERUS", "ELBOW", "FOREARM", "WRIST", "HAND", "FINGER", "FEMUR",
+    "KNEE", "TIBIA", "LEG", "ANKLE", "FOOT", "TOE", "EXTREMITY", "BREAST", "MAMMO", "MAMMOGRAPHY",
+})
+#: Where a region is looked for when BodyPartExamined is absent, in order.
+_REGION_DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription")
 #: ViewPosition values meaning a lateral projection (PS3.3 C.8.11.5 defines LL and RL).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "LLAT", "RLAT"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
@@ -69,13 +78,19 @@ class ReaderPolicy:
 
     @classmethod
     def from_settings(cls, settings: Any) -> ReaderPolicy:
-        """The policy configured in :class:`covid_cxr.settings.Settings` (may create the pseudonym key file)."""
-        return cls(
-            allowed_modalities=frozenset(settings.allowed_modalities),
-            max_pixels=int(settings.max_pixels),
-            multi_frame_policy=str(settings.multi_frame_policy),
-            pseudonym_secret=settings.pseudonym_secret,
-        )
+        """The policy configured in :class:`covid_cxr.settings.Settings` (may create the pseudonym key file).
+
+        Raises :class:`~covid_cxr.errors.ConfigurationError` when the settings make no valid policy.
+        """
+        try:
+            return cls(
+                allowed_modalities=frozenset(settings.allowed_modalities),
+                max_pixels=int(settings.max_pixels),
+                multi_frame_policy=str(settings.multi_frame_policy),
+                pseudonym_secret=settings.pseudonym_secret,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid DICOM acceptance policy: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -192,10 +207,18 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
             RejectReason.WRONG_MODALITY, f"Modality {modality or 'missing'} is not accepted (accepted: {allowed})", metadata
         )
     body_part = metadata.body_part_examined
-    if body_part is None:
+    if body_part is not None:
+        if not CHEST_WORDS.intersection(_words(body_part)):
+            return reject(RejectReason.WRONG_BODY_PART, f"BodyPartExamined is {body_part}, not the chest", metadata)
+    else:
+        described = _described_region(ds)
+        if described is not None:
+            return reject(
+                RejectReason.WRONG_BODY_PART,
+                f"BodyPartExamined is absent and {described[0]} names {described[1]}, not the chest",
+                metadata,
+            )
         flags.append("body_part_unknown")
-    elif not CHEST_WORDS.intersection(re.split(r"[^A-Z]+", body_part.upper())):
-        return reject(RejectReason.WRONG_BODY_PART, f"BodyPartExamined is {body_part}, not the chest", metadata)
     view = (metadata.view_position or "").upper()
     if view in LATERAL_VIEWS:
         return reject(RejectReason.LATERAL_VIEW, f"ViewPosition {view} is a lateral view; only frontal views are accepted", metadata)
@@ -229,6 +252,37 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
     if "voi_fallback_percentile" in steps:
         flags.append("voi_did_not_fit")
     return ReadResult(sha256, metadata, image, None, steps, tuple(flags))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.split(r"[^A-Z]+", text.upper())) - {""}
+
+
+def _described_region(ds: pydicom.Dataset) -> tuple[str, str] | None:
+    """(keyword, region) when, without BodyPartExamined, the header still names a region other than the chest.
+
+    Looks at the coded Anatomic Region Sequence, then the free-text descriptions; a text that
+    also mentions the chest is not evidence against it. ``None``: nothing names a region.
+    """
+    texts: list[tuple[str, str]] = []
+    try:
+        for item in ds.get("AnatomicRegionSequence") or []:
+            texts.append(("AnatomicRegionSequence", str(item.get("CodeMeaning", ""))))
+    except Exception:  # a damaged sequence is no evidence either way
+        pass
+    for keyword in _REGION_DESCRIPTIONS:
+        try:
+            texts.append((keyword, str(ds.get(keyword) or "")))
+        except Exception:  # a damaged value is no evidence either way
+            continue
+    for keyword, text in texts:
+        words = _words(text)
+        if words & CHEST_WORDS:
+            return None
+        named = sorted(words & OTHER_REGION_WORDS)
+        if named:
+            return keyword, named[0]
+    return None
 
 
 def _looks_like_dicom(ds: pydicom.Dataset) -> bool:

@@ -1,0 +1,370 @@
+"""Tests for ingest/pixels.py: each pipeline step on real DICOM files and on the PNG/JPEG training path."""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate, generate_frames
+
+from covid_cxr.errors import InputRejected
+from ingest import pixels
+from ingest.pixels import (
+    GRAYSCALE_STEPS,
+    IMAGE_SIZE,
+    PREPROCESSING_VERSION,
+    apply_voi_or_window,
+    decode,
+    display_from_stored,
+    load_image_file,
+    normalize_grayscale,
+    normalize_radiograph,
+    pad_to_square,
+    percentile_window,
+    to_uint8,
+)
+from ingest.reasons import RejectReason
+
+CHEST_FILES = (
+    "pydicom-data__RG1_J2KI.dcm",
+    "pylibjpeg-data__RG1_JLSN.dcm",
+    "pylibjpeg-data__966_fixed.dcm",
+    "dwv__gdcm-CR-MONO1-10-chest.dcm",
+    "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "orthanc-tests__Monochrome1-Jpeg.dcm",
+)
+SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"  # 440x440 uncompressed MONOCHROME1, WC/WW
+
+
+def _manifest(dicom_dir: Path) -> list[dict[str, str]]:
+    with open(dicom_dir / "manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+MANIFEST_FILES = (
+    "dcmfx-pydicom__MR_small_RLE.dcm",
+    "dwv__gdcm-CR-MONO1-10-chest.dcm",
+    "fo-dicom__CR-ModalitySequenceLUT.dcm",
+    "fo-dicom__GH133.dcm",
+    "orthanc-tests__KarstenHilbertRF.dcm",
+    "orthanc-tests__Monochrome1-Jpeg.dcm",
+    "pydicom-data__RG1_J2KI.dcm",
+    "pydicom-data__RG3_J2KR.dcm",
+    "pylibjpeg-data__966_fixed.dcm",
+    "pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm",
+    "pylibjpeg-data__RG1_JLSN.dcm",
+    "pylibjpeg-data__RG2_JLSL.dcm",
+    "pylibjpeg-data__RG2_JPLL.dcm",
+    "pylibjpeg-data__RG2_JPLY_fixed.dcm",
+    "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+)
+
+
+@functools.cache
+def _normalized(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    return normalize_radiograph(pydicom.dcmread(path))
+
+
+def _lung_and_mediastinum(image: np.ndarray) -> tuple[float, float]:
+    """Mean grey level of both mid lung fields and of the mediastinum in a 224x224 frontal chest image."""
+    rows = slice(80, 130)  # 36-58 % of the height: mid lung zones, above the diaphragm
+    lungs = np.concatenate([image[rows, 45:80].ravel(), image[rows, 145:180].ravel()])
+    mediastinum = image[rows, 100:124]
+    return float(lungs.mean()), float(mediastinum.mean())
+
+
+def test_preprocessing_version_and_size() -> None:
+    assert isinstance(PREPROCESSING_VERSION, str) and PREPROCESSING_VERSION
+    assert IMAGE_SIZE == 224
+
+
+def test_manifest_lists_exactly_the_files_tested(dicom_dir: Path) -> None:
+    assert sorted(row["file"] for row in _manifest(dicom_dir)) == sorted(MANIFEST_FILES)
+
+
+@pytest.mark.parametrize("name", MANIFEST_FILES)
+def test_every_shared_dicom_file_normalizes_with_the_steps_its_header_calls_for(dicom_dir: Path, name: str) -> None:
+    """Every transfer syntax in the shared set decodes; each header's LUT/VOI/photometric facts pick the steps."""
+    row = next(r for r in _manifest(dicom_dir) if r["file"] == name)
+    image, steps = _normalized(dicom_dir / name)
+
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE) and image.dtype == np.uint8
+    assert image.std() > 20, "a real radiograph must keep its contrast"
+    assert steps[0] == "decode" and steps[-len(GRAYSCALE_STEPS):] == GRAYSCALE_STEPS
+    assert ("invert_monochrome1" in steps) == (row["photometric_interpretation"] == "MONOCHROME1")
+    if row["modality_lut_sequence"] == "True":
+        assert "modality_lut_sequence" in steps
+    if row["voi_lut_sequence"] == "True":
+        assert "voi_lut_sequence" in steps
+    elif row["window_center"]:
+        assert "window" in steps
+    else:
+        assert "percentile_window" in steps
+    assert "voi_fallback_percentile" not in steps, "no real file here has a window that does not fit"
+
+
+def test_monochrome1_and_monochrome2_come_out_with_the_same_polarity(dicom_dir: Path) -> None:
+    """Lungs dark, mediastinum (and spine) bright, whatever the PhotometricInterpretation."""
+    photometrics = set()
+    for name in CHEST_FILES:
+        image, _ = _normalized(dicom_dir / name)
+        lungs, mediastinum = _lung_and_mediastinum(image)
+        assert lungs + 30 < mediastinum, f"{name}: lungs {lungs:.0f} vs mediastinum {mediastinum:.0f}"
+        photometrics.add(pydicom.dcmread(dicom_dir / name, stop_before_pixels=True).PhotometricInterpretation)
+    assert photometrics == {"MONOCHROME1", "MONOCHROME2"}
+
+
+def test_without_the_inversion_step_monochrome1_would_come_out_negative(
+    dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The polarity check above can fail: skipping the inversion makes MONOCHROME1 lungs brighter than the mediastinum."""
+    monkeypatch.setattr(pixels, "invert_monochrome1", lambda display, ds: (display, ()))
+    image, steps = normalize_radiograph(pydicom.dcmread(dicom_dir / SMALL_CHEST))
+    lungs, mediastinum = _lung_and_mediastinum(image)
+    assert "invert_monochrome1" not in steps
+    assert lungs > mediastinum
+
+
+def test_presentation_lut_shape_does_not_invert_a_second_time(dicom_dir: Path) -> None:
+    """966_fixed is MONOCHROME1 with PresentationLUTShape INVERSE: removing the tag changes nothing."""
+    ds = pydicom.dcmread(dicom_dir / "pylibjpeg-data__966_fixed.dcm")
+    assert ds.PresentationLUTShape == "INVERSE"
+    with_shape, _ = _normalized(dicom_dir / "pylibjpeg-data__966_fixed.dcm")
+    del ds.PresentationLUTShape
+    without_shape, _ = normalize_radiograph(ds)
+    np.testing.assert_array_equal(with_shape, without_shape)
+
+
+def test_same_radiograph_in_two_transfer_syntaxes_normalizes_to_nearly_the_same_image(dicom_dir: Path) -> None:
+    """RG1 as lossy JPEG 2000 and as near-lossless JPEG-LS: tolerance max 2 grey levels, mean 0.25.
+
+    Both codecs are lossy, so exact equality cannot be asked for; after windowing and area
+    downscaling their errors average out to at most a level (observed: max 1, mean 0.06).
+    """
+    j2k, _ = _normalized(dicom_dir / "pydicom-data__RG1_J2KI.dcm")
+    jls, _ = _normalized(dicom_dir / "pylibjpeg-data__RG1_JLSN.dcm")
+    difference = np.abs(j2k.astype(np.int16) - jls.astype(np.int16))
+    assert difference.max() <= 2
+    assert difference.mean() <= 0.25
+
+
+def test_value_table_shortcut_equals_running_every_step_on_every_pixel(dicom_dir: Path) -> None:
+    """normalize_radiograph maps each distinct stored value once; the result must equal the per-pixel pipeline."""
+    for name in ("pylibjpeg-data__966_fixed.dcm", "fo-dicom__GH133.dcm", SMALL_CHEST):
+        ds = pydicom.dcmread(dicom_dir / name)
+        stored = decode(ds)
+        per_pixel, steps = display_from_stored(stored, ds, sample=stored[:: _stride(stored), :: _stride(stored)].ravel())
+        image, all_steps = _normalized(dicom_dir / name)
+        np.testing.assert_array_equal(image, normalize_grayscale(per_pixel))
+        assert all_steps == ("decode", *steps, *GRAYSCALE_STEPS)
+
+
+def _stride(image: np.ndarray) -> int:
+    return max(1, int(np.sqrt(image.size / pixels.STATISTICS_SAMPLE_PIXELS)))
+
+
+# --- VOI / window -----------------------------------------------------------------------------
+
+
+def test_stated_window_is_applied_as_dicom_defines_it(dicom_dir: Path) -> None:
+    """WC 550 / WW 1024 (LINEAR): below c-0.5-(w-1)/2 -> 0, above c-0.5+(w-1)/2 -> 1, centre -> 0.5."""
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (550.0, 1024.0)
+    values = np.array([0, 37, 549.5, 1062, 1023 + 200], dtype=np.float64)
+    sample = decode(ds).ravel()  # the real image's pixels: the window fits them
+    display, steps = apply_voi_or_window(values, ds, sample=sample.astype(np.float64))
+    assert steps == ("window",)
+    np.testing.assert_allclose(display, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+
+
+def test_window_that_does_not_fit_the_pixels_falls_back_to_the_percentile_window(dicom_dir: Path) -> None:
+    """A stated window far above the data would give a blank image; the fallback keeps the contrast."""
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.WindowCenter, ds.WindowWidth = 60000, 100
+    image, steps = normalize_radiograph(ds)
+    assert "voi_fallback_percentile" in steps
+    assert image.std() > 20
+
+    del ds.WindowCenter, ds.WindowWidth
+    no_window, steps_without = normalize_radiograph(ds)
+    assert "percentile_window" in steps_without
+    np.testing.assert_array_equal(image, no_window)
+
+
+def test_narrow_window_that_flattens_the_image_is_replaced(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.WindowCenter, ds.WindowWidth = 2, 2  # everything but the darkest pixels saturates
+    _, steps = normalize_radiograph(ds)
+    assert steps[1:3] == ("window", "voi_fallback_percentile")
+
+
+def test_malformed_window_is_replaced_not_rejected(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.WindowWidth = 0  # LINEAR requires width >= 1
+    image, steps = normalize_radiograph(ds)
+    assert "voi_fallback_percentile" in steps and image.std() > 20
+
+
+def test_percentile_window_maps_the_0_5_and_99_5_percentiles_to_black_and_white() -> None:
+    values = np.arange(1000, dtype=np.float64).reshape(20, 50)
+    display = percentile_window(values)
+    low, high = np.percentile(values, [0.5, 99.5])
+    assert display.dtype == np.float32
+    assert display.min() == 0.0 and display.max() == 1.0
+    np.testing.assert_allclose(display.ravel()[500], (500 - low) / (high - low), rtol=1e-5)
+    assert not percentile_window(np.full((4, 4), 7.0)).any(), "a constant image has nothing to window"
+
+
+def test_pixel_padding_is_left_out_of_statistics_and_shown_black(dicom_dir: Path) -> None:
+    """MONOCHROME1: stored 0 is white after inversion; marked as padding it must be black and not count."""
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    del ds.WindowCenter, ds.WindowWidth  # statistics decide the window
+    stored = decode(ds).copy()
+    stored[:60] = 0  # a shuttered band, as a collimated detector would store it
+    padded = stored == 0
+    display_before, _ = display_from_stored(stored, ds)
+    assert display_before[padded].min() == 1.0
+
+    ds.PixelPaddingValue = 0
+    display, steps = display_from_stored(stored, ds)
+    assert steps[-1] == "pixel_padding_black"
+    assert display[padded].max() == 0.0
+    assert not np.array_equal(display[~padded], display_before[~padded]), "padding must not count in the percentiles"
+
+
+# --- decode failures --------------------------------------------------------------------------
+
+
+def test_colour_image_is_unsupported_photometric(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.PhotometricInterpretation = "RGB"
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == RejectReason.UNSUPPORTED_PHOTOMETRIC
+
+
+def test_transfer_syntax_without_any_decoder_is_unsupported(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == RejectReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert "MPEG2" in caught.value.message
+
+
+def test_missing_decoder_plugin_is_named(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Uninstalled:
+        is_available = False
+        missing_dependencies = [("pylibjpeg", "requires pylibjpeg and pylibjpeg-openjpeg")]
+
+    monkeypatch.setattr(pixels, "get_decoder", lambda uid: Uninstalled())
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(pydicom.dcmread(dicom_dir / "pydicom-data__RG1_J2KI.dcm"))
+    assert caught.value.reason == RejectReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert "pylibjpeg-openjpeg" in caught.value.message and "JPEG 2000" in caught.value.message
+
+
+def test_short_native_pixel_data_is_truncated(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.PixelData = ds.PixelData[:1000]
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == RejectReason.TRUNCATED
+
+
+def test_codestream_cut_short_inside_intact_dicom_is_truncated(dicom_dir: Path) -> None:
+    """libjpeg would decode half a codestream without complaint; the missing end marker gives it away."""
+    ds = pydicom.dcmread(dicom_dir / "pylibjpeg-data__RG2_JPLL.dcm")
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == RejectReason.TRUNCATED
+
+
+@pytest.mark.parametrize("name", ["pylibjpeg-data__RG2_JPLY_fixed.dcm", "pydicom-data__RG1_J2KI.dcm"])
+def test_corrupt_codestream_is_decode_failed(dicom_dir: Path, name: str) -> None:
+    ds = pydicom.dcmread(dicom_dir / name)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:2] + bytes(range(256)) * 20 + b"\xff\xd9"])
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == RejectReason.DECODE_FAILED
+    assert "could not be decoded" in caught.value.message
+
+
+# --- the part shared with training --------------------------------------------------------------
+
+
+def test_to_uint8_policy_per_dtype() -> None:
+    assert to_uint8(np.array([[0, 128, 255]], dtype=np.uint8)).tolist() == [[0, 128, 255]]
+    assert to_uint8(np.array([[-0.5, 0.5, 2.0]], dtype=np.float32)).tolist() == [[0, 128, 255]]
+    assert to_uint8(np.array([[1000, 3000]], dtype=np.uint16)).tolist() == [[0, 255]]
+    assert to_uint8(np.array([[True, False]])).tolist() == [[255, 0]]
+    assert not to_uint8(np.full((2, 2), 7, dtype=np.int16)).any()
+
+
+def test_pad_to_square_centres_the_image_on_black_without_cropping() -> None:
+    wide = np.full((100, 300), 200, dtype=np.uint8)
+    square = pad_to_square(wide)
+    assert square.shape == (300, 300)
+    assert (square[100:200] == 200).all()
+    assert not square[:100].any() and not square[200:].any()
+    tall = pad_to_square(np.full((301, 100), 9, dtype=np.uint8))
+    assert tall.shape == (301, 301) and (tall[:, 100:200] == 9).all() and not tall[:, :100].any()
+
+
+def test_normalize_grayscale_keeps_aspect_ratio_and_accepts_small_images() -> None:
+    wide = np.full((1000, 2000), 255, dtype=np.uint8)
+    out = normalize_grayscale(wide)
+    assert out.shape == (IMAGE_SIZE, IMAGE_SIZE) and out.dtype == np.uint8
+    assert (out[60:164] == 255).all(), "the content band keeps a 2:1 aspect ratio"
+    assert not out[:54].any() and not out[170:].any()
+    assert normalize_grayscale(np.full((50, 50), 255, dtype=np.uint8)).min() == 255
+    with pytest.raises(ValueError):
+        normalize_grayscale(np.zeros((10, 10, 3), dtype=np.uint8))
+
+
+def test_training_images_and_dicom_share_the_same_normalization(dicom_dir: Path, tmp_path: Path) -> None:
+    """A normalized DICOM saved as PNG and read back through the training path is unchanged."""
+    image, _ = _normalized(dicom_dir / SMALL_CHEST)
+    png = tmp_path / "served.png"
+    cv2.imwrite(str(png), image)
+    np.testing.assert_array_equal(normalize_grayscale(load_image_file(png)), image)
+
+
+def test_load_image_file_reads_colour_and_grayscale_jpegs_to_luma(cxr_dir: Path) -> None:
+    colour = next(p for p in sorted((cxr_dir / "covid").iterdir()) if p.name == "ryct.2020200028.fig1a.jpeg")
+    image = load_image_file(colour)
+    assert image.ndim == 2 and image.dtype == np.uint8 and image.shape == (4095, 3342)
+    np.testing.assert_array_equal(image, cv2.imread(str(colour), cv2.IMREAD_GRAYSCALE))
+    normalized = normalize_grayscale(image)
+    assert normalized.shape == (IMAGE_SIZE, IMAGE_SIZE) and normalized.std() > 20
+
+
+def test_load_image_file_keeps_16_bit_contrast(tmp_path: Path) -> None:
+    ramp = (np.arange(100 * 100, dtype=np.uint16).reshape(100, 100) % 4096) + 1000
+    path = tmp_path / "ramp16.png"
+    cv2.imwrite(str(path), ramp)
+    image = load_image_file(path)
+    assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_load_image_file_rejects_undecodable_files(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(InputRejected) as caught:
+        load_image_file(path)
+    assert caught.value.reason == RejectReason.DECODE_FAILED
+
+
+def test_load_image_file_rejects_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputRejected) as caught:
+        load_image_file(tmp_path / "nowhere.jpg")
+    assert caught.value.reason == RejectReason.DECODE_FAILED
