@@ -1,0 +1,327 @@
+"""The evaluation job on hand-made predictions and labels: hand-computed metrics, undefined metrics, storage, pages, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+
+from covid_cxr.cli import main
+from covid_cxr.errors import DatasetError
+from covid_cxr.settings import load_settings
+from db.migrate import upgrade
+from db.models import (
+    EvaluationReport,
+    GroundTruthLabel,
+    Instance,
+    ModelVersion,
+    NormalizedImage,
+    Prediction,
+    Study,
+    StudyResult,
+)
+from db.session import create_engine_for, session_scope
+from model_store.drift import training_reference
+from worker.evaluation import latest_reports, resolve_window, run_evaluation
+
+NOW = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc)
+RECENT = NOW - timedelta(hours=3)
+OLD = NOW - timedelta(days=3)
+
+# (true label or None / "conflict", P(covid)) per image of model v1, one study per image.
+V1_CASES = [
+    ("covid", 0.9), ("covid", 0.8), ("covid", 0.3),  # TP, TP, FN
+    ("normal", 0.6), ("normal", 0.2), ("normal", 0.1), ("normal", 0.4),  # FP, TN, TN, TN
+    (None, 0.7), ("conflict", 0.5),  # not in the metrics
+]
+# Model v2 only ever saw normals and called them normal: no positive case, no positive call.
+V2_CASES = [("normal", 0.2), ("normal", 0.3), ("normal", 0.1)]
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, written out as in Wilson (1927)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def seed(settings) -> None:
+    """Predictions of v1 and v2 in the last 24 h, one older v1 prediction, rejects, labels and two model records."""
+    rng = np.random.default_rng(0)
+    with session_scope(settings) as session:
+        session.add(ModelVersion(name="covid-cxr", version="v1", sha256="a" * 64, active=True, metadata_json={
+            "decision_threshold": 0.5, "preprocessing_version": "p1", "class_names": ["covid", "normal"],
+            "reference": training_reference(rng.uniform(0, 1, 400), rng.normal(120, 10, 400), rng.normal(60, 5, 400)),
+        }))
+        session.add(ModelVersion(name="covid-cxr", version="v2", sha256="b" * 64, metadata_json={}))
+        serial = 0
+
+        def image(version: str, truth: str | None, prob: float, when: datetime) -> None:
+            nonlocal serial
+            serial += 1
+            study = Study(study_instance_uid=f"1.2.{serial}", accession_number=f"ACC{serial}", created_at=when)
+            session.add(study)
+            session.flush()
+            instance = Instance(state="predicted", file_name=f"{serial}.dcm", file_sha256=f"{serial:064d}",
+                                study_id=study.id, study_instance_uid=study.study_instance_uid,
+                                sop_instance_uid=f"1.2.{serial}.1", created_at=when)
+            session.add(instance)
+            session.flush()
+            session.add(NormalizedImage(instance_id=instance.id, preprocessing_version="p1", png=b"",
+                                        mean=120.0 + serial, std=60.0))
+            label = "covid" if prob >= 0.5 else "normal"
+            session.add(Prediction(instance_id=instance.id, model_version=version, preprocessing_version="p1",
+                                   probabilities={"covid": prob, "normal": 1 - prob}, prob_covid=prob, label=label,
+                                   threshold=0.5, created_at=when))
+            session.add(StudyResult(study_id=study.id, model_version=version, n_images=1, prob_covid=prob, label=label,
+                                    rule="max_frontal", updated_at=when))
+            if truth == "conflict":
+                for source, value in (("rt-pcr", "covid"), ("radiologist", "normal")):
+                    session.add(GroundTruthLabel(key_type="study_instance_uid", key_value=study.study_instance_uid,
+                                                 label=value, source=source, label_date="2026-11-24"))
+            elif truth is not None:
+                session.add(GroundTruthLabel(key_type="study_instance_uid", key_value=study.study_instance_uid,
+                                             label=truth, source="rt-pcr", label_date="2026-11-24"))
+
+        for truth, prob in V1_CASES:
+            image("v1", truth, prob, RECENT)
+        for truth, prob in V2_CASES:
+            image("v2", truth, prob, RECENT)
+        image("v1", "covid", 0.05, OLD)  # a FN outside the 24 h window
+        for serial_no, (state, reason, when) in enumerate([
+            ("rejected", "not_dicom", RECENT), ("rejected", "not_dicom", RECENT),
+            ("rejected", "modality_not_allowed", RECENT), ("failed", "corrupt_image", RECENT),
+            ("rejected", "not_dicom", OLD),
+        ]):
+            session.add(Instance(state=state, reason=reason, file_name=f"r{serial_no}", file_sha256=f"r{serial_no}",
+                                 created_at=when))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fewer_bootstrap_resamples():
+    """100 resamples instead of 1000: the intervals are checked for presence here, not for precision."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("worker.evaluation.BOOTSTRAP_RESAMPLES", 100)
+        yield
+
+
+@pytest.fixture
+def settings(tmp_path):
+    settings = load_settings(data_dir=tmp_path)
+    upgrade(settings)
+    seed(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One database evaluated once over 24 h and over all time, shared by the tests that only read it."""
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("evaluated"))
+    upgrade(settings)
+    seed(settings)
+    run_evaluation(settings, "24h", now=NOW)
+    run_evaluation(settings, "all", now=NOW)
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_settings(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    settings = load_settings(data_dir=tmp_path, database_url=url)
+    upgrade(settings)
+    seed(settings)
+    return settings
+
+
+def stored(settings, version: str, level: str = "image", window: str = "24h") -> EvaluationReport:
+    with session_scope(settings) as session:
+        return session.scalars(select(EvaluationReport).where(
+            EvaluationReport.model_version == version, EvaluationReport.level == level,
+            EvaluationReport.window == window)).one()
+
+
+def test_metrics_equal_hand_computed_values(evaluated):
+    report = stored(evaluated, "v1")
+    performance = report.metrics["performance"]
+    assert report.n == 7
+    assert performance["confusion_matrix"] == [[2, 1], [1, 3]]  # rows true covid/normal, columns predicted
+    expected = {"accuracy": (5, 7), "sensitivity": (2, 3), "specificity": (3, 4), "ppv": (2, 3), "npv": (3, 4)}
+    for name, (k, n) in expected.items():
+        assert (performance[name]["k"], performance[name]["n"]) == (k, n), name
+        assert performance[name]["value"] == pytest.approx(k / n)
+        assert performance[name]["ci"] == pytest.approx(wilson(k, n), abs=1e-9)
+    assert performance["f1"]["value"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    # AUC: of the 3 x 4 (covid, normal) pairs, the covid image scores higher in 10.
+    assert performance["roc_auc"]["value"] == pytest.approx(10 / 12)
+    assert performance["roc_auc"]["ci"] is not None
+    squared_errors = [(1 - 0.9) ** 2, (1 - 0.8) ** 2, (1 - 0.3) ** 2, 0.6 ** 2, 0.2 ** 2, 0.1 ** 2, 0.4 ** 2]
+    assert performance["brier"] == pytest.approx(sum(squared_errors) / 7)
+    assert "covid" in performance["classification_report"] and "support" in performance["classification_report"]
+    assert report.metrics["population"] == {
+        "predictions": 9, "labelled": 7, "unlabelled": 1, "conflicting_labels": 1,
+        "predicted": {"covid": 5, "normal": 4}, "decision_mismatches": 0,
+    }
+    assert report.flags == ["label_conflicts"]
+    assert "acc: 0.7143 (5/7" in report.text_report
+
+
+def test_a_class_with_no_positives_gives_undefined_metrics_not_zero(evaluated):
+    performance = stored(evaluated, "v2").metrics["performance"]
+    assert performance["counts"] == {"covid": 0, "normal": 3}
+    for name in ("sensitivity", "ppv"):
+        assert performance[name] == {"k": 0, "n": 0, "value": None, "ci": None}, name
+    assert performance["f1"]["value"] is None
+    assert performance["roc_auc"]["value"] is None
+    assert performance["specificity"]["value"] == 1.0 and performance["npv"]["value"] == 1.0
+    assert "sensitivity: undefined (0/0)" in stored(evaluated, "v2").text_report
+
+
+def test_window_bounds_predictions_and_reject_counts(evaluated):
+    day, everything = stored(evaluated, "v1"), stored(evaluated, "v1", window="all")
+    assert (day.n, everything.n) == (7, 8)  # the old false negative counts only in 'all'
+    assert everything.metrics["performance"]["fn"] == 2
+    assert day.metrics["rejects"] == {
+        "files": 16, "by_state": {"predicted": 12, "rejected": 3, "failed": 1},
+        "by_reason": {"rejected": {"not_dicom": 2, "modality_not_allowed": 1}, "failed": {"corrupt_image": 1}},
+    }
+    assert everything.metrics["rejects"]["by_reason"]["rejected"]["not_dicom"] == 3
+    assert "rejected by reason: not_dicom 2, modality_not_allowed 1" in day.text_report
+
+
+def test_study_level_report_uses_study_results(evaluated):
+    study = stored(evaluated, "v1", level="study")
+    assert study.n == 7 and study.metrics["performance"]["confusion_matrix"] == [[2, 1], [1, 3]]
+    assert study.metrics["drift"]["status"] == "not_applicable"
+
+
+def test_drift_against_the_reference_or_unavailable(evaluated):
+    drift = stored(evaluated, "v1").metrics["drift"]
+    assert drift["status"] == "too_few"  # 9 images: PSI reported, no verdict
+    assert drift["image_mean"]["n"] == 9 and drift["image_mean"]["psi"] > 0
+    assert drift["prob_covid"]["reference_n"] == 400
+    unavailable = stored(evaluated, "v2").metrics["drift"]
+    assert unavailable["status"] == "unavailable" and "no training reference" in unavailable["reason"]
+
+
+def test_running_twice_replaces_the_report(db_settings):
+    first = run_evaluation(db_settings, "24h", now=NOW)
+    with session_scope(db_settings) as session:  # a label arrives for the unlabelled image
+        study_uid = session.scalar(text(
+            "SELECT study_instance_uid FROM v_image_results WHERE model_version = 'v1' AND label_status IS NULL"
+            " AND prob_covid = 0.7"))
+        session.add(GroundTruthLabel(key_type="study_instance_uid", key_value=study_uid, label="covid",
+                                     source="rt-pcr", label_date="2026-11-25"))
+    second = run_evaluation(db_settings, "24h", now=NOW + timedelta(hours=1))
+    assert len(first) == len(second) == 4
+    with session_scope(db_settings) as session:
+        assert session.scalar(select(func.count()).select_from(EvaluationReport)) == 4
+    assert stored(db_settings, "v1").n == 8
+    # The analysts' view shows the same numbers as the report.
+    with create_engine_for(db_settings).connect() as connection:
+        row = connection.execute(text(
+            "SELECT n, n_covid, accuracy, sensitivity_low, roc_auc FROM v_model_performance"
+            " WHERE model_version = 'v1' AND level = 'image'")).one()
+    performance = stored(db_settings, "v1").metrics["performance"]
+    assert tuple(row) == (8, 4, pytest.approx(performance["accuracy"]["value"]),
+                          pytest.approx(performance["sensitivity"]["ci"][0]), pytest.approx(performance["roc_auc"]["value"]))
+
+
+def test_plots_and_a_self_contained_html_page_are_written(evaluated):
+    report = stored(evaluated, "v1")
+    assert set(report.plot_paths) == {"confusion_matrix", "roc_curve", "score_histogram"}
+    for path in report.plot_paths.values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    page = open(report.html_path, encoding="utf-8").read()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "http://" not in page and "https://" not in page and str(evaluated.reports) not in page
+    assert "label_conflicts" in page and "5/7" in page
+
+
+def test_without_labels_only_the_score_histogram_is_drawn(settings):
+    with session_scope(settings) as session:
+        session.execute(text("DELETE FROM labels"))
+    run_evaluation(settings, "24h", model_version="v1", now=NOW)
+    unlabelled = stored(settings, "v1")
+    assert set(unlabelled.plot_paths) == {"score_histogram"}
+    assert unlabelled.flags == ["no_labelled_predictions"]
+    assert unlabelled.metrics["performance"]["accuracy"]["value"] is None
+
+
+def test_one_model_version_or_a_clear_error(settings):
+    assert {s.model_version for s in run_evaluation(settings, "24h", model_version="v2", now=NOW)} == {"v2"}
+    with pytest.raises(DatasetError, match="no predictions") as caught:
+        run_evaluation(settings, "24h", model_version="v9", now=NOW)
+    assert caught.value.reason == "no_predictions"
+    with pytest.raises(DatasetError, match="unknown window"):
+        resolve_window("1h")
+
+
+def test_latest_report_per_model_version_and_level(evaluated):
+    latest = latest_reports(evaluated)
+    assert sorted((r.model_version, r.level, r.window) for r in latest) == [
+        ("v1", "image", "all"), ("v1", "study", "all"), ("v2", "image", "all"), ("v2", "study", "all")]
+
+
+def test_task_is_registered_on_the_app_and_runs(settings):
+    from worker.app import EVALUATE_TASK, create_app
+
+    app = create_app(settings)
+    app.loader.import_default_modules()
+    result = app.tasks[EVALUATE_TASK].apply(kwargs={"window": "all"}).get()
+    assert {(r["model_version"], r["level"]) for r in result["reports"]} == {
+        ("v1", "image"), ("v1", "study"), ("v2", "image"), ("v2", "study")}
+    json.dumps(result)  # the task result is JSON, like every message
+
+
+def test_the_job_does_not_import_tensorflow():
+    code = "import sys, worker.evaluation; assert not {'tensorflow', 'keras'} & set(sys.modules), 'imported TF'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def test_cli_labels_import_reports_lines_and_exit_code(settings, tmp_path, capsys):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("StudyInstanceUID,label,source,date\n1.2.1,covid,rt-pcr,2026-11-24\n1.2.999,covid,rt-pcr,2026-11-24\n")
+    assert main(["labels", "import", str(csv_file), "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "1 unchanged" in out and "line 3: error: unknown StudyInstanceUID 1.2.999" in out
+    csv_file.write_text("StudyInstanceUID,label,source,date\n1.2.1,covid,rt-pcr,2026-11-24\n")
+    assert main(["labels", "import", str(csv_file), "--data-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unchanged"] == 1
+
+
+def test_cli_wrong_header_is_an_error(settings, tmp_path, capsys):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("uid,diagnosis\n1.2.1,covid\n")
+    assert main(["labels", "import", str(csv_file), "--data-dir", str(tmp_path)]) == 1
+    assert "line 1: wrong header" in capsys.readouterr().err
+
+
+def test_cli_evaluate_then_report(settings, tmp_path, capsys):
+    assert main(["evaluate", "--window", "all", "--model", "v1", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "v1" in out and "image" in out and "report.html" in out
+    assert main(["report", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "covid-cxr evaluation: model covid-cxr v1, image level" in out and "flags:" in out
+    assert main(["report", "--json", "--data-dir", str(tmp_path)]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert {(r["model_version"], r["level"]) for r in reports} == {("v1", "image"), ("v1", "study")}
+    assert reports[0]["metrics"]["performance"]["n"] == 8
+    assert main(["evaluate", "--window", "all", "--model", "nope", "--data-dir", str(tmp_path)]) == 1
+    assert "no predictions" in capsys.readouterr().err
+
+
+def test_cli_report_without_reports_says_so(tmp_path, capsys):
+    upgrade(load_settings(data_dir=tmp_path))
+    assert main(["report", "--data-dir", str(tmp_path)]) == 0
+    assert "no evaluation report yet" in capsys.readouterr().out
