@@ -178,6 +178,7 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
     except Exception as exc:  # unknown VR, bad characters...: a corrupt header, not a cut one
         prefix = "has the DICM prefix but its header" if part10 else "no DICM prefix, and the bytes"
         return reject(RejectReason.NOT_DICOM, f"{prefix} cannot be parsed as DICOM ({type(exc).__name__})")
+    cut = _cut_element(ds, len(data))  # first: reading a value converts its element and hides its raw length
     if not part10 and not _looks_like_dicom(ds):
         return reject(RejectReason.NOT_DICOM, "no DICM prefix and no plausible DICOM elements")
     if len(ds) == 0:
@@ -189,7 +190,6 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
             _salvage_metadata(data, policy),
         )
     metadata = InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
-    cut = _cut_element(ds, len(data))
     if cut is not None:
         return reject(RejectReason.TRUNCATED, f"the file ends inside element {cut}", metadata)
 
