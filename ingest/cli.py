@@ -1,9 +1,45 @@
-"""Command-line subcommands owned by the `ingest` package."""
+"""``covid-cxr inspect``: read one file as the service would and show the decision, the steps and the model's view."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from covid_cxr.cli import EXIT_USAGE, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add this package's subcommands; `common` is the parent parser with the installation flags."""
+    """Add ``inspect``; `common` is the parent parser with the installation flags."""
+    inspect = subparsers.add_parser(
+        "inspect",
+        parents=[common],
+        help="read one DICOM file as the service would: decision, steps, and a PNG of what the model sees",
+        description="Read FILE with the configured acceptance policy (COVID_CXR_ALLOWED_MODALITIES, "
+        "COVID_CXR_MAX_PIXELS, COVID_CXR_MULTI_FRAME_POLICY) and show what was read, which pixel steps ran "
+        "and whether it is accepted or rejected (with its reason code). Exits 0 for accepted and rejected "
+        "files alike; 2 when FILE does not exist.",
+    )
+    inspect.add_argument("file", type=Path, metavar="FILE", help="the file to read (any name, any content)")
+    inspect.add_argument("--png", type=Path, metavar="OUT", help="write the normalized 224x224 image here (accepted files)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ingest.inspect import format_report, inspect_file
+    from ingest.reader import ReaderPolicy
+
+    path: Path = args.file
+    if not path.is_file():
+        print(f"covid-cxr inspect: error: {path}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    policy = ReaderPolicy.from_settings(settings_from_args(args))
+    try:
+        report = inspect_file(path, policy, png=args.png)
+    except OSError as exc:
+        print(f"covid-cxr inspect: error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0

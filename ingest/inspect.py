@@ -1,0 +1,97 @@
+"""What ``covid-cxr inspect`` shows: one file read as the service reads it, as a JSON-ready report or text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from covid_cxr.errors import CovidCxrError
+from ingest.metadata import sop_class_name
+from ingest.reader import ReaderPolicy, ReadResult, read_radiograph
+from ingest.reasons import RejectReason
+
+_KNOWN_REASONS = frozenset(reason.value for reason in RejectReason)
+
+
+def inspect_file(path: Path, policy: ReaderPolicy, *, png: Path | None = None) -> dict[str, Any]:
+    """Read ``path`` with :func:`~ingest.reader.read_radiograph`; write the 224x224 image to ``png`` if accepted.
+
+    Returns :meth:`ReadResult.to_dict` plus ``file`` and ``png`` (the path written, or
+    ``None`` when nothing was written because the file was rejected or no path was asked
+    for). Raises ``OSError`` when ``path`` cannot be read and :class:`CovidCxrError` when
+    the PNG cannot be written.
+    """
+    result = read_radiograph(path, policy)
+    written = _write_png(result, png) if png is not None else None
+    return {"file": str(path), **result.to_dict(), "png": None if written is None else str(written)}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as aligned ``label  value`` lines for a terminal."""
+    meta = report.get("metadata") or {}
+    lines: list[tuple[str, str]] = [("file", report["file"]), ("sha256", report["sha256"])]
+    if report["accepted"]:
+        lines.append(("decision", "ACCEPTED"))
+    else:
+        reason = report["reason"]
+        lines.append(("decision", f"REJECTED {reason}: {report['message']}"))
+        if reason in _KNOWN_REASONS:
+            lines.append(("", RejectReason(reason).description))
+    if meta:
+        sop_class = meta.get("sop_class_uid")
+        lines += [
+            ("SOP class", f"{sop_class_name(sop_class) or '?'} ({sop_class or 'missing'})"),
+            ("modality", _shown(meta.get("modality"))),
+            ("view position", _shown(meta.get("view_position"))),
+            ("body part", _shown(meta.get("body_part_examined"))),
+            ("image", f"{_shown(meta.get('rows'))} x {_shown(meta.get('columns'))}, "
+                      f"{_shown(meta.get('bits_stored'))} bits stored, {_shown(meta.get('photometric_interpretation'))}, "
+                      f"{meta.get('number_of_frames') or 1} frame(s)"),
+            ("transfer syntax", _syntax(meta.get("transfer_syntax_uid"))),
+            ("manufacturer", _shown(meta.get("manufacturer"))),
+            ("study date", _shown(meta.get("study_date"))),
+            ("accession", _shown(meta.get("accession_number"))),
+            ("study UID", _shown(meta.get("study_instance_uid"))),
+            ("series UID", _shown(meta.get("series_instance_uid"))),
+            ("instance UID", _shown(meta.get("sop_instance_uid"))),
+            ("patient", f"pseudonym {meta['patient_pseudonym']}" if meta.get("patient_pseudonym") else "-"),
+        ]
+    else:
+        lines.append(("header", "not readable"))
+    lines += [
+        ("steps", " > ".join(report["steps"]) or "-"),
+        ("flags", ", ".join(report["flags"]) or "-"),
+        ("preprocessing", report["preprocessing_version"]),
+    ]
+    if report.get("png"):
+        lines.append(("png", f"{report['png']} (what the model sees)"))
+    width = max(len(label) for label, _ in lines)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)
+
+
+def _write_png(result: ReadResult, png: Path) -> Path | None:
+    if result.image is None:
+        return None
+    ok, encoded = cv2.imencode(".png", result.image)
+    if not ok:
+        raise CovidCxrError(f"cannot encode the image as PNG for {png}", reason="png_not_written")
+    try:
+        png.write_bytes(encoded.tobytes())
+    except OSError as exc:
+        raise CovidCxrError(f"cannot write {png}: {exc.strerror or exc}", reason="png_not_written") from exc
+    return png
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _syntax(uid: str | None) -> str:
+    if not uid:
+        return "-"
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
