@@ -1,9 +1,234 @@
-"""Command-line subcommands owned by the `model_store` package."""
+"""``covid-cxr train`` and ``covid-cxr models list|show|import|export|activate|evaluate``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from covid_cxr.cli import settings_from_args
+from covid_cxr.errors import DatasetError
+
+DEFAULT_NAME = "covid-cxr"
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands; `common` is the parent parser with the installation flags."""
+    data = _data_options()
+
+    train = subparsers.add_parser(
+        "train", parents=[common, data], help="train a model on a labelled folder or CSV and write its artifact",
+        description="Train the VGG16 classifier. Images go through the ingest pipeline's normalization (as in "
+                    "serving); the frozen part of the base is computed once and cached. Writes model.keras, "
+                    "metadata.json and the held-out test report into --out.")
+    weights = train.add_argument_group("model")
+    weights.add_argument("--base-weights", default="none",
+                         help="none (random init), imagenet (Keras downloads it; needs internet), or the path of a "
+                              "local HDF5 file laid out like Keras's vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+                              "(default: none)")
+    weights.add_argument("--trainable-from", default="auto",
+                         help="first trainable VGG16 block (block1..block5), none (frozen base, the origin), or auto: "
+                              "none with pretrained weights, block5 without (default: auto)")
+    weights.add_argument("--name", default=DEFAULT_NAME, help=f"registry name (default: {DEFAULT_NAME})")
+    fit = train.add_argument_group("training (defaults follow the origin)")
+    fit.add_argument("--epochs", type=int, default=25)
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--learning-rate", type=float, default=1e-3)
+    fit.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the test report")
+    fit.add_argument("--validation-fraction", type=float, default=0.2,
+                     help="of the remaining patients, held out for early stopping; 0 disables early stopping")
+    fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (val loss)")
+    fit.add_argument("--no-augment", dest="augment", action="store_false", help="no rotated copies")
+    fit.add_argument("--augment-copies", type=int, default=3,
+                     help="rotated copies (+-15 degrees) of each training image whose features are cached; each "
+                          "epoch draws one version of every image (default: 3)")
+    fit.add_argument("--class-weight", choices=("balanced", "none"), default="balanced")
+    fit.add_argument("--seed", type=int, default=42, help="split, augmentation and initialisation seed (default: 42)")
+    fit.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(covid) stored with the model")
+    output = train.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="artifact folder (default: DATA_DIR/runs/NAME-UTCTIME)")
+    output.add_argument("--register", action="store_true", help="import the artifact into the registry (database)")
+    output.add_argument("--activate", action="store_true", help="register and make it the active version")
+    output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    train.set_defaults(func=_train)
+
+    models = subparsers.add_parser("models", help="the model registry: list, show, import, export, activate, evaluate")
+    actions = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", parents=[common], help="registered versions, active ones marked")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_list)
+    show = actions.add_parser("show", parents=[common], help="a version's metadata as JSON")
+    show.add_argument("model", nargs="?", help="NAME[:VERSION] (default: the active covid-cxr)")
+    show.set_defaults(func=_show)
+    importing = actions.add_parser("import", parents=[common], help="register an artifact folder after verifying it")
+    importing.add_argument("path", type=Path, help="artifact folder (model.keras + metadata.json) or its model.keras")
+    importing.add_argument("--name", help="register under this name instead of the metadata's")
+    importing.add_argument("--activate", action="store_true")
+    importing.set_defaults(func=_import)
+    exporting = actions.add_parser("export", parents=[common], help="write a version as an artifact folder")
+    exporting.add_argument("model", help="NAME[:VERSION]")
+    exporting.add_argument("out", type=Path)
+    exporting.set_defaults(func=_export)
+    activating = actions.add_parser("activate", parents=[common], help="make a version the one the workers serve")
+    activating.add_argument("model", help="NAME:VERSION")
+    activating.set_defaults(func=_activate)
+    evaluating = actions.add_parser(
+        "evaluate", parents=[common, data], help="score a model on a labelled set: report text, JSON and plots",
+        description="Evaluate a registered model (or an artifact folder) on a labelled folder or CSV, beside the "
+                    "32x32 thumbnail logistic-regression shortcut baseline.")
+    which = evaluating.add_mutually_exclusive_group()
+    which.add_argument("model", nargs="?", help="NAME[:VERSION] from the registry (default: the active covid-cxr)")
+    which.add_argument("--artifact", type=Path, help="an artifact folder instead of a registered model")
+    evaluating.add_argument("--part", choices=("all", "train", "validation", "test"), default="all",
+                            help="all images, or only the patients of one part of the model's recorded split")
+    evaluating.add_argument("--threshold", type=float, help="decision threshold (default: the model's)")
+    evaluating.add_argument("--out", type=Path, help="report folder (default: REPORTS/evaluate-VERSION-UTCTIME)")
+    evaluating.add_argument("--no-progress", dest="progress", action="store_false")
+    evaluating.set_defaults(func=_evaluate)
+
+
+def _data_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("labelled images")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", type=Path, help="folder with covid/ and normal/ subfolders of PNG/JPEG/DICOM")
+    source.add_argument("--csv", type=Path, help="CSV with a header: path (or file), label[, patient_id]; paths "
+                                                  "relative to the CSV's folder")
+    group.add_argument("--label-column", default="label", help="CSV label column (default: label)")
+    group.add_argument("--path-column", help="CSV path column (default: path, else file)")
+    group.add_argument("--patient-column", default="patient_id", help="CSV patient id column (default: patient_id)")
+    group.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]",
+                       help="keep only CSV rows whose COLUMN is one of the values; repeatable (ANDed)")
+    return parent
+
+
+def _dataset(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from model_store.architecture import CLASS_NAMES
+    from model_store.dataset import from_csv, from_folder, parse_where
+
+    if args.folder is not None:
+        if args.where:
+            raise DatasetError("--where filters CSV rows; it cannot be used with --folder", reason="bad_filter")
+        return from_folder(args.folder, CLASS_NAMES)
+    return from_csv(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
+                    patient_column=args.patient_column, where=parse_where(args.where))
+
+
+def _utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model_store.training import TrainingConfig, train
+
+    settings = settings_from_args(args)
+    config = TrainingConfig(
+        base_weights=args.base_weights, trainable_from=args.trainable_from, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, test_fraction=args.test_fraction,
+        validation_fraction=args.validation_fraction, early_stopping_patience=args.patience, augment=args.augment,
+        augment_copies=args.augment_copies, class_weight=args.class_weight, seed=args.seed,
+        threshold=args.threshold, name=args.name)
+    config.check()
+    dataset = _dataset(args)
+    out = args.out or settings.data_dir / "runs" / f"{args.name}-{_utc_stamp()}"
+    result = train(dataset, config, out, settings=settings, progress=args.progress)
+    print(Path(result.report_files["text"]).read_text())
+    print(f"artifact: {result.artifact.directory} ({args.name} {result.artifact.version}, "
+          f"sha256 {result.artifact.sha256})")
+    if args.register or args.activate:
+        from model_store.registry import import_artifact
+
+        record = import_artifact(settings, result.artifact.directory, activate=args.activate)
+        print(f"registered {record.name} {record.version}{' (active)' if record.active else ''}")
+    return 0
+
+
+def _parse_model(text: str | None, need_version: bool = False) -> tuple[str, str | None]:
+    if not text:
+        return DEFAULT_NAME, None
+    name, _, version = text.partition(":")
+    if need_version and not version:
+        raise DatasetError(f"give NAME:VERSION (got {text!r}); `covid-cxr models list` shows them",
+                           reason="bad_model_reference")
+    return name or DEFAULT_NAME, version or None
+
+
+def _list(args: argparse.Namespace) -> int:
+    from model_store.registry import list_models, summary
+
+    rows = [summary(record) for record in list_models(settings_from_args(args))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models registered")
+        return 0
+    print(f"{'':2}{'name':<14}{'version':<27}{'base':<10}{'test n':>7}{'acc':>7}{'AUC':>7}  sha256")
+    for row in rows:
+        accuracy = "" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}"
+        auc = "" if row["test_auc"] is None else f"{row['test_auc']:.3f}"
+        print(f"{'*' if row['active'] else ' ':2}{row['name']:<14}{row['version']:<27}{str(row['base_weights']):<10}"
+              f"{row['test_n'] or '':>7}{accuracy:>7}{auc:>7}  {row['sha256'][:16]}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from model_store.registry import find
+
+    record = find(settings_from_args(args), *_parse_model(args.model))
+    shown: dict[str, Any] = {"active": record.active, **record.metadata_json}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from model_store.registry import import_artifact
+
+    record = import_artifact(settings_from_args(args), args.path, activate=args.activate, name=args.name)
+    print(f"registered {record.name} {record.version} (sha256 {record.sha256}){' (active)' if record.active else ''}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from model_store.registry import export, find
+
+    settings = settings_from_args(args)
+    record = find(settings, *_parse_model(args.model))
+    out = export(settings, record, args.out)
+    print(f"exported {record.name} {record.version} to {out}")
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    from model_store.registry import activate
+
+    name, version = _parse_model(args.model, need_version=True)
+    record = activate(settings_from_args(args), name, version)  # type: ignore[arg-type]
+    print(f"active: {record.name} {record.version}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from model_store.artifact import load_verified_model, model_path_of, read_metadata
+    from model_store.evaluation import evaluate
+
+    settings = settings_from_args(args)
+    dataset = _dataset(args)
+    if args.artifact is not None:
+        metadata = read_metadata(args.artifact)
+        model = load_verified_model(model_path_of(args.artifact), metadata["sha256"])
+    else:
+        from model_store.registry import fetch_artifact, find
+
+        record = find(settings, *_parse_model(args.model))
+        metadata = dict(record.metadata_json)
+        model = load_verified_model(fetch_artifact(settings, record), record.sha256)
+    out = args.out or settings.reports / f"evaluate-{metadata['version']}-{_utc_stamp()}"
+    _, files = evaluate(model, metadata, dataset, out, part=args.part, threshold=args.threshold, settings=settings,
+                        progress=args.progress)
+    sys.stdout.write(Path(files["text"]).read_text())
+    print("written: " + ", ".join(files.values()))
+    return 0

@@ -211,12 +211,10 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
             if item.path.suffix.lower() in IMAGE_SUFFIXES:
                 images[index] = normalize_grayscale(load_image_file(item.path))
                 continue
-            from ingest.reader import ReaderPolicy, read_radiograph
+            from ingest.reader import read_radiograph
 
             if policy is None:
-                from covid_cxr.settings import load_settings
-
-                policy = ReaderPolicy.from_settings(settings or load_settings())
+                policy = _reader_policy(settings)
             result = read_radiograph(item.path, policy)
             if not result.accepted:
                 rejection = result.rejection
@@ -230,6 +228,20 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
         raise DatasetError(_with_problems(f"{len(problems)} of {len(dataset.items)} images cannot be used", problems),
                            reason="unreadable_images")
     return images
+
+
+def _reader_policy(settings: Settings | None):  # type: ignore[no-untyped-def]
+    """The configured DICOM acceptance policy, with a throwaway pseudonym key: training keeps no patient ids
+    from DICOM headers, so it must not create or need the installation's key file."""
+    import secrets
+
+    from pydantic import SecretStr
+
+    from covid_cxr.settings import load_settings
+    from ingest.reader import ReaderPolicy
+
+    base = settings or load_settings()
+    return ReaderPolicy.from_settings(base.model_copy(update={"pseudonym_key": SecretStr(secrets.token_hex(16))}))
 
 
 @dataclass(frozen=True)
@@ -253,6 +265,11 @@ def _group_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, round(1 / fraction))
+    patients = {str(label): len(set(groups[labels == label])) for label in sorted(set(labels))}
+    if min(patients.values()) < n_splits:
+        raise DatasetError(f"too few patients for a stratified split: holding out {fraction:g} needs at least "
+                           f"{n_splits} patients per class, there are {patients}; add images or change "
+                           "--test-fraction/--validation-fraction", reason="bad_split")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held_out = next(folds.split(np.zeros(len(labels)), labels, groups))
     return rest, held_out

@@ -1,0 +1,190 @@
+"""The model registry, in the database: one row per (name, version) holding the artifact's bytes; one active per name.
+
+Workers on other machines need only the database: :func:`fetch_artifact` copies a version's bytes into
+the local model cache and verifies their sha256 before anything loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
+from covid_cxr.settings import Settings
+from db.migrate import check_schema
+from db.models import ModelVersion
+from db.session import session_scope
+from model_store.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    load_verified_model,
+    model_path_of,
+    read_metadata,
+    sha256_of,
+    verify_sha256,
+)
+
+HOW_TO_GET_A_MODEL = ("train one with `covid-cxr train ... --register --activate`, or import an artifact with "
+                      "`covid-cxr models import PATH --activate`, or activate a listed one with "
+                      "`covid-cxr models activate NAME:VERSION`")
+
+
+def _session(settings: Settings):  # type: ignore[no-untyped-def]
+    check_schema(settings)
+    return session_scope(settings)
+
+
+def import_artifact(settings: Settings, path: Path, activate: bool = False, name: str | None = None) -> ModelVersion:
+    """Register an artifact folder (or its ``model.keras``, with ``metadata.json`` beside it).
+
+    The file must match the sha256 in its metadata and load in Keras safe mode; otherwise
+    :class:`ModelIntegrityError`. Importing the same bytes again is a no-op; a different file under an
+    existing name and version is refused.
+    """
+    model_path = model_path_of(path)
+    metadata = read_metadata(path)
+    name = name or metadata["name"]
+    load_verified_model(model_path, metadata["sha256"])
+    artifact = model_path.read_bytes()
+    if sha256_of(model_path) != metadata["sha256"]:
+        raise ModelIntegrityError(f"{model_path} changed while it was being imported", reason="sha256_mismatch")
+    with _session(settings) as session:
+        existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name,
+                                                             ModelVersion.version == metadata["version"]))
+        if existing is not None:
+            if existing.sha256 != metadata["sha256"]:
+                raise ModelError(f"{name} {metadata['version']} is already registered with different bytes "
+                                 f"(sha256 {existing.sha256})", reason="version_conflict")
+            record = existing
+        else:
+            record = ModelVersion(name=name, version=metadata["version"], sha256=metadata["sha256"],
+                                  created_at=_parse_time(metadata["created_at"]), active=False,
+                                  metadata_json={**metadata, "name": name}, artifact=artifact)
+            session.add(record)
+            session.flush()
+        if activate:
+            _activate(session, record)
+        return record
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _activate(session: Session, record: ModelVersion) -> None:
+    # Deactivate first, flushed on its own: the unique partial index allows one active row per name.
+    session.execute(update(ModelVersion).where(ModelVersion.name == record.name, ModelVersion.id != record.id)
+                    .values(active=False))
+    session.flush()
+    record.active = True
+    session.flush()
+
+
+def find(settings: Settings, name: str, version: str | None = None) -> ModelVersion:
+    """One registered version; ``version=None`` means the active one."""
+    if version is None:
+        return get_active(settings, name)
+    with _session(settings) as session:
+        record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+        if record is None:
+            known = session.scalars(select(ModelVersion.version).where(ModelVersion.name == name)).all()
+            raise ModelError(f"no model {name} version {version} is registered"
+                             + (f" (versions: {', '.join(known)})" if known else ""), reason="model_not_found")
+        return record
+
+
+def activate(settings: Settings, name: str, version: str) -> ModelVersion:
+    """Make ``name:version`` the one active version of ``name`` (the one the workers serve)."""
+    with _session(settings) as session:
+        record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
+        if record is None:
+            raise ModelError(f"no model {name} version {version} is registered", reason="model_not_found")
+        _activate(session, record)
+        return record
+
+
+def list_models(settings: Settings) -> list[ModelVersion]:
+    """Every registered version, newest first (artifact bytes not loaded)."""
+    with _session(settings) as session:
+        return list(session.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.created_at.desc())))
+
+
+def get_active(settings: Settings, name: str) -> ModelVersion:
+    """The active version of ``name``; :class:`NoActiveModel` says how to get one."""
+    with _session(settings) as session:
+        record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.active.is_(True)))
+        if record is None:
+            registered = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name).limit(1))
+            state = "none of its registered versions is active" if registered else "no version is registered"
+            raise NoActiveModel(f"no active model {name!r} ({state}): {HOW_TO_GET_A_MODEL}")
+        return record
+
+
+def fetch_artifact(settings: Settings, record: ModelVersion) -> Path:
+    """Path of a verified local copy of ``record``'s ``model.keras`` under ``settings.model_cache``.
+
+    A cached copy is re-hashed on every call and replaced from the database when it differs; the bytes
+    from the database are hashed before they are put in place, so a corrupted row raises
+    :class:`ModelIntegrityError` and never reaches Keras.
+    """
+    folder = settings.model_cache / record.name / record.version
+    model_path = folder / MODEL_FILE
+    if model_path.is_file() and sha256_of(model_path) == record.sha256:
+        return model_path
+    with _session(settings) as session:
+        row = session.execute(select(ModelVersion.artifact, ModelVersion.metadata_json)
+                              .where(ModelVersion.id == record.id)).one_or_none()
+    artifact, metadata = row if row is not None else (None, None)
+    if artifact is None:
+        raise ModelError(f"model {record.name} {record.version} has no artifact bytes in the database",
+                         reason="artifact_missing")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{MODEL_FILE}.{os.getpid()}.partial"
+    partial.write_bytes(artifact)
+    try:
+        verify_sha256(partial, record.sha256)
+    except ModelIntegrityError:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(model_path)
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return model_path
+
+
+def export(settings: Settings, record: ModelVersion, out_dir: Path) -> Path:
+    """Write ``record`` as an artifact folder (``model.keras`` + ``metadata.json``) that ``import`` accepts."""
+    out_dir = Path(out_dir)
+    if (out_dir / MODEL_FILE).exists():
+        raise ModelError(f"{out_dir} already holds a {MODEL_FILE}", reason="artifact_exists")
+    cached = fetch_artifact(settings, record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, out_dir / MODEL_FILE)
+    verify_sha256(out_dir / MODEL_FILE, record.sha256)
+    (out_dir / METADATA_FILE).write_text(json.dumps(record.metadata_json, indent=2) + "\n")
+    return out_dir
+
+
+def summary(record: ModelVersion) -> dict[str, Any]:
+    """The row as shown by ``models list``: identity, state, and the test figures from its metadata."""
+    metadata = record.metadata_json or {}
+    test = (metadata.get("metrics") or {}).get("test") or {}
+    return {
+        "name": record.name,
+        "version": record.version,
+        "active": bool(record.active),
+        "created_at": record.created_at.isoformat() if record.created_at else None,
+        "sha256": record.sha256,
+        "base_weights": (metadata.get("base_weights") or {}).get("source"),
+        "preprocessing_version": metadata.get("preprocessing_version"),
+        "test_accuracy": (test.get("accuracy") or {}).get("value"),
+        "test_auc": (test.get("roc_auc") or {}).get("value"),
+        "test_n": test.get("n"),
+    }

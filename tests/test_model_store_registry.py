@@ -1,0 +1,138 @@
+"""The database-backed registry: import (verified), activate (one per name), list, fetch to cache (verified), export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
+from covid_cxr.settings import Settings, load_settings
+from model_store.artifact import METADATA_FILE, MODEL_FILE, ArtifactInfo, save_artifact, sha256_of
+from model_store.registry import activate, export, fetch_artifact, find, get_active, import_artifact, list_models
+
+
+def minimal_metadata(name: str = "covid-cxr") -> dict:
+    return {"name": name, "architecture": {"name": "test"}, "base_weights": {"source": "none"},
+            "preprocessing_version": "test", "class_names": ["covid", "normal"], "decision_threshold": 0.5}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> list[ArtifactInfo]:
+    """Two versions of a small stand-in model with the classifier's input and output (the registry needs no VGG16)."""
+    import keras
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("artifacts")
+    inputs = keras.Input((224, 224, 3))
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(
+        keras.layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, outputs)
+    first = save_artifact(model, minimal_metadata(), root / "one")
+    head = model.get_layer("predictions")
+    head.set_weights([w + np.float32(0.01) for w in head.get_weights()])
+    second = save_artifact(model, minimal_metadata(), root / "two")
+    return [first, second]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    from db.migrate import upgrade
+
+    settings = load_settings(data_dir=tmp_path / "data")
+    upgrade(settings)
+    return settings
+
+
+def test_no_model_says_how_to_get_one(settings: Settings) -> None:
+    with pytest.raises(NoActiveModel, match="covid-cxr train") as caught:
+        get_active(settings, "covid-cxr")
+    assert "no version is registered" in caught.value.message
+    assert caught.value.reason == "no_active_model"
+
+
+def test_import_activate_list_fetch(settings: Settings, artifacts: list[ArtifactInfo]) -> None:
+    first, second = artifacts
+    record = import_artifact(settings, first.directory)
+    assert (record.name, record.version, record.sha256, record.active) == ("covid-cxr", first.version, first.sha256,
+                                                                            False)
+    with pytest.raises(NoActiveModel, match="none of its registered versions is active"):
+        get_active(settings, "covid-cxr")
+    import_artifact(settings, second.model_path, activate=True)
+    assert get_active(settings, "covid-cxr").version == second.version
+    activate(settings, "covid-cxr", first.version)
+    active = [(r.version, r.active) for r in list_models(settings)]
+    assert sorted(active) == sorted([(first.version, True), (second.version, False)])
+    record = get_active(settings, "covid-cxr")
+    path = fetch_artifact(settings, record)
+    assert path == settings.model_cache / "covid-cxr" / first.version / MODEL_FILE
+    assert sha256_of(path) == first.sha256
+    assert json.loads((path.parent / METADATA_FILE).read_text())["version"] == first.version
+
+
+def test_import_is_idempotent_and_refuses_conflicts(settings: Settings, artifacts: list[ArtifactInfo],
+                                                    tmp_path: Path) -> None:
+    first, second = artifacts
+    import_artifact(settings, first.directory)
+    import_artifact(settings, first.directory)
+    assert len(list_models(settings)) == 1
+    # Same name and version, other bytes: refused.
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / MODEL_FILE).write_bytes(second.model_path.read_bytes())
+    metadata = json.loads(first.metadata_path.read_text()) | {"sha256": second.sha256}
+    (forged / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="different bytes") as caught:
+        import_artifact(settings, forged)
+    assert caught.value.reason == "version_conflict"
+
+
+def test_import_refuses_a_file_that_does_not_match_its_metadata(settings: Settings, artifacts: list[ArtifactInfo],
+                                                                tmp_path: Path) -> None:
+    first, second = artifacts
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / MODEL_FILE).write_bytes(second.model_path.read_bytes())
+    (mixed / METADATA_FILE).write_text(first.metadata_path.read_text())
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        import_artifact(settings, mixed)
+    assert list_models(settings) == []
+
+
+def test_cache_and_database_corruption_are_caught(settings: Settings, artifacts: list[ArtifactInfo]) -> None:
+    from db.models import ModelVersion
+    from db.session import session_scope
+
+    first, _ = artifacts
+    record = import_artifact(settings, first.directory, activate=True)
+    cached = fetch_artifact(settings, record)
+    cached.write_bytes(b"tampered cache")
+    assert sha256_of(fetch_artifact(settings, record)) == first.sha256  # replaced from the database
+    cached.unlink()
+    with session_scope(settings) as session:
+        session.execute(update(ModelVersion).where(ModelVersion.id == record.id).values(artifact=b"corrupt row"))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        fetch_artifact(settings, record)
+    assert not cached.exists()
+
+
+def test_export_round_trips_through_import(settings: Settings, artifacts: list[ArtifactInfo], tmp_path: Path) -> None:
+    first, _ = artifacts
+    import_artifact(settings, first.directory, activate=True)
+    out = export(settings, find(settings, "covid-cxr"), tmp_path / "exported")
+    assert sha256_of(out / MODEL_FILE) == first.sha256
+    other = load_settings(data_dir=tmp_path / "other")
+    from db.migrate import upgrade
+
+    upgrade(other)
+    assert import_artifact(other, out, activate=True).version == first.version
+
+
+def test_unknown_version_is_named(settings: Settings, artifacts: list[ArtifactInfo]) -> None:
+    import_artifact(settings, artifacts[0].directory)
+    with pytest.raises(ModelError, match="versions: " + artifacts[0].version):
+        find(settings, "covid-cxr", "20000101-000000-deadbeef")
+    with pytest.raises(ModelError, match="no model covid-cxr version"):
+        activate(settings, "covid-cxr", "nope")
