@@ -35,10 +35,11 @@ class RejectReason(StrEnum):
 _DESCRIPTIONS: dict[RejectReason, str] = {
     RejectReason.NOT_DICOM: "Empty, not DICOM at all (no DICM prefix and no plausible DICOM elements), or a header "
     "that cannot be parsed as DICOM",
-    RejectReason.TRUNCATED: "A DICOM file that ends too early: an element, the pixel data or its delimiter is cut off",
+    RejectReason.TRUNCATED: "A DICOM file that ends too early: an element, the pixel data or its delimiter is cut "
+    "off, or a JPEG / JPEG 2000 codestream lacks its end marker",
     RejectReason.NO_PIXEL_DATA: "An image object without Pixel Data (e.g. pixel data stripped by an export)",
-    RejectReason.NOT_AN_IMAGE: "A non-image DICOM object: structured report, presentation state, key object "
-    "selection, DICOMDIR, waveform, RT plan, encapsulated document...",
+    RejectReason.NOT_AN_IMAGE: "A non-image DICOM object (structured report, presentation state, key object "
+    "selection, DICOMDIR, waveform, RT plan or dose, segmentation, encapsulated document)",
     RejectReason.UNSUPPORTED_TRANSFER_SYNTAX: "Pixel data compressed with a transfer syntax no installed decoder "
     "handles (the message names the missing decoder)",
     RejectReason.DECODE_FAILED: "The decoder or the modality LUT failed on this file's pixel data (corrupt or "
@@ -46,7 +47,8 @@ _DESCRIPTIONS: dict[RejectReason, str] = {
     RejectReason.UNSUPPORTED_PHOTOMETRIC: "Not a grayscale image: RGB, YBR or PALETTE COLOR (or more than one "
     "sample per pixel)",
     RejectReason.WRONG_MODALITY: "Modality is not one of the accepted radiograph modalities (default CR, DX)",
-    RejectReason.WRONG_BODY_PART: "BodyPartExamined is present and is not the chest",
+    RejectReason.WRONG_BODY_PART: "BodyPartExamined names another region than the chest; when it is absent, the "
+    "Anatomic Region Sequence, study/series description or protocol name does",
     RejectReason.LATERAL_VIEW: "ViewPosition says lateral (LL, RL, LATERAL); the model only knows frontal views",
     RejectReason.MULTI_FRAME: "More than one frame, and the multi-frame policy is 'reject'",
     RejectReason.TOO_LARGE: "Rows x Columns x NumberOfFrames exceeds the configured pixel limit "
