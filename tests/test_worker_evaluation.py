@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,8 +56,9 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def seed(settings) -> None:
+def seed(settings, now: datetime = NOW) -> None:
     """Predictions of v1 and v2 in the last 24 h, one older v1 prediction, rejects, labels and two model records."""
+    recent, old = now - (NOW - RECENT), now - (NOW - OLD)
     rng = np.random.default_rng(0)
     with session_scope(settings) as session:
         session.add(ModelVersion(name="covid-cxr", version="v1", sha256="a" * 64, active=True, metadata_json={
@@ -91,14 +96,14 @@ def seed(settings) -> None:
                                              label=truth, source="rt-pcr", label_date="2026-11-24"))
 
         for truth, prob in V1_CASES:
-            image("v1", truth, prob, RECENT)
+            image("v1", truth, prob, recent)
         for truth, prob in V2_CASES:
-            image("v2", truth, prob, RECENT)
-        image("v1", "covid", 0.05, OLD)  # a FN outside the 24 h window
+            image("v2", truth, prob, recent)
+        image("v1", "covid", 0.05, old)  # a FN outside the 24 h window
         for serial_no, (state, reason, when) in enumerate([
-            ("rejected", "not_dicom", RECENT), ("rejected", "not_dicom", RECENT),
-            ("rejected", "modality_not_allowed", RECENT), ("failed", "corrupt_image", RECENT),
-            ("rejected", "not_dicom", OLD),
+            ("rejected", "not_dicom", recent), ("rejected", "not_dicom", recent),
+            ("rejected", "modality_not_allowed", recent), ("failed", "corrupt_image", recent),
+            ("rejected", "not_dicom", old),
         ]):
             session.add(Instance(state=state, reason=reason, file_name=f"r{serial_no}", file_sha256=f"r{serial_no}",
                                  created_at=when))
@@ -325,3 +330,125 @@ def test_cli_report_without_reports_says_so(tmp_path, capsys):
     upgrade(load_settings(data_dir=tmp_path))
     assert main(["report", "--data-dir", str(tmp_path)]) == 0
     assert "no evaluation report yet" in capsys.readouterr().out
+
+
+# --- with real files, the real service and real workers ---------------------------------------------------
+
+#: Short timings so the service test waits seconds, not the production defaults.
+FAST = {"settle_seconds": 0.5, "reconcile_interval_seconds": 2.0, "batch_max_wait_seconds": 0.5, "batch_size": 4}
+
+
+def clean_images(cxr_dir, label: str, count: int) -> list:
+    """The first ``count`` images of a class whose bytes are verified originals or plain conversions."""
+    with open(cxr_dir / "metadata.csv", newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle)
+                if row["label"] == label and not row["integrity"].startswith(("unverified", "visibly"))]
+    return [cxr_dir / row["file"] for row in sorted(rows, key=lambda row: row["file"])[:count]]
+
+
+class RunningIngester:
+    """The ingest loop (``covid-cxr ingest``) in a thread of the test process, stopped on exit."""
+
+    def __init__(self, settings) -> None:
+        from ingest.service import IngestService
+
+        self.service = IngestService(settings, progress_interval=1.0)
+        self.thread = threading.Thread(target=self.service.run, name="ingester")
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.service.started.wait(30)
+        return self.service
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.service.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.slow
+def test_end_to_end_labelled_dicoms_through_the_service_to_the_report(tmp_path, cxr_dir, active_model, capsys):
+    from dicom_wrap import wrap_as_dicom
+    from service_fixtures import WORKER_READY, embedded_settings, start_worker, wait_until
+
+    settings = embedded_settings(tmp_path / "data", inbox_dir=tmp_path / "inbox", **FAST)
+    model = active_model.register(settings)
+    staging = tmp_path / "staging"
+    covid, normal = clean_images(cxr_dir, "covid", 3), clean_images(cxr_dir, "normal", 3)
+    # Two covid images in one study (labelled by StudyInstanceUID), one by its SOPInstanceUID,
+    # the normals by AccessionNumber; plus a Secondary Capture and a text file, which are rejected.
+    first = wrap_as_dicom(covid[0], staging / "c0.dcm", patient_id="P1")
+    wrapped = [first, wrap_as_dicom(covid[1], staging / "c1.dcm", study_instance_uid=first.study_instance_uid,
+                                    accession_number=first.accession_number, patient_id="P1", view_position="AP")]
+    wrapped += [wrap_as_dicom(covid[2], staging / "c2.dcm", patient_id="P2")]
+    wrapped += [wrap_as_dicom(path, staging / f"n{i}.dcm", patient_id=f"P{3 + i}") for i, path in enumerate(normal)]
+    truth = {w.sop_instance_uid: label for w, label in zip(wrapped, ["covid"] * 3 + ["normal"] * 3)}
+    wrap_as_dicom(normal[0], staging / "scanned-film.dcm", kind="SC")
+    (staging / "notes.txt").write_text("not an image")
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text(
+        "StudyInstanceUID,SOPInstanceUID,AccessionNumber,label,source,date\n"
+        f"{first.study_instance_uid},,,covid,rt-pcr,2026-03-16\n"
+        f",{wrapped[2].sop_instance_uid},,covid,radiologist,2026-03-16\n"
+        + "".join(f",,{w.accession_number},normal,rt-pcr,2026-03-16\n" for w in wrapped[3:])
+    )
+
+    with start_worker(settings, [settings.inference_queue], wait_for=(WORKER_READY,),
+                      log_path=tmp_path / "worker.log"), RunningIngester(settings):
+        settings.inbox.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            shutil.copyfile(path, settings.inbox / path.name)
+
+        def all_final() -> bool:
+            with session_scope(settings) as session:
+                states = session.scalars(select(Instance.state)).all()
+            return len(states) == 8 and all(state in {"predicted", "rejected"} for state in states)
+
+        wait_until(all_final, timeout=300, interval=0.5, what="8 files ingested and predicted or rejected")
+
+    assert main(["labels", "import", str(labels_csv), "--data-dir", str(settings.data_dir)]) == 0
+    assert "5 added" in capsys.readouterr().out
+    assert main(["evaluate", "--window", "24h", "--data-dir", str(settings.data_dir)]) == 0
+    capsys.readouterr()
+
+    with session_scope(settings) as session:
+        served = dict(session.execute(select(Instance.sop_instance_uid, Prediction.label)
+                                      .join(Prediction, Prediction.instance_id == Instance.id)).all())
+    assert set(served) == set(truth)
+    expected_matrix = [[sum(1 for uid in truth if truth[uid] == t and served[uid] == p) for p in ("covid", "normal")]
+                       for t in ("covid", "normal")]
+    image = stored(settings, model.version)
+    performance = image.metrics["performance"]
+    assert image.n == 6 and performance["counts"] == {"covid": 3, "normal": 3}
+    assert performance["confusion_matrix"] == expected_matrix
+    assert performance["accuracy"]["k"] == expected_matrix[0][0] + expected_matrix[1][1]
+    assert image.metrics["population"]["predictions"] == 6
+    assert image.metrics["rejects"]["by_reason"] == {"rejected": {"wrong_modality": 1, "not_dicom": 1}}
+    assert image.metrics["drift"]["status"] == "unavailable"  # the test model has no training reference
+    study = stored(settings, model.version, level="study")
+    assert study.n == 5 and study.metrics["performance"]["counts"] == {"covid": 2, "normal": 3}
+    assert Path(image.html_path).is_file()
+
+
+@pytest.mark.slow
+def test_beat_fires_the_evaluation_on_redis_and_postgres(tmp_path, postgres_url, redis_url):
+    from service_fixtures import distributed_settings, start_worker, wait_until
+
+    # celery beat's finest crontab is one minute: the job fires at the next minute boundary.
+    settings = distributed_settings(tmp_path / "data", postgres_url, redis_url, evaluation_cron="* * * * *")
+    upgrade(settings)
+    seed(settings, now=datetime.now(timezone.utc))
+
+    def reports() -> list[tuple[str, str, str]]:
+        with session_scope(settings) as session:
+            return session.execute(select(EvaluationReport.window, EvaluationReport.model_version,
+                                          EvaluationReport.level)).all()
+
+    with start_worker(settings, [settings.cpu_queue], beat=True, log_path=tmp_path / "worker.log") as worker:
+        found = wait_until(lambda: len(reports()) >= 4 and reports(), timeout=150, interval=1.0,
+                           what="the scheduled evaluation to store its reports")
+        log_text = worker.log_text()
+    assert sorted(found) == [("24h", "v1", "image"), ("24h", "v1", "study"), ("24h", "v2", "image"),
+                             ("24h", "v2", "study")]
+    assert "covid_cxr.evaluate" in log_text
+    assert stored(settings, "v1").n == 7

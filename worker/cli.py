@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from covid_cxr.cli import settings_from_args
@@ -102,6 +103,8 @@ def _worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv += ["--hostname", args.hostname]
     if args.beat:
+        # The schedule file lives in the data dir, which a PostgreSQL + Redis installation may not have yet.
+        Path(app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", app.conf.beat_schedule_filename]
     app.worker_main(argv)
     return 0
