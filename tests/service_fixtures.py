@@ -229,9 +229,13 @@ class WorkerProcess:
         self.process.wait(timeout=30)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM: finish the current task), then SIGKILL after ``timeout``."""
+        """Warm shutdown (SIGTERM to the main process: the current task finishes), then SIGKILL after ``timeout``.
+
+        Only the main process gets SIGTERM: it stops its pool itself, whereas a pool process
+        terminated behind its back would be replaced by a new one.
+        """
         if self.alive:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

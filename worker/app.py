@@ -79,7 +79,9 @@ def create_app(settings: Settings) -> Celery:
     For the embedded broker the broker folders are created here, so that a producer can publish
     before any worker has started.
     """
-    app = Celery("covid_cxr", broker=settings.broker, include=list(TASK_MODULES), set_as_current=False)
+    # kombu warns about a URL without a host; the filesystem transport ignores it anyway.
+    broker = "filesystem://localhost//" if settings.broker == "filesystem://" else settings.broker
+    app = Celery("covid_cxr", broker=broker, include=list(TASK_MODULES), set_as_current=False)
     transport_options = broker_transport_options(settings)
     if settings.embedded_broker:
         for key in ("data_folder_in", "control_folder", "processed_folder"):

@@ -409,6 +409,8 @@ def _remember_app(sender: Any = None, **_: Any) -> None:
 def _init_process(**_: Any) -> None:
     # Pooled database connections must not cross a fork.
     dispose_engines()
+    # The registry checks the schema revision on every look-up; Alembic would log two lines each time.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     app = _worker_app
     if app is None or not getattr(app, "covid_cxr_preload_model", False):
         return
