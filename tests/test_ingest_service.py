@@ -204,3 +204,12 @@ def test_delete_mode_removes_accepted_files_and_still_quarantines_rejects(tmp_pa
     assert Path(rejected.stored_path).is_file()
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+def test_the_readme_documents_every_setting():
+    from covid_cxr.settings import ENV_PREFIX, Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    reference = readme.split("### Configuration reference", 1)[1].split("\n### ", 1)[0]
+    missing = [name for name in Settings.model_fields if f"`{ENV_PREFIX}{name.upper()}`" not in reference]
+    assert missing == []

@@ -1,0 +1,426 @@
+"""End to end with real components: watchdog, a slow writer, SQLite or PostgreSQL, the folder broker or Redis,
+real worker processes and the real Keras VGG16 (random weights: the wiring is under test, not the accuracy).
+
+Every file dropped ends in exactly one terminal state; accepted images get exactly one prediction,
+rejects are quarantined with their reason; restarts, duplicates, conflicts and a broker outage lose
+nothing and predict nothing twice. Few images go through the model (it runs ~4 images/s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from db.models import Instance, InstanceState, Prediction
+from db.session import session_scope
+from ingest.inbox import read_reason
+from ingest.recorder import SOP_INSTANCE_CONFLICT
+from ingest.service import IngestService
+from service_fixtures import REPO_ROOT, distributed_settings, embedded_settings, start_worker, wait_until
+
+pytestmark = pytest.mark.slow
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+#: Files of ../shared/data/dicom the reader must reject, with the reason (everything else is a chest radiograph).
+EXPECTED_REJECTS = {
+    "dcmfx-pydicom__MR_small_RLE.dcm": "wrong_modality",
+    "fo-dicom__CR-ModalitySequenceLUT.dcm": "wrong_body_part",  # a shoulder: the description says so
+    "fo-dicom__GH133.dcm": "wrong_modality",
+    "orthanc-tests__KarstenHilbertRF.dcm": "wrong_modality",
+    "pydicom-data__RG3_J2KR.dcm": "wrong_body_part",
+    "pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm": "wrong_body_part",
+    "pylibjpeg-data__RG2_JLSL.dcm": "wrong_body_part",
+    "pylibjpeg-data__RG2_JPLL.dcm": "wrong_body_part",
+    "pylibjpeg-data__RG2_JPLY_fixed.dcm": "wrong_body_part",
+}
+SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
+
+#: Short timings so a test waits seconds, not the production defaults.
+FAST = {"settle_seconds": 1.0, "reconcile_interval_seconds": 2.0, "batch_max_wait_seconds": 0.5, "batch_size": 4}
+TERMINAL = {s.value for s in InstanceState if s.terminal}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def slow_copy(source: Path, target: Path, chunk: int = 256 * 1024, pause: float = 0.1) -> None:
+    """Write ``target`` in chunks with pauses shorter than the settle time, like a slow network copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = source.read_bytes()
+    with open(target, "wb") as handle:
+        for start in range(0, len(data), chunk):
+            handle.write(data[start:start + chunk])
+            handle.flush()
+            time.sleep(pause)
+
+
+class SlowWriter(threading.Thread):
+    """Drops ``(source, relative name)`` pairs into the inbox one after another, slowly."""
+
+    def __init__(self, inbox: Path, files: Sequence[tuple[Path, str]]) -> None:
+        super().__init__(name="slow-writer")
+        self.inbox, self.files = inbox, list(files)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for source, rel in self.files:
+                slow_copy(source, self.inbox / rel)
+        except BaseException as exc:  # surfaced by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = 120.0) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the slow writer did not finish"
+        if self.error:
+            raise self.error
+
+
+def fresh_uid_copy(source: Path, target: Path) -> None:
+    """A new instance from a real file: new Study/Series/SOP Instance UIDs, same pixels."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+
+
+def changed_pixel_copy(source: Path, target: Path) -> None:
+    """The same SOP instance with one pixel changed (a re-export after an edit)."""
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] ^= 1
+    ds.PixelData = pixels.tobytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+
+
+def rows_by_name(settings) -> dict[str, Instance]:
+    with session_scope(settings) as session:
+        rows = session.scalars(select(Instance).order_by(Instance.id)).all()
+    by_name: dict[str, Instance] = {}
+    for row in rows:
+        assert row.file_name not in by_name, f"{row.file_name} recorded twice"
+        by_name[row.file_name] = row
+    return by_name
+
+
+def predictions_per_instance(settings) -> dict[int, int]:
+    with session_scope(settings) as session:
+        return {instance_id: n for instance_id, n in
+                session.execute(select(Prediction.instance_id, func.count()).group_by(Prediction.instance_id))}
+
+
+def wait_all_terminal(settings, names: set[str], timeout: float = 180.0) -> dict[str, Instance]:
+    def done() -> dict[str, Instance] | None:
+        rows = rows_by_name(settings)
+        if set(rows) >= names and all(rows[n].state in TERMINAL for n in names):
+            return rows
+        return None
+
+    return wait_until(done, timeout=timeout, interval=0.5, what=f"{len(names)} files in a terminal state")
+
+
+def readme_example_sql() -> list[str]:
+    """The ```sql blocks of the README's "Example SQL" section."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Example SQL", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
+
+
+def assert_readme_sql_runs(settings) -> None:
+    """Every example query of the README runs on this database (SQLite or PostgreSQL)."""
+    from sqlalchemy import text
+
+    from db.session import create_engine_for
+
+    queries = readme_example_sql()
+    assert len(queries) >= 5
+    with create_engine_for(settings).connect() as connection:
+        for query in queries:
+            connection.execute(text(query)).all()
+
+
+def assert_outcomes(settings, rows: dict[str, Instance], expected: dict[str, str], sources: dict[str, Path],
+                    model_version: str) -> None:
+    """States and reasons as expected, one prediction per predicted image, every file where its row says."""
+    predictions = predictions_per_instance(settings)
+    for name, want in expected.items():
+        row = rows[name]
+        state, _, reason = want.partition(":")
+        assert row.state == state, f"{name}: {row.state} ({row.reason}: {row.message}), expected {want}"
+        if reason:
+            assert row.reason == reason, f"{name}: reason {row.reason}, expected {reason}"
+        assert predictions.get(row.id, 0) == (1 if state == "predicted" else 0), f"{name}: predictions"
+        stored = Path(row.stored_path)
+        assert stored.is_file() and _sha(stored) == _sha(sources[name]), f"{name}: not kept byte-exact at {stored}"
+        if state == "rejected":
+            assert stored.is_relative_to(settings.quarantine.resolve())
+            assert read_reason(stored)["reason"] == row.reason
+        else:
+            assert stored.is_relative_to(settings.archive.resolve())
+    with session_scope(settings) as session:
+        versions = set(session.scalars(select(Prediction.model_version)).all())
+        probabilities = session.scalars(select(Prediction.probabilities)).all()
+    assert versions == {model_version}
+    for p in probabilities:
+        assert sum(p.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+# --- the embedded default: `covid-cxr serve` ------------------------------------------------------
+
+
+class Serve:
+    """``covid-cxr serve`` as a user runs it, in its own session, logging to a file."""
+
+    def __init__(self, settings, log_path: Path) -> None:
+        self.settings, self.log_path = settings, log_path
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+               **{f"COVID_CXR_{key.upper()}": str(value) for key, value in FAST.items() if key != "settle_seconds"}}
+        argv = [sys.executable, "-m", "covid_cxr", "serve", "--data-dir", str(settings.data_dir),
+                "--inbox", str(settings.inbox), "--settle-seconds", str(FAST["settle_seconds"])]
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                            start_new_session=True)
+        match = wait_until(lambda: self._alive_and(re.search(r"worker process (\d+) started", self.log())),
+                           timeout=120, what="serve to start its worker")
+        self.worker_pid = int(match.group(1))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _alive_and(self, value):  # type: ignore[no-untyped-def]
+        if self.process.poll() is not None:
+            raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+        return value
+
+    def interrupt(self, timeout: float = 90.0) -> int:
+        """Ctrl-C, as in a terminal; returns the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        for pid in (self.process.pid, self.worker_pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.process.wait(30)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie left for its (dead) parent counts as gone
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return True
+
+
+def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dicom_dir, active_model):
+    settings = embedded_settings(tmp_path / "data", inbox_dir=tmp_path / "inbox", **FAST)
+    model = active_model.register(settings)
+    files = sorted(p for p in dicom_dir.glob("*.dcm"))
+    # A site exporting into a sub-folder, and two files sent the careful way (temporary name, then rename).
+    drops = [(p, f"site-a/{p.name}" if i % 3 == 0 else p.name) for i, p in enumerate(files)]
+    sources = {rel: src for src, rel in drops}
+    expected = {rel: f"rejected:{EXPECTED_REJECTS[src.name]}" if src.name in EXPECTED_REJECTS else "predicted"
+                for src, rel in drops}
+
+    serve = Serve(settings, tmp_path / "serve-1.log")
+    try:
+        writer = SlowWriter(settings.inbox, drops[:-2])
+        writer.start()
+        for source, rel in drops[-2:]:
+            shutil.copyfile(source, settings.inbox / (rel + ".part"))
+            os.rename(settings.inbox / (rel + ".part"), settings.inbox / rel)
+        writer.finish()
+        rows = wait_all_terminal(settings, set(expected))
+        assert len(rows) == len(files)
+        assert_outcomes(settings, rows, expected, sources, model.version)
+        assert sorted(p.name for p in settings.inbox.rglob("*") if p.is_file()) == []
+        assert "progress |" in serve.log()
+        assert serve.interrupt() == 0
+        assert not _pid_alive(serve.worker_pid), "serve left its worker running"
+    finally:
+        serve.kill()
+
+    # While the service is down: the same file again, an edited file under the same SOPInstanceUID,
+    # and a new instance. After the restart each is processed once.
+    (settings.inbox / "resent").mkdir()
+    shutil.copyfile(dicom_dir / SIIM, settings.inbox / "resent" / "siim.dcm")
+    changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, settings.inbox / "resent" / "edited-chest.dcm")
+    fresh_uid_copy(dicom_dir / SIIM, settings.inbox / "new-study" / "siim-new-uids.dcm")
+    later = {"resent/siim.dcm": "duplicate", "resent/edited-chest.dcm": f"rejected:{SOP_INSTANCE_CONFLICT}",
+             "new-study/siim-new-uids.dcm": "predicted"}
+    later_sources = {name: settings.inbox / name for name in later}
+    later_hashes = {name: _sha(path) for name, path in later_sources.items()}
+
+    serve = Serve(settings, tmp_path / "serve-2.log")
+    try:
+        rows = wait_all_terminal(settings, set(expected) | set(later))
+        assert len(rows) == len(files) + len(later)
+        assert serve.interrupt() == 0
+    finally:
+        serve.kill()
+    predictions = predictions_per_instance(settings)
+    for name, want in later.items():
+        row = rows[name]
+        state, _, reason = want.partition(":")
+        assert row.state == state and (not reason or row.reason == reason), (name, row.state, row.reason)
+        assert predictions.get(row.id, 0) == (1 if state == "predicted" else 0)
+        assert _sha(Path(row.stored_path)) == later_hashes[name]
+    original = rows[next(rel for src, rel in drops if src.name == UNCOMPRESSED_CHEST)]
+    conflict = rows["resent/edited-chest.dcm"]
+    assert conflict.conflict and conflict.duplicate_of_id == original.id
+    assert Path(original.stored_path).is_file() and Path(conflict.stored_path).is_file()  # both versions kept
+    assert rows["resent/siim.dcm"].duplicate_of_id == rows[next(r for s, r in drops if s.name == SIIM)].id
+    assert sum(predictions.values()) == sum(1 for w in [*expected.values(), *later.values()] if w == "predicted")
+    assert_readme_sql_runs(settings)
+
+
+# --- Redis + PostgreSQL: the ingester and a real `celery worker` ----------------------------------
+
+
+class RunningIngester:
+    """The ingest loop of ``covid-cxr ingest`` in a thread of the test process."""
+
+    def __init__(self, settings) -> None:
+        self.service = IngestService(settings, progress_interval=1.0)
+        self.thread = threading.Thread(target=self.service.run, name="ingester")
+
+    def __enter__(self) -> IngestService:
+        self.thread.start()
+        assert self.service.started.wait(30)
+        return self.service
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.service.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+CHEST_A = [SIIM, UNCOMPRESSED_CHEST, "orthanc-tests__Monochrome1-Jpeg.dcm"]
+CHEST_B = ["pydicom-data__RG1_J2KI.dcm", "pylibjpeg-data__RG1_JLSN.dcm"]
+REJECTS_A = ["dcmfx-pydicom__MR_small_RLE.dcm", "pylibjpeg-data__RG2_JPLY_fixed.dcm"]
+
+
+def test_redis_postgres_with_a_real_celery_worker(tmp_path, dicom_dir, active_model, postgres_url, redis_url):
+    settings = distributed_settings(tmp_path / "data", postgres_url, redis_url, inbox_dir=tmp_path / "inbox",
+                                    requeue_after_seconds=120, **FAST)
+    model = active_model.register(settings)
+    drops = [(dicom_dir / name, f"pacs/{name}") for name in CHEST_A + REJECTS_A]
+    expected = {rel: f"rejected:{EXPECTED_REJECTS[src.name]}" if src.name in EXPECTED_REJECTS else "predicted"
+                for src, rel in drops}
+    with start_worker(settings, [settings.inference_queue], log_path=tmp_path / "worker.log"), \
+            RunningIngester(settings):
+        writer = SlowWriter(settings.inbox, drops)
+        writer.start()
+        writer.finish()
+        rows = wait_all_terminal(settings, set(expected))
+    assert_outcomes(settings, rows, expected, {rel: src for src, rel in drops}, model.version)
+    assert_readme_sql_runs(settings)
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, so the test can take the broker down and up again."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if IN_CI:
+                pytest.fail("redis-server is required in CI (CI=true) but is not installed")
+            pytest.skip("redis-server not installed: the broker-outage test was NOT run")
+        self.binary, self.dir = binary, tmp_path
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(self._accepting, timeout=20, interval=0.1, what="the private redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+        self.process = None
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_broker_outage_while_files_arrive_loses_nothing(tmp_path, dicom_dir, active_model, postgres_url,
+                                                        private_redis):
+    settings = distributed_settings(tmp_path / "data", postgres_url, private_redis.url, inbox_dir=tmp_path / "inbox",
+                                    requeue_after_seconds=120, **FAST)
+    model = active_model.register(settings)
+    first = [(dicom_dir / SIIM, "before/siim.dcm")]
+    during = [(dicom_dir / name, f"during/{name}") for name in CHEST_B]
+    during.append((dicom_dir / "pylibjpeg-data__RG2_JPLL.dcm", "during/hip.dcm"))
+    expected = {"before/siim.dcm": "predicted", "during/hip.dcm": "rejected:wrong_body_part",
+                **{f"during/{name}": "predicted" for name in CHEST_B}}
+    with start_worker(settings, [settings.inference_queue], log_path=tmp_path / "worker.log"), \
+            RunningIngester(settings) as ingester:
+        SlowWriter(settings.inbox, first).run()
+        wait_all_terminal(settings, {"before/siim.dcm"})
+
+        private_redis.stop()
+        writer = SlowWriter(settings.inbox, during)
+        writer.start()
+        writer.finish()
+        # Recorded while the broker is down: nothing lost, the accepted ones wait as 'received'.
+        rows = wait_until(lambda: (r := rows_by_name(settings)) and len(r) == 4 and r, timeout=60,
+                          what="the files dropped during the outage to be recorded")
+        assert {rows[f"during/{name}"].state for name in CHEST_B} == {"received"}
+        assert ingester.batcher.refused_batches >= 1
+
+        private_redis.start()  # empty: whatever was queued before is gone too
+        rows = wait_all_terminal(settings, set(expected))
+    sources = {rel: src for src, rel in first + during}
+    assert_outcomes(settings, rows, expected, sources, model.version)
+    assert max(predictions_per_instance(settings).values()) == 1
