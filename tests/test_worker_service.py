@@ -56,11 +56,16 @@ def test_embedded_worker_predicts_a_batch_in_one_forward_pass(tmp_path, active_m
     settings = embedded_settings(tmp_path)
     model = active_model.register(settings)
     ids = record_instances(settings, images[:3])
+    # A message file that is not a message (kombu's own transport stops the worker on one of these).
+    (settings.broker_dir / "queue").mkdir(parents=True)
+    (settings.broker_dir / "queue" / f"0_garbage.{settings.inference_queue}.msg").write_bytes(b"")
     assert enqueue_batch(settings, ids)
     with start_worker(settings) as worker:
         wait_until(lambda: _all_in(settings, ids, "predicted"), timeout=PREDICTED_TIMEOUT, what="predictions")
     assert prediction_counts(settings, ids) == {i: 1 for i in ids}
     log = worker.log_text()
+    assert "dropped an unreadable message file from queue gpu" in log
+    assert not list((settings.broker_dir / "queue").iterdir())
     assert log.count(FORWARD_PASS_STARTED) == 1 and f"running model {model.version} on 3 image(s)" in log
     assert worker.process.returncode == 0  # SIGTERM is a clean, warm shutdown
 

@@ -7,15 +7,22 @@ children from here, and the ingester imports the task names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
 import uuid
 from typing import Any
 
+from queue import Empty
+from time import monotonic
+
 from celery import Celery
 from celery.schedules import crontab
 from kombu import Exchange, Queue
+from kombu.transport import filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
 
 from covid_cxr.settings import Settings, load_settings
 
@@ -29,6 +36,41 @@ TASK_MODULES = ("worker.tasks", "worker.evaluation")
 
 #: Settings never passed to a worker on its command line: workers do not pseudonymize.
 _NOT_FOR_WORKERS = frozenset({"pseudonym_key"})
+
+
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, with messages that appear in the queue folder only once complete.
+
+    kombu creates the message file and then writes it, so a worker polling in between takes an
+    empty file, fails to decode it and stops ("Unrecoverable error: JSONDecodeError"). Here a
+    message is written under a dot-name the consumers ignore and renamed into place.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = os.path.join(self.data_folder_out, f".{name}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(str_to_bytes(dumps(payload)))
+            os.replace(partial, final)
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    def _get(self, queue: str) -> Any:
+        try:
+            return super()._get(queue)
+        except ValueError as exc:
+            # A file someone else put there; it is gone now. If it was a batch, the
+            # reconciliation loop re-enqueues its instances after requeue_after_seconds.
+            logging.getLogger(__name__).error("dropped an unreadable message file from queue %s: %s", queue, exc)
+            raise Empty() from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    """The embedded broker: kombu's filesystem transport with atomic message files."""
+
+    Channel = _AtomicFilesystemChannel
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
@@ -86,6 +128,8 @@ def create_app(settings: Settings) -> Celery:
     if settings.embedded_broker:
         for key in ("data_folder_in", "control_folder", "processed_folder"):
             os.makedirs(transport_options[key], exist_ok=True)
+    if settings.embedded_broker:
+        app.conf.broker_transport = f"{__name__}:AtomicFilesystemTransport"
     app.conf.update(
         # Pickle would let anyone who can write to the broker run code in the workers.
         task_serializer="json",
