@@ -202,22 +202,26 @@ def apply_modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray,
 
 
 def apply_voi_or_window(
-    values: np.ndarray, ds: pydicom.Dataset, *, sample: np.ndarray | None = None
+    values: np.ndarray,
+    ds: pydicom.Dataset,
+    *,
+    sample: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """Modality values -> display values in [0, 1] (float32, before MONOCHROME1 inversion).
 
-    ``sample`` holds the modality values that statistics are taken from (default: all of
-    ``values``); the caller leaves padding pixels out of it. Policy, in order:
+    Statistics are taken from ``sample`` (modality values; default: all of ``values``),
+    each counted ``weights`` times (default once); the caller leaves padding out. Policy,
+    in order:
 
     1. a VOI LUT Sequence, its first item (pydicom's preference when a window is also present);
     2. else WindowCenter/WindowWidth, the first pair when several (VOILUTFunction honoured);
     3. else a percentile window, 0.5 to 99.5 % of the sample.
 
     The VOI output is scaled by the VOI's own output range (not the image's), so a stated
-    window keeps its meaning. A stated VOI that is malformed, or that "does not fit" (more
-    than 95 % of the sample saturated, or its output's std below 4 grey levels, while the
-    sample does have contrast), is replaced by the percentile window: a radiograph with real
-    contrast never comes out near-constant because of a wrong header.
+    window keeps its meaning. A stated VOI that is malformed, or that "does not fit" (see
+    :func:`voi_fits`), is replaced by the percentile window: a radiograph with real contrast
+    never comes out near-constant because of a wrong header.
 
     Returns the display values and the steps that ran: ``voi_lut_sequence`` / ``window`` /
     ``percentile_window``, plus ``voi_fallback_percentile`` when a stated VOI was replaced.
@@ -225,51 +229,68 @@ def apply_voi_or_window(
     sample = values.ravel() if sample is None else sample
     stated = _stated_voi(ds)
     if stated is None:
-        return percentile_window(values, sample), ("percentile_window",)
+        return percentile_window(values, sample, weights), ("percentile_window",)
     try:
         display = _apply_stated_voi(values, ds, stated)
-        fits = display is not None and voi_fits(_apply_stated_voi(sample, ds, stated), sample)
+        fits = display is not None and voi_fits(_apply_stated_voi(sample, ds, stated), sample, weights)
     except Exception:  # a window width < 1, a LUT with a bad descriptor...: not a reason to reject
         fits = False
     if fits:
         return display, (stated,)
-    return percentile_window(values, sample), (stated, "voi_fallback_percentile")
+    return percentile_window(values, sample, weights), (stated, "voi_fallback_percentile")
 
 
-def voi_fits(shown: np.ndarray | None, sample: np.ndarray) -> bool:
+def voi_fits(shown: np.ndarray | None, sample: np.ndarray, weights: np.ndarray | None = None) -> bool:
     """Whether a stated VOI keeps the contrast of ``sample`` (modality values); ``shown`` is its [0, 1] output.
 
-    False when more than 95 % of the pixels saturate at either end, or the output's std is
-    below 4 grey levels, while the input spans more than one value between its 0.5th and
-    99.5th percentiles. ``None`` (a VOI without a usable output range) never fits.
+    False when more than 95 % of the (weighted) pixels saturate at either end, or the
+    output's std is below 4 grey levels, while the input's 0.5th and 99.5th percentiles
+    differ. ``None`` (a VOI without a usable output range) never fits.
     """
     if shown is None:
         return False
     if sample.size == 0:
         return True
-    low, high = np.percentile(sample, PERCENTILE_WINDOW)
+    weights = np.ones(sample.shape) if weights is None else weights.astype(np.float64)
+    low, high = weighted_percentiles(sample, weights, PERCENTILE_WINDOW)
     if high <= low:
         return True  # nothing to rescue: the pixels themselves are (nearly) constant
-    saturated = np.count_nonzero(shown <= 0.5 / 255) + np.count_nonzero(shown >= 254.5 / 255)
-    if saturated > VOI_MAX_SATURATED_FRACTION * shown.size:
+    total = weights.sum()
+    saturated = weights[(shown <= 0.5 / 255) | (shown >= 254.5 / 255)].sum()
+    if saturated > VOI_MAX_SATURATED_FRACTION * total:
         return False
-    return float(shown.std()) * 255.0 >= VOI_MIN_STD_LEVELS
+    mean = float(np.dot(weights, shown) / total)
+    std = math.sqrt(max(0.0, float(np.dot(weights, (shown - mean) ** 2) / total)))
+    return std * 255.0 >= VOI_MIN_STD_LEVELS
 
 
-def percentile_window(values: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
+def percentile_window(
+    values: np.ndarray, sample: np.ndarray | None = None, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Linear window from the 0.5th to the 99.5th percentile of ``sample`` (default: all of ``values``), to [0, 1].
 
-    Falls back to min..max when those percentiles coincide; a constant image maps to 0.
+    Percentiles are pixel values (:func:`weighted_percentiles`); min..max is used when they
+    coincide, and a constant image maps to 0.
     """
     sample = values.ravel() if sample is None else sample
     if sample.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
-    low, high = (float(v) for v in np.percentile(sample, PERCENTILE_WINDOW))
+    weights = np.ones(sample.shape) if weights is None else weights
+    low, high = weighted_percentiles(sample, weights, PERCENTILE_WINDOW)
     if high <= low:
         low, high = float(sample.min()), float(sample.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
     return _scale_to_unit(values, low, high)
+
+
+def weighted_percentiles(values: np.ndarray, weights: np.ndarray, percents: tuple[float, ...]) -> tuple[float, ...]:
+    """The smallest value whose cumulative weight reaches each percent of the total (inverted CDF)."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    targets = np.asarray(percents, dtype=np.float64) / 100.0 * cumulative[-1]
+    positions = np.minimum(np.searchsorted(cumulative, targets, side="left"), len(order) - 1)
+    return tuple(float(values[order[position]]) for position in positions)
 
 
 def invert_monochrome1(display: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -295,13 +316,13 @@ def display_from_stored(
     (default: ``stored``) holds the stored values statistics are taken from. Pixels marked by
     PixelPaddingValue are left out of the statistics and shown black.
     """
-    sample = stored.ravel() if sample is None else sample
-    sample_padding = padding_mask(sample, ds)
+    distinct, counts = _value_counts(stored.ravel() if sample is None else sample)
+    sample_padding = padding_mask(distinct, ds)
     if sample_padding is not None:
-        sample = sample[~sample_padding]
+        distinct, counts = distinct[~sample_padding], counts[~sample_padding]
     values, steps = apply_modality(stored, ds)
-    sample_values, _ = apply_modality(sample, ds)
-    display, ran = apply_voi_or_window(values, ds, sample=sample_values)
+    sample_values, _ = apply_modality(distinct, ds)
+    display, ran = apply_voi_or_window(values, ds, sample=sample_values, weights=counts)
     steps += ran
     display, ran = invert_monochrome1(display, ds)
     steps += ran
@@ -444,6 +465,18 @@ def _scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     out -= np.float32(low)
     out *= scale
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _value_counts(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of ``sample`` and how often each occurs (a histogram for integers: no sorting)."""
+    if sample.size and sample.dtype.kind in "iu":
+        low, high = int(sample.min()), int(sample.max())
+        if high - low < MAX_LOOKUP_TABLE_ENTRIES:
+            counts = np.bincount(sample.astype(np.int64) - low if low else sample)
+            present = np.flatnonzero(counts)
+            return present + low, counts[present]
+    distinct, counts = np.unique(sample, return_counts=True)
+    return distinct, counts
 
 
 def _sample(image: np.ndarray) -> np.ndarray:

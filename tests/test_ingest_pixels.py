@@ -27,6 +27,7 @@ from ingest.pixels import (
     pad_to_square,
     percentile_window,
     to_uint8,
+    weighted_percentiles,
 )
 from ingest.reasons import RejectReason
 
@@ -213,11 +214,21 @@ def test_malformed_window_is_replaced_not_rejected(dicom_dir: Path) -> None:
 def test_percentile_window_maps_the_0_5_and_99_5_percentiles_to_black_and_white() -> None:
     values = np.arange(1000, dtype=np.float64).reshape(20, 50)
     display = percentile_window(values)
-    low, high = np.percentile(values, [0.5, 99.5])
     assert display.dtype == np.float32
-    assert display.min() == 0.0 and display.max() == 1.0
+    low, high = 4, 994  # 5 and 995 of the 1000 pixels are at or below these values
+    assert display.ravel()[low] == 0.0 and display.ravel()[low + 1] > 0.0
+    assert display.ravel()[high] == 1.0 and display.ravel()[high - 1] < 1.0
     np.testing.assert_allclose(display.ravel()[500], (500 - low) / (high - low), rtol=1e-5)
     assert not percentile_window(np.full((4, 4), 7.0)).any(), "a constant image has nothing to window"
+
+
+def test_weighted_percentiles_count_each_value_by_its_weight() -> None:
+    values = np.array([10.0, 20.0, 30.0])
+    assert weighted_percentiles(values, np.array([1, 1, 98]), (0.5, 1.5, 50.0)) == (10.0, 20.0, 30.0)
+    repeated = np.repeat(values, [3, 5, 2])
+    assert weighted_percentiles(values, np.array([3, 5, 2]), (10.0, 50.0, 90.0)) == tuple(
+        float(np.percentile(repeated, q, method="inverted_cdf")) for q in (10.0, 50.0, 90.0)
+    )
 
 
 def test_pixel_padding_is_left_out_of_statistics_and_shown_black(dicom_dir: Path) -> None:
