@@ -1,0 +1,80 @@
+"""The per-process model cache (reload on activation), model metadata, and decoding stored images (no TensorFlow)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import worker.inference as inference
+from covid_cxr.errors import ModelError, NoActiveModel
+from service_fixtures import encode_png
+from worker.inference import ActiveModelCache, decode_png, describe
+
+
+def _record(version: str, sha256: str = "a" * 64, **metadata):
+    return SimpleNamespace(id=7, name="covid-cxr", version=version, sha256=sha256,
+                           metadata_json={"class_names": ["covid", "normal"], **metadata})
+
+
+@pytest.fixture
+def registry(monkeypatch, tmp_path):
+    """A registry whose active record the test sets, and a loader that counts loads."""
+    state = SimpleNamespace(active=_record("v1"), lookups=0, loads=[])
+
+    def get_active(settings, name):
+        state.lookups += 1
+        if state.active is None:
+            raise NoActiveModel("no active model")
+        return state.active
+
+    def load(settings):
+        state.loads.append(state.active.version)
+        return describe(object(), state.active)
+
+    import model_store.registry
+
+    monkeypatch.setattr(model_store.registry, "get_active", get_active)
+    monkeypatch.setattr(inference, "load_active_model", load)
+    state.settings = SimpleNamespace(database="sqlite://", model_name="covid-cxr")
+    return state
+
+
+def test_a_model_is_loaded_once_and_the_registry_asked_at_most_every_interval(registry):
+    cache = ActiveModelCache(check_seconds=3600)
+    first = cache.get(registry.settings)
+    assert cache.get(registry.settings) is first
+    assert (registry.loads, registry.lookups) == (["v1"], 1)
+
+
+def test_a_newly_activated_version_is_loaded_after_the_check(registry):
+    cache = ActiveModelCache(check_seconds=0)
+    assert cache.get(registry.settings).version == "v1"
+    assert cache.get(registry.settings).version == "v1"
+    assert registry.loads == ["v1"]  # same version and sha256: not reloaded
+    registry.active = _record("v2", sha256="b" * 64)
+    assert cache.get(registry.settings).version == "v2"
+    assert registry.loads == ["v1", "v2"]
+    registry.active = None
+    with pytest.raises(NoActiveModel):
+        cache.get(registry.settings)
+
+
+def test_metadata_gives_threshold_classes_and_labels():
+    model = describe(object(), _record("v1", decision_threshold=0.3, preprocessing_version="cxr-norm-1"))
+    assert (model.threshold, model.class_names, model.positive_class) == (0.3, ("covid", "normal"), "covid")
+    assert model.preprocessing_version == "cxr-norm-1" and model.model_id == 7
+    assert [model.label_for(p) for p in (0.29, 0.3, 0.9)] == ["normal", "covid", "covid"]
+    assert describe(object(), SimpleNamespace(id=1, name="n", version="v", sha256="c", metadata_json={})).threshold == 0.5
+    with pytest.raises(ModelError, match="expected two classes"):
+        describe(object(), _record("v1", class_names=["normal", "pneumonia"]))
+
+
+def test_stored_images_must_be_224_square_uint8_pngs():
+    image = np.arange(224 * 224, dtype=np.uint32).reshape(224, 224).astype(np.uint8)
+    assert np.array_equal(decode_png(encode_png(image)), image)
+    with pytest.raises(ValueError, match="expected uint8"):
+        decode_png(encode_png(np.zeros((100, 224), dtype=np.uint8)))
+    with pytest.raises(ValueError, match="not a decodable PNG"):
+        decode_png(b"\x89PNG\r\n\x1a\n broken")
