@@ -24,7 +24,7 @@ from ingest.metadata import transfer_syntax_of
 from ingest.reasons import RejectReason
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
-PREPROCESSING_VERSION = "cxr-norm-1"
+PREPROCESSING_VERSION = "cxr-norm-2"
 #: Side of the square model input.
 IMAGE_SIZE = 224
 
