@@ -137,8 +137,11 @@ def evaluated(tmp_path_factory):
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_settings(request, tmp_path):
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+def db_settings(request, tmp_path, monkeypatch):
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("PGTZ", "America/New_York")  # windows are UTC instants whatever the session's zone
     settings = load_settings(data_dir=tmp_path, database_url=url)
     upgrade(settings)
     seed(settings)

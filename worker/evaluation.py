@@ -123,11 +123,11 @@ class _Cases:
 
 
 def _in_window(column: Any, window: Window) -> list[Any]:
-    # Timestamps are bound as naive UTC: that is how the ORM stores them on SQLite.
-    end = window.end.replace(tzinfo=None)
-    conditions = [column < end]
+    # Bounds are aware UTC datetimes: PostgreSQL compares them as instants whatever the session's
+    # time zone, and SQLite's DateTime type writes them as the naive UTC text the ORM stores.
+    conditions = [column < window.end]
     if window.start is not None:
-        conditions.append(column >= window.start.replace(tzinfo=None))
+        conditions.append(column >= window.start)
     return conditions
 
 
