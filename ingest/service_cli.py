@@ -69,7 +69,6 @@ def prepare_database(settings: Settings) -> None:
     Only the embedded default (no ``database_url``) is ever created here: a configured server
     database is migrated on purpose, by ``covid-cxr db upgrade``.
     """
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its start-up chatter says nothing to an operator
     from db.migrate import check_schema, upgrade
 
     embedded_file = settings.data_dir.expanduser() / "covid-cxr.sqlite3"
