@@ -31,7 +31,8 @@ def status_report(settings: Settings) -> dict[str, Any]:
     with session_scope(settings) as session:
         report: dict[str, Any] = {
             "database": maybe_sanitize_url(settings.database),
-            "broker": maybe_sanitize_url(settings.broker),
+            "broker": (f"filesystem:// (folder {settings.broker_dir})" if settings.embedded_broker
+                       else maybe_sanitize_url(settings.broker)),
             "instances": state_counts(session),
             "predictions": session.scalar(select(func.count()).select_from(Prediction)) or 0,
             "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
