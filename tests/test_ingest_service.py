@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -213,3 +214,61 @@ def test_the_readme_documents_every_setting():
     reference = readme.split("### Configuration reference", 1)[1].split("\n### ", 1)[0]
     missing = [name for name in Settings.model_fields if f"`{ENV_PREFIX}{name.upper()}`" not in reference]
     assert missing == []
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+
+def test_serve_without_an_active_model_refuses_and_says_how_to_get_one(tmp_path, capsys):
+    from covid_cxr.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "[no_active_model]" in error
+    assert "covid-cxr train" in error and "covid-cxr models import" in error
+    assert (tmp_path / "covid-cxr.sqlite3").exists()  # the embedded database is created on first start
+
+
+def test_an_out_of_date_embedded_database_is_refused(tmp_path, capsys):
+    from covid_cxr.cli import main
+
+    upgrade(load_settings(data_dir=tmp_path), "0001")
+    assert main(["serve", "--data-dir", str(tmp_path)]) == 1
+    assert "covid-cxr db upgrade" in capsys.readouterr().err
+
+
+def test_a_server_database_is_never_migrated_by_serve(tmp_path, postgres_url, capsys):
+    from covid_cxr.cli import main
+
+    assert main(["ingest", "--data-dir", str(tmp_path), "--database-url", postgres_url]) == 1
+    assert "[schema_out_of_date]" in capsys.readouterr().err
+
+
+def test_an_inbox_that_is_the_data_dir_is_refused(tmp_path, capsys):
+    from covid_cxr.cli import main
+
+    assert main(["ingest", "--data-dir", str(tmp_path), "--inbox", str(tmp_path)]) == 1
+    assert "[bad_configuration]" in capsys.readouterr().err
+
+
+def test_ingest_stops_cleanly_on_sigterm(tmp_path, dicom_dir):
+    import signal
+    import subprocess
+    import sys
+
+    log_path = tmp_path / "ingest.log"
+    env = {**os.environ, "COVID_CXR_SETTLE_SECONDS": "0.2"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "covid_cxr", "ingest", "--data-dir", str(tmp_path / "data")],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: "watching" in log_path.read_text(), timeout=60, what="the ingester to start")
+        settings = load_settings(data_dir=tmp_path / "data")
+        _drop(settings, dicom_dir / HIP, "hip.dcm")
+        _wait_for_rows(settings, 1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "SIGTERM received" in log_path.read_text()
