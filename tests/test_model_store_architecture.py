@@ -148,15 +148,17 @@ def test_imagenet_offline_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, t
     assert caught.value.reason == "imagenet_weights_unavailable"
 
 
-def test_to_model_input_scales_to_unit_range_and_three_channels() -> None:
-    images = np.zeros((2, 224, 224), dtype=np.uint8)
-    images[0, 0, 0] = 255
-    images[1, 5, 7] = 51
+def test_to_model_input_is_keras_vgg16_preprocessing_of_the_grey_image() -> None:
+    import keras
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 224, 224), dtype=np.uint8)
     model_input = to_model_input(images)
     assert model_input.shape == (2, 224, 224, 3) and model_input.dtype == np.float32
-    assert model_input[0, 0, 0].tolist() == [1.0, 1.0, 1.0]
-    np.testing.assert_allclose(model_input[1, 5, 7], [0.2, 0.2, 0.2])
-    assert model_input.sum() == pytest.approx(3 * (1.0 + 0.2))
+    rgb = np.repeat(images[..., np.newaxis], 3, axis=-1).astype(np.float32)
+    expected = keras.applications.vgg16.preprocess_input(rgb)
+    np.testing.assert_allclose(model_input, expected, atol=1e-4)
+    np.testing.assert_allclose(to_model_input(np.full((224, 224), 255, np.uint8))[0, 0, 0],
+                               [255 - 103.939, 255 - 116.779, 255 - 123.68], atol=1e-4)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((1, 100, 100), np.uint8), np.zeros((1, 224, 224, 3), np.uint8)])
