@@ -169,6 +169,7 @@ class IngestService:
                         self.watcher.retry_later(path)
                         continue
                     self._process_claimed(path)
+                    self._send_due_batch()  # a long burst must not hold a partial batch past its wait
                 self._send_due_batch()
                 if time.monotonic() >= next_progress:
                     last_reported = self.report_progress(last_reported)

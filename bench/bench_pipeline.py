@@ -1,0 +1,358 @@
+"""Pipeline benchmark: drop N real DICOM files into the inbox and time them to their predictions.
+
+For each mode (the embedded default ``covid-cxr serve``; ``covid-cxr ingest`` + ``covid-cxr
+worker`` on Redis + PostgreSQL) this script
+
+1. registers a VGG16 with random weights (speed does not depend on the weights),
+2. times the bare model, ``model(x, training=False)`` on batches of ``--batch-size`` real
+   normalized chest images, in this process while nothing else runs,
+3. starts the service as an operator would (subprocesses), warms it up with one file,
+4. renames N files into the inbox at once (chest files of ``../shared/data/dicom`` cycled, each
+   with fresh Study/Series/SOP Instance UIDs so that none is a duplicate), and
+5. reads from the database when each one's prediction was written.
+
+It prints end-to-end images/s (first drop -> last prediction), drop -> prediction latency
+p50/p95 (under that burst of N), the bare model's images/s and the ratio pipeline / bare model.
+
+    .venv/bin/python bench/bench_pipeline.py --n 96                  # both modes
+    .venv/bin/python bench/bench_pipeline.py --modes embedded --n 32
+
+Not a test: run on demand; nothing here is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_DICOM_DIR = REPO_ROOT.parent / "shared" / "data" / "dicom"
+CHEST_FILES = (
+    "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "dwv__gdcm-CR-MONO1-10-chest.dcm",
+    "orthanc-tests__Monochrome1-Jpeg.dcm",
+    "pydicom-data__RG1_J2KI.dcm",
+    "pylibjpeg-data__RG1_JLSN.dcm",
+    "pylibjpeg-data__966_fixed.dcm",
+)
+POSTGRES_ADMIN_URL = os.environ.get("COVID_CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@dataclass
+class Result:
+    mode: str
+    n: int
+    batch_size: int
+    pipeline_images_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    bare_model_images_per_s: float
+    ratio: float
+    wall_s: float
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                             if line.startswith("MemTotal")))
+        memory = f"{memory_kb / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        memory = "unknown RAM"
+    import tensorflow as tf
+
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, no GPU")
+
+
+# --- preparation -------------------------------------------------------------------------------------
+
+
+def stage_files(dicom_dir: Path, n: int, staging: Path) -> list[Path]:
+    """``n`` copies of the chest files, cycled, each a new instance (fresh UIDs), written before timing."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    staging.mkdir(parents=True, exist_ok=True)
+    datasets = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
+    paths = []
+    for i in range(n):
+        ds = datasets[i % len(datasets)]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = staging / f"bench-{i:04d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def register_model(settings, artifact_dir: Path):  # type: ignore[no-untyped-def]
+    from db.migrate import upgrade
+    from model_store.registry import import_artifact
+
+    upgrade(settings)
+    return import_artifact(settings, artifact_dir, activate=True)
+
+
+def build_artifact(out: Path):  # type: ignore[no-untyped-def]
+    from ingest.pixels import PREPROCESSING_VERSION
+    from model_store.architecture import ARCHITECTURE, CLASS_NAMES, build_model
+    from model_store.artifact import save_artifact
+
+    metadata = {"name": "covid-cxr", "architecture": ARCHITECTURE, "base_weights": "none",
+                "preprocessing_version": PREPROCESSING_VERSION, "class_names": list(CLASS_NAMES),
+                "decision_threshold": 0.5, "notes": "benchmark model (random weights)"}
+    return save_artifact(build_model(None), metadata, out)
+
+
+def bare_model_images_per_s(artifact, dicom_dir: Path, batch_size: int, batches: int) -> float:  # type: ignore[no-untyped-def]
+    """``model(x, training=False)`` on ``batches`` batches of real normalized chest images, after one warm-up batch."""
+    import numpy as np
+
+    from covid_cxr.settings import load_settings
+    from ingest.reader import ReaderPolicy, read_radiograph
+    from model_store.architecture import to_model_input
+    from model_store.artifact import load_verified_model
+
+    model = load_verified_model(artifact.model_path, artifact.sha256)
+    policy = ReaderPolicy.from_settings(load_settings(data_dir=Path(tempfile.mkdtemp())))
+    images = [read_radiograph(dicom_dir / name, policy).image for name in CHEST_FILES]
+    batch = np.stack([images[i % len(images)] for i in range(batch_size)])
+    model(to_model_input(batch), training=False)  # warm-up
+    started = time.perf_counter()
+    for _ in range(batches):
+        np.asarray(model(to_model_input(batch), training=False))
+    return batch_size * batches / (time.perf_counter() - started)
+
+
+# --- running the service -------------------------------------------------------------------------------
+
+
+def service_env(settings_env: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings_env}
+
+
+def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def prediction_times(settings) -> dict[str, datetime]:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from db.models import Instance, Prediction
+    from db.session import session_scope
+
+    with session_scope(settings) as session:
+        rows = session.execute(select(Instance.file_name, Prediction.created_at)
+                               .join(Prediction, Prediction.instance_id == Instance.id)).all()
+    return {name: _aware(created) for name, created in rows}
+
+
+def failures(settings) -> list[str]:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from db.models import Instance
+    from db.session import session_scope
+
+    with session_scope(settings) as session:
+        rows = session.execute(select(Instance.file_name, Instance.state, Instance.reason)
+                               .where(Instance.state.in_(["rejected", "failed", "duplicate"]))).all()
+    return [f"{name}: {state} ({reason})" for name, state, reason in rows]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def wait_for_predictions(settings, names: set[str], timeout: float, processes) -> dict[str, datetime]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        done = prediction_times(settings)
+        if names <= set(done):
+            return done
+        bad = [f for f in failures(settings) if f.split(":")[0] in names]
+        if bad:
+            raise RuntimeError("benchmark files did not get predictions: " + "; ".join(bad[:5]))
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"a service process exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(names) - len(names & set(done))} of {len(names)} files still unpredicted")
+        time.sleep(0.25)
+
+
+def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, bare: float, workdir: Path) -> Result:
+    from covid_cxr.settings import load_settings
+
+    data_dir = workdir / mode / "data"
+    inbox = workdir / mode / "inbox"
+    env_settings = {
+        "COVID_CXR_DATA_DIR": str(data_dir),
+        "COVID_CXR_INBOX_DIR": str(inbox),
+        "COVID_CXR_BATCH_SIZE": str(args.batch_size),
+        "COVID_CXR_BATCH_MAX_WAIT_SECONDS": str(args.batch_max_wait),
+    }
+    database = None
+    if mode == "distributed":
+        database = _create_postgres_database()
+        import redis
+
+        redis.Redis.from_url(args.redis_url).flushdb()
+        env_settings |= {"COVID_CXR_DATABASE_URL": database, "COVID_CXR_BROKER_URL": args.redis_url}
+    settings = load_settings(data_dir=data_dir, inbox_dir=inbox, database_url=database,
+                             broker_url=args.redis_url if mode == "distributed" else None)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        register_model(settings, artifact_dir)
+        staged = stage_files(args.dicom_dir, args.n + 1, workdir / mode / "staging")
+        env = service_env(env_settings)
+        logs = workdir / mode
+        if mode == "embedded":
+            processes.append(start([sys.executable, "-m", "covid_cxr", "serve"], env, logs / "serve.log"))
+        else:
+            processes.append(start([sys.executable, "-m", "covid_cxr", "worker", "--queues", settings.inference_queue],
+                                   env, logs / "worker.log"))
+            processes.append(start([sys.executable, "-m", "covid_cxr", "ingest"], env, logs / "ingest.log"))
+        # Warm-up: one file all the way through (worker started, model loaded, connections open).
+        inbox.mkdir(parents=True, exist_ok=True)
+        warm = staged.pop()
+        warm.rename(inbox / warm.name)
+        wait_for_predictions(settings, {warm.name}, 300, processes)
+
+        dropped: dict[str, datetime] = {}
+        started = time.perf_counter()
+        for path in staged:
+            dropped[path.name] = datetime.now(timezone.utc)
+            path.rename(inbox / path.name)  # atomic: the watcher takes it at once
+        done = wait_for_predictions(settings, set(dropped), args.timeout, processes)
+        wall = time.perf_counter() - started
+        first_drop = min(dropped.values())
+        last_prediction = max(done[name] for name in dropped)
+        latencies = sorted((done[name] - dropped[name]).total_seconds() for name in dropped)
+        throughput = len(dropped) / (last_prediction - first_drop).total_seconds()
+        return Result(mode=mode, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
+                      latency_p50_s=statistics.median(latencies),
+                      latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+                      bare_model_images_per_s=bare, ratio=throughput / bare, wall_s=wall)
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        if database is not None:
+            from db.session import dispose_engines
+
+            dispose_engines()
+            _drop_postgres_database(database)
+
+
+def _create_postgres_database() -> str:
+    import sqlalchemy as sa
+
+    name = f"covid_cxr_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres_database(url: str) -> None:
+    import sqlalchemy as sa
+
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| mode | N | batch | pipeline img/s | latency p50 | latency p95 | bare model img/s | pipeline ÷ model |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"embedded": "embedded (`serve`: SQLite + folder broker)",
+             "distributed": "distributed (`ingest` + `worker`: PostgreSQL + Redis)"}
+    for r in results:
+        lines.append(f"| {names[r.mode]} | {r.n} | {r.batch_size} | {r.pipeline_images_per_s:.2f} | "
+                     f"{r.latency_p50_s:.1f} s | {r.latency_p95_s:.1f} s | {r.bare_model_images_per_s:.2f} | "
+                     f"{r.ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=96, help="files dropped per mode (default 96)")
+    parser.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
+    parser.add_argument("--batch-max-wait", type=float, default=2.0, help="partial batch wait, seconds (default 2)")
+    parser.add_argument("--modes", default="embedded,distributed", help="embedded, distributed or both")
+    parser.add_argument("--dicom-dir", type=Path, default=DEFAULT_DICOM_DIR)
+    parser.add_argument("--redis-url", default=BENCH_REDIS_URL, help=f"flushed before use (default {BENCH_REDIS_URL})")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the N predictions")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, databases)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    workdir = Path(tempfile.mkdtemp(prefix="covid-cxr-bench-"))
+    try:
+        artifact = build_artifact(workdir / "model")
+        batches = max(2, args.n // args.batch_size)
+        bare = bare_model_images_per_s(artifact, args.dicom_dir, args.batch_size, batches)
+        print(f"bare model: {bare:.2f} images/s ({batches} batches of {args.batch_size})", flush=True)
+        results = []
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            result = run_mode(mode, args, artifact.directory, bare, workdir)
+            print(f"{mode}: {result.pipeline_images_per_s:.2f} images/s, ratio {result.ratio:.2f}", flush=True)
+            results.append(result)
+        print()
+        print(f"Machine: {machine()}")
+        print(f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.n} files per mode cycled from "
+              f"{len(CHEST_FILES)} chest DICOM files, fresh UIDs, all dropped at once")
+        print()
+        print(markdown_table(results))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(), "results": [asdict(r) for r in results]}, indent=2))
+    finally:
+        if args.keep:
+            print(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
