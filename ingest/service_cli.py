@@ -105,12 +105,21 @@ def check_layout(settings: Settings) -> None:
             raise ConfigurationError(f"the inbox {inbox} lies in the {name} folder {folder}; files would loop")
 
 
+def _describe(settings: Settings) -> None:
+    from kombu.utils.url import maybe_sanitize_url
+
+    log.info("database %s | broker %s | archive %s | quarantine %s",
+             maybe_sanitize_url(settings.database), maybe_sanitize_url(settings.broker),
+             settings.archive.resolve(), settings.quarantine.resolve())
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from ingest.service import IngestService
 
     settings = _settings(args)
     check_layout(settings)
     prepare_database(settings)
+    _describe(settings)
     service = IngestService(settings)
     with _stop_on_signals(service.stop):
         service.run()
@@ -125,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_layout(settings)
     prepare_database(settings)
     model = require_active_model(settings)
+    _describe(settings)
     log.info("serving model %s version %s", settings.model_name, getattr(model, "version", "?"))
     service = IngestService(settings)
     command = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
