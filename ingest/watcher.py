@@ -86,11 +86,18 @@ class InboxWatcher:
     def start(self) -> None:
         """Start the observer thread (inotify, or polling for network shares)."""
         self.inbox.mkdir(parents=True, exist_ok=True)
-        observer = PollingObserver(timeout=1.0) if self.polling else Observer()
+        try:
+            self._observer = self._start_observer(polling=self.polling)
+        except OSError as exc:  # e.g. the inotify watch limit on a huge tree: events are only a hint
+            log.warning("inotify unavailable for %s (%s); polling the inbox instead", self.inbox, exc)
+            self._observer = self._start_observer(polling=True)
+
+    def _start_observer(self, *, polling: bool) -> PollingObserver:
+        observer = PollingObserver(timeout=1.0) if polling else Observer()
         observer.schedule(_Handler(self), str(self.inbox), recursive=True)
         observer.daemon = True
         observer.start()
-        self._observer = observer
+        return observer
 
     def stop(self) -> None:
         if self._observer is not None:

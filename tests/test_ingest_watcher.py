@@ -185,3 +185,17 @@ def test_files_dropped_while_stopped_are_found_by_the_start_up_scan(tmp_path, di
         watcher.scan()
         taken = _collect(watcher, 5.0, want=3)
     assert sorted(p.name for p in taken) == ["0.dcm", "1.dcm", "2.dcm"]
+
+
+def test_without_inotify_the_watcher_falls_back_to_polling(tmp_path, dicom_dir, monkeypatch):
+    import ingest.watcher as watcher_module
+
+    class NoInotify:
+        def __init__(self, *args, **kwargs):
+            raise OSError(28, "inotify watch limit reached")
+
+    monkeypatch.setattr(watcher_module, "Observer", NoInotify)
+    with InboxWatcher(tmp_path, settle_seconds=0.2) as watcher:
+        shutil.copyfile(dicom_dir / CHEST, tmp_path / "a.dcm")
+        taken = _collect(watcher, 10.0)
+    assert taken == [(tmp_path / "a.dcm").resolve()]
