@@ -24,7 +24,7 @@ from ingest.metadata import transfer_syntax_of
 from ingest.reasons import RejectReason
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
-PREPROCESSING_VERSION = "cxr-norm-2"
+PREPROCESSING_VERSION = "cxr-norm-3"
 #: Side of the square model input.
 IMAGE_SIZE = 224
 
@@ -216,7 +216,10 @@ def apply_voi_or_window(
 
     1. a VOI LUT Sequence, its first item (pydicom's preference when a window is also present);
     2. else WindowCenter/WindowWidth, the first pair when several (VOILUTFunction honoured);
-    3. else a percentile window, 0.5 to 99.5 % of the sample.
+    3. else, for data of at most 8 bits stored, their full range (``bits_stored_range``):
+       such images are display-ready, like the PNG/JPEG training images, and a DICOM and a
+       PNG copy of one image must give the same model input;
+    4. else a percentile window, 0.5 to 99.5 % of the sample.
 
     The VOI output is scaled by the VOI's own output range (not the image's), so a stated
     window keeps its meaning. A stated VOI that is malformed, or that "does not fit" (see
@@ -224,12 +227,15 @@ def apply_voi_or_window(
     never comes out near-constant because of a wrong header.
 
     Returns the display values and the steps that ran: ``voi_lut_sequence`` / ``window`` /
-    ``percentile_window``, plus ``voi_fallback_percentile`` when a stated VOI was replaced.
+    ``bits_stored_range`` / ``percentile_window``, plus ``voi_fallback_percentile`` when one of
+    the first three was replaced.
     """
     sample = values.ravel() if sample is None else sample
     stated = _stated_voi(ds)
     if stated is None:
-        return percentile_window(values, sample, weights), ("percentile_window",)
+        if (_int_or_none(ds, "BitsStored") or 16) > 8:
+            return percentile_window(values, sample, weights), ("percentile_window",)
+        stated = "bits_stored_range"
     try:
         display = _apply_stated_voi(values, ds, stated)
         fits = display is not None and voi_fits(_apply_stated_voi(sample, ds, stated), sample, weights)
@@ -496,7 +502,7 @@ def _stated_voi(ds: pydicom.Dataset) -> str | None:
 
 
 def _apply_stated_voi(values: np.ndarray, ds: pydicom.Dataset, stated: str) -> np.ndarray | None:
-    """Apply the first VOI LUT or window with pydicom and scale by that VOI's output range to [0, 1]."""
+    """Apply the first VOI LUT or window with pydicom (or the stored range) and scale by its output range to [0, 1]."""
     if stated == "voi_lut_sequence":
         # A LUT is indexed by integers; rescale may have produced integral floats.
         indices = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
@@ -505,10 +511,16 @@ def _apply_stated_voi(values: np.ndarray, ds: pydicom.Dataset, stated: str) -> n
         entries, first = int(descriptor[0]) or 65536, int(descriptor[1])
         lut = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
         low, high = float(lut.min()), float(lut.max())
-    else:
+    elif stated == "window":
         output = apply_windowing(values, ds, index=0)
         # Far below and far above the window give the window's own output range.
         low, high = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds, index=0))
+    else:  # bits_stored_range: the modality values of the smallest and largest storable value
+        bits = int(ds.BitsStored)
+        signed = _int_or_none(ds, "PixelRepresentation") == 1
+        extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
+        low, high = sorted(float(v) for v in apply_modality(extremes, ds)[0])
+        output = values
     if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
         return None
     return _scale_to_unit(output, low, high)

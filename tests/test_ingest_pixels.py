@@ -40,6 +40,7 @@ CHEST_FILES = (
     "orthanc-tests__Monochrome1-Jpeg.dcm",
 )
 SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"  # 440x440 uncompressed MONOCHROME1, WC/WW
+SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
 def _manifest(dicom_dir: Path) -> list[dict[str, str]]:
@@ -104,6 +105,8 @@ def test_every_shared_dicom_file_normalizes_with_the_steps_its_header_calls_for(
         assert "voi_lut_sequence" in steps
     elif row["window_center"]:
         assert "window" in steps
+    elif int(row["bits_stored"]) <= 8:
+        assert "bits_stored_range" in steps
     else:
         assert "percentile_window" in steps
     assert "voi_fallback_percentile" not in steps, "no real file here has a window that does not fit"
@@ -339,6 +342,24 @@ def test_normalize_grayscale_keeps_aspect_ratio_and_accepts_small_images() -> No
     assert normalize_grayscale(np.full((50, 50), 255, dtype=np.uint8)).min() == 255
     with pytest.raises(ValueError):
         normalize_grayscale(np.zeros((10, 10, 3), dtype=np.uint8))
+
+
+def test_dicom_and_png_copies_of_one_8_bit_image_give_the_same_model_input(dicom_dir: Path, tmp_path: Path) -> None:
+    """No train/serve skew: the SIIM DICOM (8-bit, no window) and a PNG of its pixels normalize identically."""
+    ds = pydicom.dcmread(dicom_dir / SIIM)
+    png = tmp_path / "siim.png"
+    cv2.imwrite(str(png), decode(ds))
+    served, steps = _normalized(dicom_dir / SIIM)
+    assert "bits_stored_range" in steps
+    np.testing.assert_array_equal(served, normalize_grayscale(load_image_file(png)))
+
+
+def test_8_bit_image_without_contrast_in_its_range_gets_the_percentile_window(dicom_dir: Path) -> None:
+    ds = pydicom.dcmread(dicom_dir / SIIM)
+    faint = decode(ds) // 64  # values 0..3 of 0..255: near black as stored
+    display, steps = display_from_stored(faint, ds)
+    assert steps == ("bits_stored_range", "voi_fallback_percentile")
+    assert display.std() > 0.2
 
 
 def test_training_images_and_dicom_share_the_same_normalization(dicom_dir: Path, tmp_path: Path) -> None:
