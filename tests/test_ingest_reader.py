@@ -6,6 +6,8 @@ import csv
 import hashlib
 import io
 import logging
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -405,3 +407,11 @@ def test_policy_from_settings(tmp_path: Path) -> None:
     assert policy == ReaderPolicy(frozenset({"CR", "DX", "RF"}), 1000, "first_frame", b"k3y")
     with pytest.raises(ConfigurationError):
         ReaderPolicy.from_settings(Settings(data_dir=tmp_path, allowed_modalities="", pseudonym_key="k"))
+
+
+def test_ingest_stays_light_no_tensorflow() -> None:
+    """The reader runs in the watcher process: importing it must not pull in TensorFlow or Keras."""
+    code = ("import sys, ingest.reader, ingest.pixels, ingest.inspect, ingest.cli; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert completed.stdout.strip() == "[]"
