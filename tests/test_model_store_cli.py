@@ -1,0 +1,116 @@
+"""``covid-cxr train`` and ``covid-cxr models ...``: clear errors on bad input, and a small run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from covid_cxr.cli import EXIT_ERROR, main
+from model_store.architecture import CLASS_NAMES
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_on_an_empty_folder_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--data-dir", str(tmp_path / "data"), "--folder", str(tmp_path))
+    assert code == EXIT_ERROR
+    assert "no labelled images found" in err and "[empty_dataset]" in err
+
+
+def test_train_on_a_csv_with_unknown_labels_fails_clearly(cxr_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--data-dir", str(tmp_path / "data"), "--csv", str(cxr_dir / "metadata.csv"))
+    assert code == EXIT_ERROR
+    assert "'pneumonia' x36" in err and "[unknown_labels]" in err
+    assert not (tmp_path / "data" / "runs").exists()
+
+
+def test_train_with_bad_options_fails_before_reading_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--folder", str(tmp_path / "absent"), "--epochs", "0")
+    assert code == EXIT_ERROR and "epochs must be >= 1" in err
+
+
+def test_where_needs_a_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--folder", str(tmp_path), "--where", "label=covid")
+    assert code == EXIT_ERROR and "--where filters CSV rows" in err
+
+
+def test_models_list_and_activate_on_an_empty_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    code, _, err = run(capsys, "models", "list", *data)
+    assert code == EXIT_ERROR and "covid-cxr db upgrade" in err
+    assert run(capsys, "db", "upgrade", *data)[0] == 0
+    code, out, _ = run(capsys, "models", "list", *data)
+    assert code == 0 and "no models registered" in out
+    code, _, err = run(capsys, "models", "activate", "covid-cxr", *data)
+    assert code == EXIT_ERROR and "NAME:VERSION" in err
+    code, _, err = run(capsys, "models", "show", *data)
+    assert code == EXIT_ERROR and "[no_active_model]" in err
+
+
+def small_csv(cxr_dir: Path, target: Path, per_class: int = 4) -> Path:
+    with (cxr_dir / "metadata.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["label"] in CLASS_NAMES and not row["subset"]]
+    chosen: list[dict[str, str]] = []
+    for label in CLASS_NAMES:
+        patients: dict[str, dict[str, str]] = {}
+        for row in rows:
+            if row["label"] == label and len(patients) < per_class:
+                patients.setdefault(row["patient_id"], row)
+        chosen += patients.values()
+    path = target / "small.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "patient_id", "site"])
+        for row in chosen:
+            writer.writerow([str(cxr_dir / row["file"]), row["label"], row["patient_id"], "shared"])
+        writer.writerow([str(cxr_dir / "pneumonia" / "x.jpg"), "pneumonia", "p1", "elsewhere"])
+    return path
+
+
+@pytest.mark.slow
+def test_train_register_list_evaluate_export(cxr_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert run(capsys, "db", "upgrade", *data)[0] == 0
+    csv_path = small_csv(cxr_dir, tmp_path)
+    dataset = ["--csv", str(csv_path), "--where", "site=shared"]
+    code, out, err = run(capsys, "train", *data, *dataset, "--epochs", "1", "--augment-copies", "1",
+                         "--test-fraction", "0.25", "--validation-fraction", "0", "--out", str(tmp_path / "run"),
+                         "--activate", "--no-progress")
+    assert code == 0, err
+    assert "acc:" in out and "shortcut check" in out and "(active)" in out
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["data"]["source"]["where"] == {"site": ["shared"]}
+    assert metadata["training"]["early_stopping"] is False
+
+    code, out, _ = run(capsys, "models", "list", *data)
+    assert code == 0 and "* covid-cxr" in out and metadata["version"] in out
+
+    code, out, _ = run(capsys, "models", "show", f"covid-cxr:{metadata['version']}", *data)
+    assert code == 0 and json.loads(out)["sha256"] == metadata["sha256"]
+
+    code, out, err = run(capsys, "models", "evaluate", *data, *dataset, "--part", "test", "--out",
+                         str(tmp_path / "eval"), "--no-progress")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())
+    # The recorded test part, scored through the serving path, reproduces the training run's figures.
+    assert evaluated["metrics"]["confusion_matrix"] == metadata["metrics"]["test"]["confusion_matrix"]
+    assert evaluated["metrics"]["roc_auc"]["value"] == pytest.approx(metadata["metrics"]["test"]["roc_auc"]["value"])
+    assert evaluated["baseline"]["metrics"]["accuracy"] == metadata["metrics"]["baseline_test"]["accuracy"]
+    for name in ("report.txt", "confusion_matrix.png", "roc_curve.png"):
+        assert (tmp_path / "eval" / name).is_file()
+
+    code, out, _ = run(capsys, "models", "evaluate", *data, "--artifact", str(tmp_path / "run"), *dataset,
+                       "--out", str(tmp_path / "eval-all"), "--no-progress")
+    assert code == 0 and "belong to patients the model was trained or validated on" in out
+
+    code, _, _ = run(capsys, "models", "export", "covid-cxr", str(tmp_path / "exported"), *data)
+    assert code == 0
+    assert json.loads((tmp_path / "exported" / "metadata.json").read_text())["sha256"] == metadata["sha256"]

@@ -1,0 +1,196 @@
+"""Training end to end on a few real images, the artifact's integrity, and training path == serving path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_cxr.errors import DatasetError, ModelIntegrityError
+from model_store.architecture import CLASS_NAMES, build_model, to_model_input
+from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact, sha256_of
+from model_store.dataset import from_csv, from_folder
+from model_store.features import compute_features, split_model
+from model_store.training import TrainingConfig, train
+
+PER_CLASS = 4  # patients per class: 2 train, 1 validation, 1 test
+
+
+def write_small_csv(cxr_dir: Path, target: Path, per_class: int = PER_CLASS) -> Path:
+    """A CSV of real covid and normal images, one per patient, with absolute paths."""
+    with (cxr_dir / "metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = []
+    for label in CLASS_NAMES:
+        seen: set[str] = set()
+        for row in rows:
+            if row["label"] == label and not row["subset"] and row["patient_id"] not in seen and len(seen) < per_class:
+                seen.add(row["patient_id"])
+                chosen.append(row)
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / "small.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id"])
+        for row in chosen:
+            writer.writerow([str(cxr_dir / row["file"]), row["label"], row["patient_id"]])
+    return path
+
+
+SMALL_CONFIG = TrainingConfig(epochs=1, test_fraction=0.25, validation_fraction=0.34, augment_copies=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("training")
+    dataset = from_csv(write_small_csv(cxr_dir, root), CLASS_NAMES)
+    return dataset, train(dataset, SMALL_CONFIG, root / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_training_writes_a_complete_artifact(trained) -> None:  # type: ignore[no-untyped-def]
+    from ingest.pixels import PREPROCESSING_VERSION
+
+    dataset, result = trained
+    artifact = result.artifact
+    assert artifact.model_path.is_file() and artifact.metadata_path.is_file()
+    metadata = read_metadata(artifact.directory)
+    assert set(REQUIRED_METADATA) <= set(metadata)
+    assert metadata["sha256"] == sha256_of(artifact.model_path) == artifact.sha256
+    assert re.fullmatch(r"\d{8}-\d{6}-" + metadata["sha256"][:8], metadata["version"])
+    assert metadata["preprocessing_version"] == PREPROCESSING_VERSION
+    assert metadata["class_names"] == ["covid", "normal"] and metadata["decision_threshold"] == 0.5
+    assert metadata["base_weights"] == {"source": "none"}
+    assert metadata["architecture"]["trainable_from"] == "block5"  # the documented default without pretraining
+    assert metadata["hyperparameters"]["epochs"] == 1 and metadata["hyperparameters"]["batch_size"] == 8
+    data = metadata["data"]
+    assert data["counts"] == {"covid": PER_CLASS, "normal": PER_CLASS} and len(data["sha256"]) == 64
+    split = data["split"]
+    assert split["test"]["counts"] == {"covid": 1, "normal": 1}
+    all_patients = set().union(*(set(split[part]["patient_ids"]) for part in ("train", "validation", "test")))
+    assert all_patients == set(dataset.groups)
+    assert metadata["training"]["epochs_run"] == 1 and metadata["training"]["cached_prefix_until"] == "block4_pool"
+    assert metadata["metrics"]["test"]["n"] == 2
+    assert "beats_baseline" in metadata["metrics"]["shortcut_check"]
+    assert metadata["reference"]["prob_covid"]["n"] == 2  # the validation part
+
+
+@pytest.mark.slow
+def test_training_writes_the_report_and_plots(trained) -> None:  # type: ignore[no-untyped-def]
+    _, result = trained
+    files = result.report_files
+    text = Path(files["text"]).read_text()
+    for expected in ("acc:", "sensitivity:", "specificity:", "95% CI", "ROC AUC", "Brier", "precision",
+                     "confusion matrix", "shortcut check: logistic regression", result.artifact.version):
+        assert expected in text
+    for kind in ("confusion_matrix", "roc_curve", "training_curves"):
+        assert Path(files[kind]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(Path(files["json"]).read_text())
+    assert len(report["predictions"]) == 2 and report["metrics"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_training_path_and_serving_path_give_the_same_probabilities(trained) -> None:  # type: ignore[no-untyped-def]
+    """The test scores computed during training (cached features) equal a worker's (file -> ingest -> model)."""
+    from ingest.pixels import load_image_file, normalize_grayscale
+
+    dataset, result = trained
+    model = load_verified_model(result.artifact.model_path, result.artifact.sha256)
+    predictions = result.evaluation["predictions"]
+    by_key = {item.key: item for item in dataset.items}
+    images = np.stack([normalize_grayscale(load_image_file(by_key[row["key"]].path)) for row in predictions])
+    served = np.asarray(model(to_model_input(images), training=False))
+    np.testing.assert_allclose(served[:, 0], [row["score"] for row in predictions], atol=1e-5)
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tampered_artifact_is_refused(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, result = trained
+    copy = tmp_path / "model.keras"
+    shutil.copy(result.artifact.model_path, copy)
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256") as caught:
+        load_verified_model(copy, result.artifact.sha256)
+    assert caught.value.reason == "sha256_mismatch"
+
+
+@pytest.mark.slow
+def test_unsafe_artifact_is_refused_even_with_a_matching_sha256(tmp_path: Path) -> None:
+    """A Lambda layer carries Python bytecode; Keras safe mode refuses it and so do we."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = keras.layers.Lambda(lambda x: keras.ops.softmax(x[:, :2]))(pooled)
+    info = save_artifact(keras.Model(inputs, outputs), {"name": "evil"}, tmp_path / "evil")
+    with pytest.raises(ModelIntegrityError, match="safe mode") as caught:
+        load_verified_model(info.model_path, info.sha256)
+    assert caught.value.reason == "unsafe_or_invalid"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable_from", ["block5", None])
+def test_cached_prefix_plus_suffix_equals_the_full_model(trainable_from: str | None) -> None:
+    from model_store.architecture import split_point
+
+    model = build_model(None, trainable_from)
+    prefix, suffix = split_model(model, split_point(trainable_from))
+    images = np.random.default_rng(0).integers(0, 256, (2, 224, 224), dtype=np.uint8)
+    cached = np.asarray(suffix(compute_features(prefix, images, progress=False), training=False))
+    full = np.asarray(model(to_model_input(images), training=False))
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
+    assert suffix.layers[-1] is model.layers[-1]  # shared layers: training the suffix trains the model
+
+
+def _refuse_to_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise AssertionError("the model was built although the data are unusable")
+
+
+def test_unreadable_images_stop_training_before_the_model_is_built(cxr_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("model_store.training.build_model", _refuse_to_build)
+    folder = tmp_path / "set"
+    for label in CLASS_NAMES:
+        (folder / label).mkdir(parents=True)
+        for index in range(6):
+            (folder / label / f"{index}.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot be used") as caught:
+        train(from_folder(folder, CLASS_NAMES), SMALL_CONFIG, tmp_path / "run", progress=False)
+    assert caught.value.reason == "unreadable_images"
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_patients_stop_training_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("model_store.training.build_model", _refuse_to_build)
+    monkeypatch.setattr("model_store.training.load_images", _refuse_to_build)
+    folder = tmp_path / "set"
+    (folder / "covid").mkdir(parents=True)
+    (folder / "normal").mkdir()
+    (folder / "covid" / "a.png").write_bytes(b"x")
+    (folder / "normal" / "b.png").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="too few patients"):
+        train(from_folder(folder, CLASS_NAMES), TrainingConfig(), tmp_path / "run", progress=False)
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(DatasetError, match="epochs must be >= 1"):
+        TrainingConfig(epochs=0).check()
+    with pytest.raises(DatasetError, match="class weight"):
+        TrainingConfig(class_weight="inverse").check()
+
+
+def test_trainable_from_auto_depends_on_the_base_weights() -> None:
+    assert TrainingConfig(base_weights=None).resolved_trainable_from() == "block5"
+    assert TrainingConfig(base_weights="none").resolved_trainable_from() == "block5"
+    assert TrainingConfig(base_weights="imagenet").resolved_trainable_from() is None
+    assert TrainingConfig(base_weights="/weights/notop.h5").resolved_trainable_from() is None
+    assert TrainingConfig(base_weights=None, trainable_from="block4").resolved_trainable_from() == "block4"
+    assert TrainingConfig(base_weights=None, trainable_from="none").resolved_trainable_from() is None
