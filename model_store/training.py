@@ -30,8 +30,8 @@ from model_store.architecture import (
     split_point,
 )
 from model_store.artifact import ArtifactInfo, save_artifact
-from model_store.drift import training_reference
 from model_store.dataset import Dataset, Split, describe_source, load_images, manifest, split_dataset
+from model_store.drift import training_reference
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report
 from model_store.weights import describe_base_weights
