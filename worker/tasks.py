@@ -154,8 +154,6 @@ def run_batch(settings: Settings, instance_ids: Sequence[int], batch_id: str,
         report.forward_ms = (time.perf_counter() - started) * 1000.0
         store_predictions(settings, model, batch_id, [item for item, _ in ready], probabilities, report.forward_ms)
         report.predicted = len(ready)
-    except AttemptFailed:
-        raise
     except Exception as exc:
         reason = exc.reason if isinstance(exc, CovidCxrError) else Reason.INFERENCE_ERROR
         message = exc.message if isinstance(exc, CovidCxrError) else f"{type(exc).__name__}: {exc}"
