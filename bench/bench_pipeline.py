@@ -5,14 +5,16 @@ worker`` on Redis + PostgreSQL) this script
 
 1. registers a VGG16 with random weights (speed does not depend on the weights),
 2. times the bare model, ``model(x, training=False)`` on batches of ``--batch-size`` real
-   normalized chest images, in this process while nothing else runs,
+   normalized chest images, in this process, just before and just after the mode runs,
 3. starts the service as an operator would (subprocesses), warms it up with one file,
 4. renames N files into the inbox at once (chest files of ``../shared/data/dicom`` cycled, each
    with fresh Study/Series/SOP Instance UIDs so that none is a duplicate), and
 5. reads from the database when each one's prediction was written.
 
 It prints end-to-end images/s (first drop -> last prediction), drop -> prediction latency
-p50/p95 (under that burst of N), the bare model's images/s and the ratio pipeline / bare model.
+p50/p95 (under that burst of N), the bare model's images/s and the ratio pipeline / bare model,
+beside the ceiling of that ratio when decoding and the model share the same CPU cores:
+``1 / (1 + ingest seconds per image x bare images/s / cores)``.
 
     .venv/bin/python bench/bench_pipeline.py --n 96                  # both modes
     .venv/bin/python bench/bench_pipeline.py --modes embedded --n 32
@@ -61,9 +63,12 @@ class Result:
     pipeline_images_per_s: float
     latency_p50_s: float
     latency_p95_s: float
-    bare_model_images_per_s: float
-    ratio: float
-    wall_s: float
+    mean_batch: float
+    bare_model_images_per_s: float = 0.0
+    ratio: float = 0.0
+    cpu_bound_ratio: float = 0.0
+    wall_s: float = 0.0
+    load_average: str = ""
 
 
 def machine() -> str:
@@ -127,24 +132,58 @@ def build_artifact(out: Path):  # type: ignore[no-untyped-def]
     return save_artifact(build_model(None), metadata, out)
 
 
-def bare_model_images_per_s(artifact, dicom_dir: Path, batch_size: int, batches: int) -> float:  # type: ignore[no-untyped-def]
-    """``model(x, training=False)`` on ``batches`` batches of real normalized chest images, after one warm-up batch."""
-    import numpy as np
+class BareModel:
+    """The registered model loaded here, timed on a batch of real normalized chest images."""
 
+    def __init__(self, artifact, dicom_dir: Path, batch_size: int) -> None:  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        from model_store.architecture import to_model_input
+        from model_store.artifact import load_verified_model
+
+        self.model = load_verified_model(artifact.model_path, artifact.sha256)
+        images = [read_chest(dicom_dir, name) for name in CHEST_FILES]
+        self.batch = to_model_input(np.stack([images[i % len(images)] for i in range(batch_size)]))
+        self.batch_size = batch_size
+        self.model(self.batch, training=False)  # warm-up
+
+    def images_per_s(self, batches: int) -> float:
+        """``model(x, training=False)`` ``batches`` times, nothing else running in this process."""
+        import numpy as np
+
+        started = time.perf_counter()
+        for _ in range(batches):
+            np.asarray(self.model(self.batch, training=False))
+        return self.batch_size * batches / (time.perf_counter() - started)
+
+
+def reader_policy():  # type: ignore[no-untyped-def]
     from covid_cxr.settings import load_settings
-    from ingest.reader import ReaderPolicy, read_radiograph
-    from model_store.architecture import to_model_input
-    from model_store.artifact import load_verified_model
+    from ingest.reader import ReaderPolicy
 
-    model = load_verified_model(artifact.model_path, artifact.sha256)
-    policy = ReaderPolicy.from_settings(load_settings(data_dir=Path(tempfile.mkdtemp())))
-    images = [read_radiograph(dicom_dir / name, policy).image for name in CHEST_FILES]
-    batch = np.stack([images[i % len(images)] for i in range(batch_size)])
-    model(to_model_input(batch), training=False)  # warm-up
+    return ReaderPolicy.from_settings(load_settings(pseudonym_key="benchmark"))  # a key: no key file written
+
+
+def read_chest(dicom_dir: Path, name: str):  # type: ignore[no-untyped-def]
+    from ingest.reader import read_radiograph
+
+    policy = reader_policy()
+    result = read_radiograph(dicom_dir / name, policy)
+    assert result.accepted, f"{name}: {result.reason}"
+    return result.image
+
+
+def ingest_seconds_per_image(dicom_dir: Path, rounds: int = 2) -> float:
+    """Mean single-core time of ``read_radiograph`` (decode + normalize) over the chest files cycled."""
+    from ingest.reader import read_radiograph
+
+    policy = reader_policy()
+    data = [(dicom_dir / name).read_bytes() for name in CHEST_FILES]
     started = time.perf_counter()
-    for _ in range(batches):
-        np.asarray(model(to_model_input(batch), training=False))
-    return batch_size * batches / (time.perf_counter() - started)
+    for _ in range(rounds):
+        for blob in data:
+            read_radiograph(blob, policy)
+    return (time.perf_counter() - started) / (rounds * len(data))
 
 
 # --- running the service -------------------------------------------------------------------------------
@@ -184,6 +223,18 @@ def prediction_times(settings) -> dict[str, datetime]:  # type: ignore[no-untype
     return {name: _aware(created) for name, created in rows}
 
 
+def mean_batch_size(settings, names: set[str]) -> float:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from db.models import Instance, Prediction
+    from db.session import session_scope
+
+    with session_scope(settings) as session:
+        sizes = session.scalars(select(Prediction.batch_size).join(Instance, Prediction.instance_id == Instance.id)
+                                .where(Instance.file_name.in_(names))).all()
+    return statistics.mean(s for s in sizes if s) if sizes else 0.0
+
+
 def failures(settings) -> list[str]:  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
@@ -217,7 +268,7 @@ def wait_for_predictions(settings, names: set[str], timeout: float, processes) -
         time.sleep(0.25)
 
 
-def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, bare: float, workdir: Path) -> Result:
+def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: Path) -> Result:
     from covid_cxr.settings import load_settings
 
     data_dir = workdir / mode / "data"
@@ -269,7 +320,7 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, bare: floa
         return Result(mode=mode, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
                       latency_p50_s=statistics.median(latencies),
                       latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-                      bare_model_images_per_s=bare, ratio=throughput / bare, wall_s=wall)
+                      mean_batch=mean_batch_size(settings, set(dropped)), wall_s=wall)
     finally:
         for process in reversed(processes):
             stop(process)
@@ -302,15 +353,23 @@ def _drop_postgres_database(url: str) -> None:
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| mode | N | batch | pipeline img/s | latency p50 | latency p95 | bare model img/s | pipeline ÷ model |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | N | mean batch | pipeline img/s | latency p50 | latency p95 | bare model img/s "
+             "| pipeline ÷ model | CPU-bound ceiling |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"embedded": "embedded (`serve`: SQLite + folder broker)",
              "distributed": "distributed (`ingest` + `worker`: PostgreSQL + Redis)"}
     for r in results:
-        lines.append(f"| {names[r.mode]} | {r.n} | {r.batch_size} | {r.pipeline_images_per_s:.2f} | "
+        lines.append(f"| {names[r.mode]} | {r.n} | {r.mean_batch:.1f} | {r.pipeline_images_per_s:.2f} | "
                      f"{r.latency_p50_s:.1f} s | {r.latency_p95_s:.1f} s | {r.bare_model_images_per_s:.2f} | "
-                     f"{r.ratio:.2f} |")
+                     f"{r.ratio:.2f} | {r.cpu_bound_ratio:.2f} |")
     return "\n".join(lines)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,21 +390,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = build_artifact(workdir / "model")
         batches = max(2, args.n // args.batch_size)
-        bare = bare_model_images_per_s(artifact, args.dicom_dir, args.batch_size, batches)
-        print(f"bare model: {bare:.2f} images/s ({batches} batches of {args.batch_size})", flush=True)
+        bare = BareModel(artifact, args.dicom_dir, args.batch_size)
+        ingest_cost = ingest_seconds_per_image(args.dicom_dir)
+        cores = len(os.sched_getaffinity(0))
+        print(f"ingest (read + normalize): {ingest_cost:.2f} s per image on one core", flush=True)
         results = []
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            result = run_mode(mode, args, artifact.directory, bare, workdir)
-            print(f"{mode}: {result.pipeline_images_per_s:.2f} images/s, ratio {result.ratio:.2f}", flush=True)
+            # The bare model is timed just before and just after each mode and averaged, so that
+            # other load on the machine affects both sides of the ratio alike.
+            before = bare.images_per_s(batches)
+            result = run_mode(mode, args, artifact.directory, workdir)
+            after = bare.images_per_s(batches)
+            result.bare_model_images_per_s = (before + after) / 2
+            result.ratio = result.pipeline_images_per_s / result.bare_model_images_per_s
+            # If decoding and the model share the same cores, each image costs cores/bare + ingest_cost core-seconds.
+            result.cpu_bound_ratio = 1 / (1 + ingest_cost * result.bare_model_images_per_s / cores)
+            result.load_average = load_average()
+            print(f"{mode}: {result.pipeline_images_per_s:.2f} images/s; bare model {before:.2f} before, {after:.2f} "
+                  f"after; ratio {result.ratio:.2f} (CPU-bound ceiling {result.cpu_bound_ratio:.2f}); "
+                  f"load average {result.load_average}", flush=True)
             results.append(result)
         print()
         print(f"Machine: {machine()}")
         print(f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.n} files per mode cycled from "
-              f"{len(CHEST_FILES)} chest DICOM files, fresh UIDs, all dropped at once")
+              f"{len(CHEST_FILES)} chest DICOM files, fresh UIDs, all dropped at once; batch size "
+              f"{args.batch_size}, max wait {args.batch_max_wait} s; ingest {ingest_cost:.2f} s/image on one core")
         print()
         print(markdown_table(results))
         if args.json:
-            args.json.write_text(json.dumps({"machine": machine(), "results": [asdict(r) for r in results]}, indent=2))
+            args.json.write_text(json.dumps({"machine": machine(), "ingest_seconds_per_image": ingest_cost,
+                                             "results": [asdict(r) for r in results]}, indent=2))
     finally:
         if args.keep:
             print(f"work folder kept: {workdir}")
