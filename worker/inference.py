@@ -81,7 +81,7 @@ def load_active_model(settings: Settings) -> LoadedModel:
 def compile_forward(model: Any) -> Callable[[np.ndarray], Any] | None:
     """``model(x, training=False)`` as one ``tf.function`` traced for any batch size (TensorFlow backend only).
 
-    On two CPU cores it costs about 15 % less CPU per image than calling the Keras model eagerly
+    On two CPU cores it costs 15-25 % less CPU per image than calling the Keras model eagerly
     (``bench/bench_inference.py --compiled``), with identical outputs.
     """
     import keras
