@@ -114,8 +114,9 @@ def compare_to_reference(reference: Mapping[str, Any], values: Sequence[float] |
                          threshold: float = PSI_THRESHOLD, min_n: int = MIN_DRIFT_N) -> dict[str, Any]:
     """PSI of ``values`` against one quantity's reference, with a status.
 
-    ``status`` is ``drift`` (PSI above ``threshold`` on at least ``min_n`` values), ``ok``,
-    ``too_few`` (PSI reported, no verdict) or ``no_data``.
+    ``status`` is ``drift`` (PSI above ``threshold``, window and reference both holding at least
+    ``min_n`` values), ``ok``, ``too_few`` (PSI reported, no verdict: either sample is too small for
+    the PSI to separate drift from chance) or ``no_data``.
     """
     array = _as_values(values, "values")
     result: dict[str, Any] = {"n": int(array.size), "reference_n": int(reference["n"]),
@@ -126,7 +127,7 @@ def compare_to_reference(reference: Mapping[str, Any], values: Sequence[float] |
         return {**result, "status": "no_data"}
     actual = bin_proportions(array, reference["cut_points"])
     psi = population_stability_index(reference["proportions"], actual)
-    if array.size < min_n:
+    if array.size < min_n or int(reference["n"]) < min_n:
         status = "too_few"
     else:
         status = "drift" if psi > threshold else "ok"

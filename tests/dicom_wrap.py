@@ -58,6 +58,8 @@ def wrap_as_dicom(image_path: Path, out_path: Path, *, kind: Literal["DX", "SC"]
     view_position
         DICOM ViewPosition of the DX object (``PA``, ``AP``...).
     """
+    if not 0 < len(patient_id) <= 64:
+        raise ValueError(f"PatientID must be 1 to 64 characters (VR LO), got {len(patient_id)}")
     pixels = grey_pixels(image_path)
     study_instance_uid = study_instance_uid or generate_uid()
     accession_number = accession_number or f"ACC{generate_uid()[-12:].replace('.', '')}"

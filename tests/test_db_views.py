@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -199,3 +201,17 @@ def test_sqlite_table_rebuild_in_a_later_migration_survives_the_views(tmp_path):
         command.upgrade(config, "head")
     seed(settings)
     assert len(_rows(settings, "SELECT * FROM v_image_results")) == 5
+
+
+def _readme_evaluation_queries() -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index("<!-- section: evaluation -->"), readme.index("<!-- /section: evaluation -->")
+    return re.findall(r"```sql\n(.*?)```", readme[start:end], flags=re.S)
+
+
+def test_readme_queries_run_on_both_databases(db_settings):
+    queries = _readme_evaluation_queries()
+    assert len(queries) >= 5
+    seed(db_settings)
+    for query in queries:
+        _rows(db_settings, query.strip().rstrip(";"))

@@ -79,6 +79,9 @@ def test_small_windows_report_psi_without_a_verdict():
     few = drift_report(reference, [0.99] * 10, [200.0] * 10, [10.0] * 10)
     assert few["status"] == "too_few" and few["flags"] == []
     assert few["prob_covid"]["psi"] > PSI_THRESHOLD and few["prob_covid"]["n"] == 10 < MIN_DRIFT_N
+    small_reference = training_reference(rng.uniform(0, 1, 40), rng.normal(120, 15, 40), rng.normal(55, 8, 40))
+    shifted = drift_report(small_reference, [0.99] * 500, [200.0] * 500, [10.0] * 500)
+    assert shifted["status"] == "too_few" and shifted["image_mean"]["psi"] > PSI_THRESHOLD
     empty = drift_report(reference, [], [], [])
     assert empty["status"] == "no_data" and empty["prob_covid"]["psi"] is None
 

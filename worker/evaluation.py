@@ -265,7 +265,8 @@ def render_text(metrics: dict[str, Any], flags: list[str], header: dict[str, Any
     performance, population = metrics["performance"], metrics["population"]
     lines = [
         f"covid-cxr evaluation: model {header['model']}, {header['level']} level, window {header['window']}",
-        f"{header['level']}s with predictions: {population['predictions']}; labelled: {population['labelled']} "
+        f"{'images' if header['level'] == 'image' else 'studies'} with predictions: {population['predictions']}; "
+        f"labelled: {population['labelled']} "
         f"({', '.join(f'{count} {name}' for name, count in performance['counts'].items())}); "
         f"unlabelled: {population['unlabelled']}; conflicting labels: {population['conflicting_labels']}",
         f"decision: {POSITIVE} when P({POSITIVE}) >= {performance['threshold']}",
@@ -297,7 +298,7 @@ def render_text(metrics: dict[str, Any], flags: list[str], header: dict[str, Any
     drift = metrics["drift"]
     lines += ["", f"drift against the training reference: {drift['status']}"
               + (f" ({drift['reason']})" if drift.get("reason") else
-                 f" (PSI, flag above {drift['threshold']} with at least {drift['min_n']} values)")]
+                 f" (PSI; flag above {drift['threshold']} when window and reference each hold {drift['min_n']}+ values)")]
     for name in QUANTITIES:
         entry = drift.get(name)
         if entry:
@@ -480,7 +481,7 @@ def _write_one(session: Session, settings: Settings, window: Window, version: st
     title = f"covid-cxr evaluation: {model_name}, {level} level, window {window.describe()}"
     text_report = render_text(metrics, flags, {"model": model_name, "level": level, "window": window.describe()})
     out_dir = report_dir(settings, window, version, level)
-    plots = write_plots(metrics, cases, out_dir, f"{model_name}, {level}, {window.name} to {window.period}")
+    plots = write_plots(metrics, cases, out_dir, f"{version}, {level} level, {window.name} to {window.period}")
     html_path = out_dir / "report.html"
     html_path.write_text(render_html(title, text_report, metrics, flags, plots), encoding="utf-8")
     store_report(session, {
@@ -506,16 +507,19 @@ def _json_ready(value: Any) -> Any:
 
 
 def latest_reports(settings: Settings, model_version: str | None = None) -> list[EvaluationReport]:
-    """The most recent report of each model version and level (newest model versions first)."""
+    """Latest report per model version and level: most recently evaluated version first, image before study."""
     check_schema(settings)
     with session_scope(settings) as session:
         query = select(EvaluationReport).order_by(EvaluationReport.created_at.desc(), EvaluationReport.id.desc())
         if model_version is not None:
             query = query.where(EvaluationReport.model_version == model_version)
         latest: dict[tuple[str, str], EvaluationReport] = {}
+        newest_of_version: dict[str, datetime] = {}
         for report in session.scalars(query):
             latest.setdefault((report.model_version, report.level), report)
-        return list(latest.values())
+            newest_of_version.setdefault(report.model_version, report.created_at)
+        return sorted(latest.values(), key=lambda r: (-newest_of_version[r.model_version].timestamp(),
+                                                      r.model_version, LEVELS.index(r.level)))
 
 
 # --- the Celery task -------------------------------------------------------------------------------
