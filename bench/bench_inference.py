@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from machine_info import describe_machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,29 +58,6 @@ def bare_images_per_second(forward: Callable[[Any], Any], batch_size: int, secon
     }
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import keras
-    import tensorflow as tf
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default 1,8,32)")
@@ -108,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:26s} batch {batch_size:3d}: {row['images_per_s']:6.2f} images/s "
                   f"({row['ms_per_image']:6.1f} ms/image wall, {row['cpu_ms_per_image']:6.1f} ms/image CPU, "
                   f"{row['calls']} calls)", flush=True)
-    result = {"machine": {**machine(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]},
+    result = {"machine": {**describe_machine(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]},
               "results": rows}
     print(json.dumps(result["machine"]))
     if args.json:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from machine_info import describe_machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -69,27 +70,6 @@ class Result:
     cpu_bound_ratio: float = 0.0
     wall_s: float = 0.0
     load_average: str = ""
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                             if line.startswith("MemTotal")))
-        memory = f"{memory_kb / 1024 / 1024:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        memory = "unknown RAM"
-    import tensorflow as tf
-
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, no GPU")
 
 
 # --- preparation -------------------------------------------------------------------------------------
@@ -411,14 +391,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"load average {result.load_average}", flush=True)
             results.append(result)
         print()
-        print(f"Machine: {machine()}")
+        print(f"Machine: {machine_line(describe_machine())}")
         print(f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.n} files per mode cycled from "
               f"{len(CHEST_FILES)} chest DICOM files, fresh UIDs, all dropped at once; batch size "
               f"{args.batch_size}, max wait {args.batch_max_wait} s; ingest {ingest_cost:.2f} s/image on one core")
         print()
         print(markdown_table(results))
         if args.json:
-            args.json.write_text(json.dumps({"machine": machine(), "ingest_seconds_per_image": ingest_cost,
+            args.json.write_text(json.dumps({"machine": describe_machine(), "ingest_seconds_per_image": ingest_cost,
                                              "results": [asdict(r) for r in results]}, indent=2))
     finally:
         if args.keep:

@@ -19,12 +19,13 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine_info import describe_machine
 
 # One thread everywhere, before numpy/OpenCV/TensorFlow start their pools.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -190,18 +191,6 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], machine: dict[s
     return "\n".join(lines)
 
 
-def machine_facts(core: int | None) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "core": core, "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dicom-dir", type=Path, default=REPO.parent / "shared" / "data" / "dicom")
@@ -213,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     core = pin_to_one_core()
     result = measure(args.dicom_dir, args.repeats)
     rows = summarize(result)
-    machine = machine_facts(core)
+    machine = {**describe_machine(with_tensorflow=False), "core": core}
     print(markdown(rows, result, machine))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows, **result}, indent=2))
