@@ -137,6 +137,15 @@ def _serve(args: argparse.Namespace) -> int:
     _describe(settings)
     log.info("serving model %s version %s", settings.model_name, getattr(model, "version", "?"))
     service = IngestService(settings)
+    if settings.embedded_broker:
+        # The folder broker drops a message once a worker takes it, so a batch whose worker died
+        # with the last `serve` exists only as 'queued' rows. This `serve` owns the only worker,
+        # so none is in flight now: re-send them at once rather than after requeue_after_seconds.
+        from worker.dispatch import requeue_stale
+
+        resent = requeue_stale(settings, queued_grace_seconds=0)
+        if resent:
+            log.info("re-sent %d instance(s) left queued or unsent by the previous run", resent)
     command = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
                              concurrency=args.concurrency, beat=True)
     # Own session: Ctrl-C reaches only this process, which then stops the worker in order

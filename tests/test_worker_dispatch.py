@@ -119,3 +119,15 @@ def test_requeue_sends_never_sent_and_long_queued_instances_only(settings):
     assert len(_queued_bodies(settings)) == 2  # batches of batch_size
     states = instance_states(settings, never_sent + lost + recent + done)
     assert [states[i] for i in never_sent + lost + recent] == ["queued"] * 4 and states[done[0]] == "predicted"
+
+
+def test_a_zero_grace_resends_every_queued_instance_at_once(settings):
+    """What `serve` does at start-up on its embedded broker, where no worker can hold a message yet."""
+    queued = record_instances(settings, IMAGES[:2], preprocessing_version="test", state="queued")
+    done = record_instances(settings, IMAGES[:1], preprocessing_version="test", state="predicted")
+    with session_scope(settings) as session:
+        session.execute(update(Instance).where(Instance.id.in_(queued)).values(queued_at=datetime.now(timezone.utc)))
+    assert requeue_stale(settings) == 0  # within requeue_after_seconds: presumed in flight
+    assert requeue_stale(settings, queued_grace_seconds=0) == 2
+    assert sorted(i for body in _queued_bodies(settings) for i in body["instance_ids"]) == sorted(queued)
+    assert instance_states(settings, done) == {done[0]: "predicted"}

@@ -75,12 +75,14 @@ def enqueue_batch(settings: Settings, instance_ids: list[int]) -> bool:
     return True
 
 
-def requeue_stale(settings: Settings, now: datetime | None = None) -> int:
+def requeue_stale(settings: Settings, now: datetime | None = None, *,
+                  queued_grace_seconds: float | None = None) -> int:
     """Re-enqueue instances that were recorded but never sent, or sent and apparently lost.
 
     Selected: ``received`` instances older than ``batch_max_wait_seconds`` (younger ones may still
     sit in the ingester's batcher), and ``queued`` instances whose ``queued_at`` is older than
-    ``requeue_after_seconds``. Sending an instance twice is harmless: the worker skips instances
+    ``queued_grace_seconds`` (default ``requeue_after_seconds``; 0 re-sends every queued instance,
+    which ``serve`` does at start-up because no worker of its embedded broker can be running yet). Sending an instance twice is harmless: the worker skips instances
     already predicted and prediction writes are idempotent. Sends in batches of ``batch_size``
     and stops at the first batch the broker refuses.
 
@@ -91,7 +93,8 @@ def requeue_stale(settings: Settings, now: datetime | None = None) -> int:
     """
     now = now or _utcnow()
     received_before = now - timedelta(seconds=settings.batch_max_wait_seconds)
-    queued_before = now - timedelta(seconds=settings.requeue_after_seconds)
+    grace = settings.requeue_after_seconds if queued_grace_seconds is None else queued_grace_seconds
+    queued_before = now - timedelta(seconds=grace)
     with session_scope(settings) as session:
         ids = session.scalars(
             select(Instance.id)
