@@ -17,6 +17,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -271,3 +272,49 @@ def start_worker(settings: Settings, queues: Sequence[str] | None = None, *, con
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Migrated settings for each deployment: SQLite + folder broker, and PostgreSQL + Redis."""
+    from db.migrate import upgrade
+
+    if request.param == "embedded":
+        settings = embedded_settings(tmp_path)
+    else:
+        settings = distributed_settings(tmp_path, request.getfixturevalue("postgres_url"),
+                                        request.getfixturevalue("redis_url"))
+    upgrade(settings)
+    return settings
+
+
+class RunningIngester:
+    """The ingest loop of ``covid-cxr ingest`` in a thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        from ingest.service import IngestService
+
+        self.service = IngestService(settings, progress_interval=1.0)
+        self.thread = threading.Thread(target=self.service.run, name="ingester")
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        assert self.service.started.wait(30)
+        return self.service
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.service.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def changed_pixel_copy(source: Path, target: Path) -> None:
+    """The same SOP instance with one pixel changed (a re-export after an edit)."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] ^= 1
+    ds.PixelData = pixels.tobytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)

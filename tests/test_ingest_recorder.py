@@ -9,7 +9,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pydicom
 import pytest
 from sqlalchemy import func, select
 
@@ -21,6 +20,7 @@ from ingest.inbox import carry_out, relative_name
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
 from ingest.recorder import DUPLICATE_INSTANCE, SOP_INSTANCE_CONFLICT, find_recorded_file, record, set_stored_path
+from service_fixtures import changed_pixel_copy
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
@@ -52,16 +52,6 @@ def _record(settings, path: Path):
 def _instance(settings, instance_id: int) -> Instance:
     with session_scope(settings) as session:
         return session.get(Instance, instance_id)
-
-
-def _changed_pixel_copy(source: Path, target: Path) -> None:
-    """The same SOP instance with one pixel changed: what a re-export after editing produces."""
-    ds = pydicom.dcmread(source)
-    pixels = ds.pixel_array.copy()
-    pixels[0, 0] ^= 1
-    ds.PixelData = pixels.tobytes()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target)
 
 
 def test_an_accepted_file_records_study_instance_and_normalized_image(settings, dicom_dir):
@@ -130,7 +120,7 @@ def test_a_rejected_instance_again_is_a_duplicate_too(settings, dicom_dir):
 def test_changed_content_under_the_same_sop_instance_uid_is_a_conflict(settings, dicom_dir):
     first, _ = _record(settings, _drop(settings, dicom_dir / UNCOMPRESSED_CHEST, "chest.dcm"))
     changed = settings.inbox / "chest-edited.dcm"
-    _changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, changed)
+    changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, changed)
     conflict, result = _record(settings, changed)
     assert result.accepted  # a perfectly readable file...
     assert conflict.state is InstanceState.rejected and conflict.reason == SOP_INSTANCE_CONFLICT  # ...held back

@@ -30,8 +30,15 @@ from db.models import Instance, InstanceState, Prediction
 from db.session import session_scope
 from ingest.inbox import read_reason
 from ingest.recorder import SOP_INSTANCE_CONFLICT
-from ingest.service import IngestService
-from service_fixtures import REPO_ROOT, distributed_settings, embedded_settings, start_worker, wait_until
+from service_fixtures import (
+    REPO_ROOT,
+    RunningIngester,
+    changed_pixel_copy,
+    distributed_settings,
+    embedded_settings,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,16 +109,6 @@ def fresh_uid_copy(source: Path, target: Path) -> None:
     ds = pydicom.dcmread(source)
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target)
-
-
-def changed_pixel_copy(source: Path, target: Path) -> None:
-    """The same SOP instance with one pixel changed (a re-export after an edit)."""
-    ds = pydicom.dcmread(source)
-    pixels = ds.pixel_array.copy()
-    pixels[0, 0] ^= 1
-    ds.PixelData = pixels.tobytes()
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target)
 
@@ -303,24 +300,6 @@ def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dico
 
 
 # --- Redis + PostgreSQL: the ingester and a real `celery worker` ----------------------------------
-
-
-class RunningIngester:
-    """The ingest loop of ``covid-cxr ingest`` in a thread of the test process."""
-
-    def __init__(self, settings) -> None:
-        self.service = IngestService(settings, progress_interval=1.0)
-        self.thread = threading.Thread(target=self.service.run, name="ingester")
-
-    def __enter__(self) -> IngestService:
-        self.thread.start()
-        assert self.service.started.wait(30)
-        return self.service
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.service.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
 
 
 CHEST_A = [SIIM, UNCOMPRESSED_CHEST, "orthanc-tests__Monochrome1-Jpeg.dcm"]

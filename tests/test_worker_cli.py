@@ -15,7 +15,7 @@ from covid_cxr.cli import main
 from db.migrate import upgrade
 from db.models import Instance, ModelVersion
 from db.session import session_scope
-from service_fixtures import distributed_settings, embedded_settings, record_instances
+from service_fixtures import embedded_settings, record_instances
 from worker.dispatch import enqueue_batch
 from worker.inference import LoadedModel
 from worker.results import IMAGE_COLUMNS
@@ -24,15 +24,9 @@ from worker.tasks import claim_instances, fail_instances, store_predictions
 IMAGES = [np.full((224, 224), level, dtype=np.uint8) for level in (30, 90, 150, 210)]
 
 
-@pytest.fixture(params=["embedded", "distributed"])
-def settings(request, tmp_path):
-    if request.param == "embedded":
-        settings = embedded_settings(tmp_path)
-    else:
-        settings = distributed_settings(tmp_path, request.getfixturevalue("postgres_url"),
-                                        request.getfixturevalue("redis_url"))
-    upgrade(settings)
-    return settings
+@pytest.fixture
+def settings(backend_settings):
+    return backend_settings
 
 
 def _flags(settings) -> list[str]:

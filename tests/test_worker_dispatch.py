@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
-from service_fixtures import distributed_settings, embedded_settings, instance_states, record_instances
+from service_fixtures import embedded_settings, instance_states, record_instances
 from worker.app import PREDICT_TASK
 from worker.dispatch import enqueue_batch, requeue_stale
 
@@ -27,15 +27,9 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(params=["embedded", "distributed"])
-def settings(request, tmp_path):
-    if request.param == "embedded":
-        settings = embedded_settings(tmp_path)
-    else:
-        settings = distributed_settings(tmp_path, request.getfixturevalue("postgres_url"),
-                                        request.getfixturevalue("redis_url"))
-    upgrade(settings)
-    return settings
+@pytest.fixture
+def settings(backend_settings):
+    return backend_settings
 
 
 def _queued_bodies(settings) -> list[dict]:

@@ -8,7 +8,6 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -349,30 +348,10 @@ def clean_images(cxr_dir, label: str, count: int) -> list:
     return [cxr_dir / row["file"] for row in sorted(rows, key=lambda row: row["file"])[:count]]
 
 
-class RunningIngester:
-    """The ingest loop (``covid-cxr ingest``) in a thread of the test process, stopped on exit."""
-
-    def __init__(self, settings) -> None:
-        from ingest.service import IngestService
-
-        self.service = IngestService(settings, progress_interval=1.0)
-        self.thread = threading.Thread(target=self.service.run, name="ingester")
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.service.started.wait(30)
-        return self.service
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.service.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-
-
 @pytest.mark.slow
 def test_end_to_end_labelled_dicoms_through_the_service_to_the_report(tmp_path, cxr_dir, active_model, capsys):
     from dicom_wrap import wrap_as_dicom
-    from service_fixtures import WORKER_READY, embedded_settings, start_worker, wait_until
+    from service_fixtures import WORKER_READY, RunningIngester, embedded_settings, start_worker, wait_until
 
     settings = embedded_settings(tmp_path / "data", inbox_dir=tmp_path / "inbox", **FAST)
     model = active_model.register(settings)
