@@ -78,3 +78,18 @@ def test_stored_images_must_be_224_square_uint8_pngs():
         decode_png(encode_png(np.zeros((100, 224), dtype=np.uint8)))
     with pytest.raises(ValueError, match="not a decodable PNG"):
         decode_png(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_devices_are_reported_and_gpus_share_memory(caplog):
+    import logging
+
+    import tensorflow as tf
+
+    from worker.inference import configure_devices
+
+    with caplog.at_level(logging.INFO, logger="worker.inference"):
+        names = configure_devices()
+    gpus = tf.config.list_physical_devices("GPU")
+    assert names == [gpu.name for gpu in gpus]
+    assert all(tf.config.experimental.get_memory_growth(gpu) for gpu in gpus)
+    assert ("CPU only" in caplog.text) == (not gpus)

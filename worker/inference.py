@@ -65,6 +65,7 @@ def load_active_model(settings: Settings) -> LoadedModel:
     from model_store.artifact import load_verified_model
     from model_store.registry import fetch_artifact, get_active
 
+    configure_devices()
     record = get_active(settings, settings.model_name)
     path = fetch_artifact(settings, record)
     started = time.perf_counter()
@@ -76,6 +77,27 @@ def load_active_model(settings: Settings) -> LoadedModel:
     log.info("loaded model %s version %s (sha256 %s...) in %.1f s", loaded.name, loaded.version,
              loaded.sha256[:12], time.perf_counter() - started)
     return loaded
+
+
+def configure_devices() -> list[str]:
+    """Let TensorFlow take GPU memory as needed, and say which devices inference runs on.
+
+    By default TensorFlow reserves nearly all memory of every visible GPU in the first process
+    that touches it, so a second worker process on the same card (or ``--concurrency 2``) would
+    fail to start; memory growth lets them share. A no-op without GPUs, and once TensorFlow has
+    already initialised its devices.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # devices already initialised in this process: keep their setting
+            pass
+    names = [gpu.name for gpu in gpus]
+    log.info("inference devices: %s", ", ".join(names) if names else "CPU only (no GPU visible)")
+    return names
 
 
 def compile_forward(model: Any) -> Callable[[np.ndarray], Any] | None:
