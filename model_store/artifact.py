@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covid_cxr.errors import ModelError, ModelIntegrityError
+from covid_cxr.hashing import file_sha256
 
 if TYPE_CHECKING:
     import keras
@@ -34,14 +34,6 @@ class ArtifactInfo:
     metadata: dict[str, Any]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def make_version(created_at: datetime, sha256: str) -> str:
     """``YYYYMMDD-HHMMSS-<first 8 hex of sha256>`` (UTC): sortable, and names the bytes."""
     return f"{created_at.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{sha256[:8]}"
@@ -63,7 +55,7 @@ def save_artifact(model: keras.Model, metadata: dict[str, Any], out_dir: Path) -
     partial = out_dir / (MODEL_FILE + ".partial.keras")
     model.save(partial, include_optimizer=False)
     partial.replace(model_path)
-    sha256 = sha256_of(model_path)
+    sha256 = file_sha256(model_path)
     completed = dict(metadata)
     completed.update({
         "version": make_version(created_at, sha256),
@@ -114,7 +106,7 @@ def verify_sha256(path: Path, expected_sha256: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist", reason="artifact_missing")
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if not hmac.compare_digest(actual, expected_sha256.lower()):
         raise ModelIntegrityError(
             f"{path} has sha256 {actual}, but its record says {expected_sha256}: the file was changed or "

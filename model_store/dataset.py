@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from covid_cxr.errors import CovidCxrError, DatasetError
+from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -314,14 +315,6 @@ def _check_groups_have_one_label(dataset: Dataset) -> None:
     mixed = sorted(patient for patient, labels in labels_of.items() if len(labels) > 1)
     if mixed:
         log.warning("patients with images of both classes (kept together in one split part): %s", ", ".join(mixed[:10]))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest(dataset: Dataset, split: Split | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
+from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings
 from db.migrate import check_schema
 from db.models import ModelVersion
@@ -27,7 +28,6 @@ from model_store.artifact import (
     load_verified_model,
     model_path_of,
     read_metadata,
-    sha256_of,
     verify_sha256,
 )
 
@@ -53,7 +53,7 @@ def import_artifact(settings: Settings, path: Path, activate: bool = False, name
     name = name or metadata["name"]
     load_verified_model(model_path, metadata["sha256"])
     artifact = model_path.read_bytes()
-    if sha256_of(model_path) != metadata["sha256"]:
+    if file_sha256(model_path) != metadata["sha256"]:
         raise ModelIntegrityError(f"{model_path} changed while it was being imported", reason="sha256_mismatch")
     with _session(settings) as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name,
@@ -137,7 +137,7 @@ def fetch_artifact(settings: Settings, record: ModelVersion) -> Path:
     """
     folder = settings.model_cache / record.name / record.version
     model_path = folder / MODEL_FILE
-    if model_path.is_file() and sha256_of(model_path) == record.sha256:
+    if model_path.is_file() and file_sha256(model_path) == record.sha256:
         return model_path
     with _session(settings) as session:
         row = session.execute(select(ModelVersion.artifact, ModelVersion.metadata_json)

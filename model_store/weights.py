@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covid_cxr.errors import ModelError
+from covid_cxr.hashing import file_sha256
 
 if TYPE_CHECKING:
     import keras
@@ -20,7 +20,7 @@ def describe_base_weights(base_weights: str | Path | None) -> dict[str, Any]:
     kind = _kind(base_weights)
     if kind == "file":
         path = Path(base_weights)  # type: ignore[arg-type]
-        return {"source": "file", "file_name": path.name, "sha256": _sha256(path)}
+        return {"source": "file", "file_name": path.name, "sha256": file_sha256(path)}
     return {"source": kind}
 
 
@@ -102,11 +102,3 @@ def _check_weights_file(path: Path, base: keras.Model) -> None:
 
 def _text(value: Any) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

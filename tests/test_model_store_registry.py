@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import update
 
 from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
+from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings, load_settings
-from model_store.artifact import METADATA_FILE, MODEL_FILE, ArtifactInfo, save_artifact, sha256_of
+from model_store.artifact import METADATA_FILE, MODEL_FILE, ArtifactInfo, save_artifact
 from model_store.registry import activate, export, fetch_artifact, find, get_active, import_artifact, list_models
 
 
@@ -68,7 +69,7 @@ def test_import_activate_list_fetch(settings: Settings, artifacts: list[Artifact
     record = get_active(settings, "covid-cxr")
     path = fetch_artifact(settings, record)
     assert path == settings.model_cache / "covid-cxr" / first.version / MODEL_FILE
-    assert sha256_of(path) == first.sha256
+    assert file_sha256(path) == first.sha256
     assert json.loads((path.parent / METADATA_FILE).read_text())["version"] == first.version
 
 
@@ -109,7 +110,7 @@ def test_cache_and_database_corruption_are_caught(settings: Settings, artifacts:
     record = import_artifact(settings, first.directory, activate=True)
     cached = fetch_artifact(settings, record)
     cached.write_bytes(b"tampered cache")
-    assert sha256_of(fetch_artifact(settings, record)) == first.sha256  # replaced from the database
+    assert file_sha256(fetch_artifact(settings, record)) == first.sha256  # replaced from the database
     cached.unlink()
     with session_scope(settings) as session:
         session.execute(update(ModelVersion).where(ModelVersion.id == record.id).values(artifact=b"corrupt row"))
@@ -122,7 +123,7 @@ def test_export_round_trips_through_import(settings: Settings, artifacts: list[A
     first, _ = artifacts
     import_artifact(settings, first.directory, activate=True)
     out = export(settings, find(settings, "covid-cxr"), tmp_path / "exported")
-    assert sha256_of(out / MODEL_FILE) == first.sha256
+    assert file_sha256(out / MODEL_FILE) == first.sha256
     other = load_settings(data_dir=tmp_path / "other")
     from db.migrate import upgrade
 

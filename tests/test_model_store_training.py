@@ -13,7 +13,8 @@ import pytest
 
 from covid_cxr.errors import DatasetError, ModelIntegrityError
 from model_store.architecture import CLASS_NAMES, build_model, to_model_input
-from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact, sha256_of
+from covid_cxr.hashing import file_sha256
+from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact
 from model_store.dataset import from_csv, from_folder
 from model_store.features import compute_features, split_model
 from model_store.training import TrainingConfig, train
@@ -61,7 +62,7 @@ def test_training_writes_a_complete_artifact(trained) -> None:  # type: ignore[n
     assert artifact.model_path.is_file() and artifact.metadata_path.is_file()
     metadata = read_metadata(artifact.directory)
     assert set(REQUIRED_METADATA) <= set(metadata)
-    assert metadata["sha256"] == sha256_of(artifact.model_path) == artifact.sha256
+    assert metadata["sha256"] == file_sha256(artifact.model_path) == artifact.sha256
     assert re.fullmatch(r"\d{8}-\d{6}-" + metadata["sha256"][:8], metadata["version"])
     assert metadata["preprocessing_version"] == PREPROCESSING_VERSION
     assert metadata["class_names"] == ["covid", "normal"] and metadata["decision_threshold"] == 0.5
