@@ -16,11 +16,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from machine_info import describe_machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

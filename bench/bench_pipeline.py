@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from machine_info import describe_machine, machine_line
@@ -228,7 +228,7 @@ def failures(settings) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def wait_for_predictions(settings, names: set[str], timeout: float, processes) -> dict[str, datetime]:  # type: ignore[no-untyped-def]
@@ -289,7 +289,7 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
         dropped: dict[str, datetime] = {}
         started = time.perf_counter()
         for path in staged:
-            dropped[path.name] = datetime.now(timezone.utc)
+            dropped[path.name] = datetime.now(UTC)
             path.rename(inbox / path.name)  # atomic: the watcher takes it at once
         done = wait_for_predictions(settings, set(dropped), args.timeout, processes)
         wall = time.perf_counter() - started
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
         print()
         print(f"Machine: {machine_line(describe_machine())}")
-        print(f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.n} files per mode cycled from "
+        print(f"Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {args.n} files per mode cycled from "
               f"{len(CHEST_FILES)} chest DICOM files, fresh UIDs, all dropped at once; batch size "
               f"{args.batch_size}, max wait {args.batch_max_wait} s; ingest {ingest_cost:.2f} s/image on one core")
         print()

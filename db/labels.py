@@ -160,7 +160,7 @@ def _parse_header(number: int, text: str) -> tuple[str, list[str | None], list[L
         raise LabelImportError(f"line {number}: wrong header {text.strip()!r}: expected columns {expected}")
     columns: list[str | None] = []
     problems: list[LineProblem] = []
-    for original, name in zip(names, normalized):
+    for original, name in zip(names, normalized, strict=False):
         target = KEY_COLUMNS.get(name) or VALUE_COLUMNS.get(name)
         if target is None:
             problems.append(LineProblem(number, "ignored_column", f"column {original!r} is not used", severity="warning"))
@@ -191,7 +191,7 @@ def _parse_date(value: str) -> str | None:
 def _parse_row(number: int, fields: list[str], columns: list[str | None]) -> LabelRow | LineProblem:
     if len(fields) != len(columns):
         return LineProblem(number, "bad_row", f"expected {len(columns)} fields, found {len(fields)}")
-    values = {name: value.strip() for name, value in zip(columns, fields) if name is not None}
+    values = {name: value.strip() for name, value in zip(columns, fields, strict=False) if name is not None}
     keys = [(k, values[k]) for k in KEY_COLUMNS.values() if values.get(k)]
     if not keys:
         return LineProblem(number, "missing_key", "no key: give a StudyInstanceUID, SOPInstanceUID or AccessionNumber")

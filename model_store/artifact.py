@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ class ArtifactInfo:
 
 def make_version(created_at: datetime, sha256: str) -> str:
     """``YYYYMMDD-HHMMSS-<first 8 hex of sha256>`` (UTC): sortable, and names the bytes."""
-    return f"{created_at.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{sha256[:8]}"
+    return f"{created_at.astimezone(UTC):%Y%m%d-%H%M%S}-{sha256[:8]}"
 
 
 def save_artifact(model: keras.Model, metadata: dict[str, Any], out_dir: Path) -> ArtifactInfo:
@@ -51,7 +51,7 @@ def save_artifact(model: keras.Model, metadata: dict[str, Any], out_dir: Path) -
     metadata_path = out_dir / METADATA_FILE
     if model_path.exists() or metadata_path.exists():
         raise ModelError(f"{out_dir} already holds an artifact; choose another output folder", reason="artifact_exists")
-    created_at = datetime.now(timezone.utc)
+    created_at = datetime.now(UTC)
     partial = out_dir / (MODEL_FILE + ".partial.keras")
     model.save(partial, include_optimizer=False)
     partial.replace(model_path)

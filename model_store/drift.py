@@ -127,10 +127,7 @@ def compare_to_reference(reference: Mapping[str, Any], values: Sequence[float] |
         return {**result, "status": "no_data"}
     actual = bin_proportions(array, reference["cut_points"])
     psi = population_stability_index(reference["proportions"], actual)
-    if array.size < min_n or int(reference["n"]) < min_n:
-        status = "too_few"
-    else:
-        status = "drift" if psi > threshold else "ok"
+    status = "too_few" if array.size < min_n or int(reference["n"]) < min_n else "drift" if psi > threshold else "ok"
     return {**result, "mean": float(array.mean()), "psi": psi, "actual": [float(p) for p in actual], "status": status}
 
 

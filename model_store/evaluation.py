@@ -109,7 +109,7 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     evaluation["predictions"] = [
         {"key": item.key, "label": item.label, "patient_id": item.patient_id, "score": float(score),
          "baseline_score": None if np.isnan(base) else float(base)}
-        for item, score, base in zip(evaluated.items, scores, scores_for_baseline)
+        for item, score, base in zip(evaluated.items, scores, scores_for_baseline, strict=False)
     ]
     files = write_report(evaluation, out_dir)
     return evaluation, files

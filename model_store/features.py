@@ -55,7 +55,7 @@ def augmented_copies(images: np.ndarray, copies: int, max_degrees: float, seed: 
     out = np.empty((copies, *images.shape), dtype=np.uint8)
     for copy in range(copies):
         angles = rng.uniform(-max_degrees, max_degrees, len(images))
-        for index, (image, angle) in enumerate(zip(images, angles)):
+        for index, (image, angle) in enumerate(zip(images, angles, strict=False)):
             out[copy, index] = rotate(image, float(angle))
     return out
 

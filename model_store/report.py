@@ -35,7 +35,7 @@ def _matrix_text(report: dict[str, Any]) -> list[str]:
     width = max(8, *(len(name) + 2 for name in classes))
     lines = ["confusion matrix (rows = true class, columns = predicted class):",
              " " * width + "".join(f"{name:>{width}}" for name in classes)]
-    for name, row in zip(classes, report["confusion_matrix"]):
+    for name, row in zip(classes, report["confusion_matrix"], strict=False):
         lines.append(f"{name:>{width}}" + "".join(f"{count:>{width}d}" for count in row))
     return lines
 

@@ -105,7 +105,7 @@ def _sample_weights(labels: np.ndarray, mode: str) -> tuple[np.ndarray, dict[str
     from sklearn.utils.class_weight import compute_class_weight
 
     weights = compute_class_weight("balanced", classes=np.array(CLASS_NAMES, dtype=object), y=labels)
-    per_class = dict(zip(CLASS_NAMES, (float(w) for w in weights)))
+    per_class = dict(zip(CLASS_NAMES, (float(w) for w in weights), strict=False))
     return np.array([per_class[label] for label in labels], dtype=np.float32), per_class
 
 
@@ -295,7 +295,7 @@ def _test_evaluation(dataset: Dataset, split: Split, images: np.ndarray, test_sc
         "predictions": [
             {"key": dataset.items[i].key, "label": dataset.items[i].label, "patient_id": dataset.items[i].patient_id,
              "score": float(score), "baseline_score": float(base)}
-            for i, score, base in zip(split.test, test_scores, baseline_scores)
+            for i, score, base in zip(split.test, test_scores, baseline_scores, strict=False)
         ],
     }
 

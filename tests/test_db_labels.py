@@ -120,7 +120,7 @@ def test_empty_file_is_refused(settings):
 def test_mixed_encodings_load_with_a_warning_and_binary_lines_are_errors(settings):
     data = (
         "\ufeffAccessionNumber;Label;Source;Date;Comment\n".encode("utf-8")  # BOM, semicolons
-        + "ACC-A;covid;rt-pcr;2026-11-20;Dr. Müller\n".encode("utf-8")
+        + "ACC-A;covid;rt-pcr;2026-11-20;Dr. Müller\n".encode()
         + "ACC-B;normal;rt-pcr;2026-11-20;Dr. Müller\n".encode("cp1252")
         + b"ACC-B;normal;radiologist;2026-11-20;\x00\x01\x02\n"
         + b"ACC-B;normal;radiologist;2026-11-20;\x81\x8d\n"  # not UTF-8, undefined in cp1252

@@ -62,6 +62,5 @@ def test_one_primary_row_per_sop_instance_uid(tmp_path):
     with engine.begin() as conn:
         conn.execute(insert, {"sha": "a" * 64, "dup": None})
         conn.execute(insert, {"sha": "a" * 64, "dup": 1})  # a duplicate row is allowed
-    with pytest.raises(sa.exc.IntegrityError):
-        with engine.begin() as conn:
-            conn.execute(insert, {"sha": "b" * 64, "dup": None})  # a second primary row is not
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(insert, {"sha": "b" * 64, "dup": None})  # a second primary row is not

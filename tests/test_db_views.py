@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,8 @@ from db.models import (
 from db.session import create_engine_for, session_scope
 from db.views import CURRENT_VIEWS
 
-DAY1 = datetime(2026, 11, 20, 23, 30, tzinfo=timezone.utc)  # late evening: the day must be the UTC day
-DAY2 = datetime(2026, 11, 21, 8, 0, tzinfo=timezone.utc)
+DAY1 = datetime(2026, 11, 20, 23, 30, tzinfo=UTC)  # late evening: the day must be the UTC day
+DAY2 = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -75,7 +75,7 @@ def seed(settings) -> None:
             session.add(Prediction(instance_id=row.id, model_version=version, preprocessing_version="p1",
                                    probabilities={"covid": prob, "normal": 1 - prob}, prob_covid=prob,
                                    label="covid" if prob >= 0.5 else "normal", threshold=0.5, created_at=DAY1))
-        for study, prob in zip(studies, (0.8, 0.2, 0.1)):
+        for study, prob in zip(studies, (0.8, 0.2, 0.1), strict=False):
             session.add(StudyResult(study_id=study.id, model_version="v1", n_images=1, prob_covid=prob,
                                     label="covid" if prob >= 0.5 else "normal", rule="max", updated_at=DAY1))
         session.add_all([

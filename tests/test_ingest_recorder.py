@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from service_fixtures import changed_pixel_copy
 from sqlalchemy import func, select
 
 from covid_cxr.settings import load_settings
@@ -20,7 +21,6 @@ from ingest.inbox import carry_out, relative_name
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
 from ingest.recorder import DUPLICATE_INSTANCE, SOP_INSTANCE_CONFLICT, find_recorded_file, record, set_stored_path
-from service_fixtures import changed_pixel_copy
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from service_fixtures import wait_until
 from sqlalchemy import func, select
 
 from covid_cxr.settings import load_settings
@@ -17,7 +18,6 @@ from db.session import session_scope
 from ingest import service as service_module
 from ingest.inbox import read_reason
 from ingest.service import Batcher, IngestService
-from service_fixtures import wait_until
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"

@@ -93,7 +93,7 @@ def write_legacy_notop_file(path: Path, seed: int = 7) -> dict[str, list[np.ndar
             values = weights.get(name, [])
             weight_names = [f"{name}_W_1:0", f"{name}_b_1:0"][: len(values)]
             group.attrs["weight_names"] = np.array([weight_name.encode() for weight_name in weight_names], dtype="S")
-            for weight_name, value in zip(weight_names, values):
+            for weight_name, value in zip(weight_names, values, strict=False):
                 group.create_dataset(weight_name, data=value)
     return weights
 

@@ -128,7 +128,7 @@ def test_images_go_through_the_ingest_normalization(cxr_dir: Path, tmp_path: Pat
     dataset = from_folder(real_folder(cxr_dir, tmp_path / "set", per_class=1), CLASS_NAMES)
     images = load_images(dataset, progress=False)
     assert images.shape == (2, 224, 224) and images.dtype == np.uint8
-    for image, item in zip(images, dataset.items):
+    for image, item in zip(images, dataset.items, strict=False):
         np.testing.assert_array_equal(image, normalize_grayscale(load_image_file(item.path)))
 
 

@@ -8,6 +8,7 @@ nothing and predict nothing twice. Few images go through the model (it runs ~4 i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,12 +25,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
-
-from db.models import Instance, InstanceState, Prediction
-from db.session import session_scope
-from ingest.inbox import read_reason
-from ingest.recorder import SOP_INSTANCE_CONFLICT
 from service_fixtures import (
     REPO_ROOT,
     RunningIngester,
@@ -39,6 +34,12 @@ from service_fixtures import (
     start_worker,
     wait_until,
 )
+from sqlalchemy import func, select
+
+from db.models import Instance, InstanceState, Prediction
+from db.session import session_scope
+from ingest.inbox import read_reason
+from ingest.recorder import SOP_INSTANCE_CONFLICT
 
 pytestmark = pytest.mark.slow
 
@@ -219,10 +220,8 @@ class Serve:
 
     def kill(self) -> None:
         for pid in (self.process.pid, self.worker_pid):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.process.wait(30)
 
 

@@ -9,13 +9,13 @@ import socket
 
 import numpy as np
 import pytest
+from service_fixtures import embedded_settings, record_instances
 from sqlalchemy import update
 
 from covid_cxr.cli import main
 from db.migrate import upgrade
 from db.models import Instance, ModelVersion
 from db.session import session_scope
-from service_fixtures import embedded_settings, record_instances
 from worker.dispatch import enqueue_batch
 from worker.inference import LoadedModel
 from worker.results import IMAGE_COLUMNS

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import socket
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from service_fixtures import embedded_settings, instance_states, record_instances
 from sqlalchemy import select, update
 
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
-from service_fixtures import embedded_settings, instance_states, record_instances
 from worker.app import PREDICT_TASK
 from worker.dispatch import enqueue_batch, requeue_stale
 
@@ -83,7 +83,7 @@ def test_a_dead_broker_leaves_instances_received_and_returns_quickly(tmp_path):
     assert enqueue_batch(settings, ids) is False
     assert time.monotonic() - started < 10
     assert set(instance_states(settings, ids).values()) == {"received"}
-    assert requeue_stale(settings, now=datetime.now(timezone.utc) + timedelta(minutes=1)) == 0
+    assert requeue_stale(settings, now=datetime.now(UTC) + timedelta(minutes=1)) == 0
 
 
 def test_a_prediction_written_before_the_queued_mark_is_not_overwritten(settings):
@@ -99,7 +99,7 @@ def test_requeue_sends_never_sent_and_long_queued_instances_only(settings):
     lost = record_instances(settings, IMAGES[:1], preprocessing_version="test", state="queued")
     recent = record_instances(settings, IMAGES[:1], preprocessing_version="test", state="queued")
     done = record_instances(settings, IMAGES[:1], preprocessing_version="test", state="predicted")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with session_scope(settings) as session:
         session.execute(update(Instance).where(Instance.id.in_(lost))
                         .values(queued_at=now - timedelta(seconds=settings.requeue_after_seconds + 5)))
@@ -120,7 +120,7 @@ def test_a_zero_grace_resends_every_queued_instance_at_once(settings):
     queued = record_instances(settings, IMAGES[:2], preprocessing_version="test", state="queued")
     done = record_instances(settings, IMAGES[:1], preprocessing_version="test", state="predicted")
     with session_scope(settings) as session:
-        session.execute(update(Instance).where(Instance.id.in_(queued)).values(queued_at=datetime.now(timezone.utc)))
+        session.execute(update(Instance).where(Instance.id.in_(queued)).values(queued_at=datetime.now(UTC)))
     assert requeue_stale(settings) == 0  # within requeue_after_seconds: presumed in flight
     assert requeue_stale(settings, queued_grace_seconds=0) == 2
     assert sorted(i for body in _queued_bodies(settings) for i in body["instance_ids"]) == sorted(queued)

@@ -8,7 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from db.session import create_engine_for, session_scope
 from model_store.drift import training_reference
 from worker.evaluation import latest_reports, resolve_window, run_evaluation
 
-NOW = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 RECENT = NOW - timedelta(hours=3)
 OLD = NOW - timedelta(days=3)
 
@@ -364,7 +364,7 @@ def test_end_to_end_labelled_dicoms_through_the_service_to_the_report(tmp_path, 
                                     accession_number=first.accession_number, patient_id="P1", view_position="AP")]
     wrapped += [wrap_as_dicom(covid[2], staging / "c2.dcm", patient_id="P2")]
     wrapped += [wrap_as_dicom(path, staging / f"n{i}.dcm", patient_id=f"P{3 + i}") for i, path in enumerate(normal)]
-    truth = {w.sop_instance_uid: label for w, label in zip(wrapped, ["covid"] * 3 + ["normal"] * 3)}
+    truth = {w.sop_instance_uid: label for w, label in zip(wrapped, ["covid"] * 3 + ["normal"] * 3, strict=False)}
     wrap_as_dicom(normal[0], staging / "scanned-film.dcm", kind="SC")
     (staging / "notes.txt").write_text("not an image")
     labels_csv = tmp_path / "labels.csv"
@@ -419,7 +419,7 @@ def test_beat_fires_the_evaluation_on_redis_and_postgres(tmp_path, postgres_url,
     # celery beat's finest crontab is one minute: the job fires at the next minute boundary.
     settings = distributed_settings(tmp_path / "data", postgres_url, redis_url, evaluation_cron="* * * * *")
     upgrade(settings)
-    seed(settings, now=datetime.now(timezone.utc))
+    seed(settings, now=datetime.now(UTC))
 
     def reports() -> list[tuple[str, str, str]]:
         with session_scope(settings) as session:

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from service_fixtures import encode_png
 
 import worker.inference as inference
 from covid_cxr.errors import ModelError, NoActiveModel
-from service_fixtures import encode_png
 from worker.inference import ActiveModelCache, decode_png, describe
 
 

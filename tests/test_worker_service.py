@@ -11,11 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-
-from db.migrate import upgrade
-from db.models import Instance
-from db.session import session_scope
 from service_fixtures import (
     FORWARD_PASS_STARTED,
     MODEL_LOADED,
@@ -29,6 +24,11 @@ from service_fixtures import (
     start_worker,
     wait_until,
 )
+from sqlalchemy import select
+
+from db.migrate import upgrade
+from db.models import Instance
+from db.session import session_scope
 from worker.app import PREDICT_TASK
 from worker.dispatch import enqueue_batch
 

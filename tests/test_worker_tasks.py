@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import select, update
-
-from db.migrate import upgrade
-from db.models import Instance, Prediction, StudyResult
-from db.session import session_scope
-from model_store.architecture import to_model_input
 from service_fixtures import (
     chest_images,
     distributed_settings,
@@ -18,6 +12,12 @@ from service_fixtures import (
     prediction_counts,
     record_instances,
 )
+from sqlalchemy import select, update
+
+from db.migrate import upgrade
+from db.models import Instance, Prediction, StudyResult
+from db.session import session_scope
+from model_store.architecture import to_model_input
 from worker.inference import ActiveModelCache
 from worker.tasks import (
     RULE_MAX_FRONTAL,

@@ -12,10 +12,9 @@ import os
 import sys
 import threading
 import uuid
-from typing import Any
-
 from queue import Empty
 from time import monotonic
+from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import or_, select, update
@@ -116,7 +116,7 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _redacted(url: str) -> str:

@@ -15,7 +15,7 @@ import html
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def resolve_window(name: str, now: datetime | None = None) -> Window:
     """The window ``name`` ending at ``now`` (default: the current time)."""
     if name not in WINDOWS:
         raise DatasetError(f"unknown window {name!r}: use one of {', '.join(WINDOWS)}", reason="unknown_window")
-    end = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    end = (now or datetime.now(UTC)).astimezone(UTC)
     length = WINDOWS[name]
     return Window(name, None if length is None else end - length, end)
 
@@ -219,7 +219,7 @@ def score_distribution(cases: _Cases) -> dict[str, Any]:
     quantiles = None
     if cases.prob_covid.size:
         values = np.quantile(cases.prob_covid, [0.05, 0.25, 0.5, 0.75, 0.95])
-        quantiles = dict(zip(("p05", "p25", "median", "p75", "p95"), (float(v) for v in values)))
+        quantiles = dict(zip(("p05", "p25", "median", "p75", "p95"), (float(v) for v in values), strict=False))
     return {"bin_edges": list(SCORE_BIN_EDGES), "counts": counts, "quantiles": quantiles,
             "mean": float(cases.prob_covid.mean()) if cases.prob_covid.size else None}
 
@@ -228,7 +228,7 @@ def compute_report(cases: _Cases, level: str, reference: dict[str, Any] | None,
                    bootstrap: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """The metrics JSON of one report and its flags; pure (no database, no files)."""
     labelled = cases.labelled
-    truth = [label for label, keep in zip(cases.true_label, labelled) if keep]
+    truth = [label for label, keep in zip(cases.true_label, labelled, strict=False) if keep]
     performance = binary_report(truth, cases.prob_covid[labelled], threshold=cases.threshold, positive=POSITIVE,
                                 classes=CLASS_NAMES,
                                 bootstrap=BOOTSTRAP_RESAMPLES if bootstrap is None else bootstrap)
@@ -277,7 +277,7 @@ def render_text(metrics: dict[str, Any], flags: list[str], header: dict[str, Any
         width = max(len(name) for name in performance["classes"]) + 4
         lines.append("confusion matrix (rows = true, columns = predicted):")
         lines.append(" " * width + "".join(f"{name:>{width}}" for name in performance["classes"]))
-        for name, row in zip(performance["classes"], performance["confusion_matrix"]):
+        for name, row in zip(performance["classes"], performance["confusion_matrix"], strict=False):
             lines.append(f"{name:>{width}}" + "".join(f"{count:>{width}d}" for count in row))
         lines.append("")
     else:
@@ -355,7 +355,7 @@ def write_plots(metrics: dict[str, Any], cases: _Cases, out_dir: Path, title: st
     if performance["roc_auc"]["value"] is not None:
         labelled = cases.labelled
         predictions = [{"label": label, "score": float(score)}
-                       for label, score in zip((t for t in cases.true_label if t is not None), cases.prob_covid[labelled])]
+                       for label, score in zip((t for t in cases.true_label if t is not None), cases.prob_covid[labelled], strict=False)]
         plot_roc({"metrics": performance, "predictions": predictions}, out_dir / "roc_curve.png")
         paths["roc_curve"] = str(out_dir / "roc_curve.png")
     plot_score_histogram(metrics, out_dir / "score_histogram.png", title)
@@ -488,7 +488,7 @@ def _write_one(session: Session, settings: Settings, window: Window, version: st
         "window": window.name, "window_start": window.start, "window_end": window.end, "period": window.period,
         "model_version": version, "level": level, "n": metrics["performance"]["n"],
         "metrics": _json_ready(metrics), "text_report": text_report, "flags": flags, "plot_paths": plots,
-        "html_path": str(html_path), "created_at": datetime.now(timezone.utc),
+        "html_path": str(html_path), "created_at": datetime.now(UTC),
     })
     performance = metrics["performance"]
     return ReportSummary(version, level, window.name, window.period, performance["n"], flags, str(html_path),

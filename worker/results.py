@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
@@ -98,7 +98,7 @@ def oldest_pending(session: Session) -> dict[str, Any] | None:
     ).first()
     if row is None:
         return None
-    age = (datetime.now(timezone.utc) - _aware(row.created_at)).total_seconds()
+    age = (datetime.now(UTC) - _aware(row.created_at)).total_seconds()
     return {"instance_id": row.id, "state": row.state, "attempts": row.attempts, "age_seconds": round(age, 1)}
 
 
@@ -197,7 +197,7 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -9,7 +9,6 @@ from alembic import op
 
 from db.views import VIEWS_0002, create_views, drop_views
 
-
 revision = '0002'
 down_revision = '0001'
 branch_labels = None
