@@ -316,7 +316,7 @@ def _cut_element(ds: pydicom.Dataset, size: int) -> str | None:
     positions are only checked for non-deflated files, where they are file offsets.
     """
     deflated = transfer_syntax_of(ds) == pydicom.uid.DeflatedExplicitVRLittleEndian
-    for tag in ds:
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
         element = ds.get_item(tag, keep_deferred=True)
         if not isinstance(element, RawDataElement) or not isinstance(element.value, bytes):
             continue
