@@ -17,6 +17,8 @@ COPY ingest ingest
 COPY worker worker
 COPY db db
 COPY model_store model_store
+COPY taskqueue taskqueue
+COPY service service
 RUN pip install . \
  && useradd --create-home --uid 10001 covid \
  && mkdir -p /data /inbox \

@@ -1,7 +1,7 @@
-"""Allows ``python -m covid_cxr``."""
+"""Allows ``python -m covid_cxr``: the entry point of the composition root, :mod:`service.cli`."""
 
 import sys
 
-from covid_cxr.cli import main
+from service.cli import main
 
 sys.exit(main())

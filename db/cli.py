@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from covid_cxr.cli import settings_from_args
+from covid_cxr.commandline import Subparsers, settings_from_args
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands; `common` is the parent parser with the installation flags."""
     db_parser = subparsers.add_parser("db", help="database schema migrations")
     db_sub = db_parser.add_subparsers(dest="db_command", metavar="ACTION", required=True)

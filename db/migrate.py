@@ -54,8 +54,18 @@ def upgrade_url(url: str) -> str:
     return current_revision(engine) or ""
 
 
+#: Databases whose schema this process has found at head: each is checked once, at start-up.
+_checked: set[str] = set()
+
+
 def check_schema(settings: Settings) -> None:
-    """Raise :class:`SchemaOutOfDate` unless the database is at the code's head revision."""
+    """Raise :class:`SchemaOutOfDate` unless the database is at the code's head revision.
+
+    The first successful check per database and process is remembered, so the commands check at
+    start-up and the functions they call (the registry, the evaluation job) cost nothing after it.
+    """
+    if settings.database in _checked:
+        return
     current = current_revision(create_engine_for(settings))
     head = head_revision()
     if current != head:
@@ -63,3 +73,4 @@ def check_schema(settings: Settings) -> None:
         raise SchemaOutOfDate(
             f"the database {state}, this code needs {head}: run `covid-cxr db upgrade` first"
         )
+    _checked.add(settings.database)

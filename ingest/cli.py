@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from covid_cxr.cli import EXIT_USAGE, settings_from_args
+from covid_cxr.commandline import EXIT_USAGE, Subparsers, settings_from_args
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add ``inspect``; `common` is the parent parser with the installation flags."""
     inspect = subparsers.add_parser(
         "inspect",

@@ -7,10 +7,14 @@ recorded and disposed of by exactly one code path. The steps, each testable alon
 2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason.
 3. :func:`~ingest.recorder.record` commits the rows (and where the file will go).
 4. :func:`~ingest.inbox.carry_out` archives, keeps, deletes or quarantines the file.
-5. :class:`Batcher` groups new instances and :func:`worker.dispatch.enqueue_batch` sends one
-   task per batch; a batch the broker refused stays ``received`` for step 6.
-6. Every ``reconcile_interval_seconds``: a full inbox scan and
-   :func:`worker.dispatch.requeue_stale` (never-sent and lost messages).
+5. :class:`Batcher` groups new instances and the ``enqueue`` function sends one task per batch;
+   a batch the broker refused stays ``received`` for step 6.
+6. Every ``reconcile_interval_seconds``: a full inbox scan and the ``requeue`` function (never-sent
+   and lost messages).
+
+The publishing functions are passed in by the composition root (:mod:`service`), normally
+:func:`taskqueue.producer.enqueue_batch` and :func:`taskqueue.producer.requeue_stale`: ingest
+never imports the queue.
 """
 
 from __future__ import annotations
@@ -101,24 +105,20 @@ class IngestService:
     settings
         The installation; the inbox, archive, quarantine and queues come from here.
     enqueue, requeue
-        Publishing functions, :func:`worker.dispatch.enqueue_batch` and
-        :func:`worker.dispatch.requeue_stale` unless given (tests may count calls).
+        Publishing functions: ``enqueue(settings, ids) -> sent`` publishes one batch,
+        ``requeue(settings) -> n`` re-sends what was never sent or was lost.
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        enqueue: Callable[[Settings, list[int]], bool] | None = None,
-        requeue: Callable[[Settings], int] | None = None,
+        enqueue: Callable[[Settings, list[int]], bool],
+        requeue: Callable[[Settings], int],
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
     ) -> None:
         from ingest.reader import ReaderPolicy
 
-        if enqueue is None or requeue is None:
-            from worker.dispatch import enqueue_batch, requeue_stale
-
-            enqueue, requeue = enqueue or enqueue_batch, requeue or requeue_stale
         self.settings = settings
         self.policy = ReaderPolicy.from_settings(settings)
         self.watcher = InboxWatcher(

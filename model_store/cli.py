@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.cli import settings_from_args
+from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import DatasetError
 
 DEFAULT_NAME = "covid-cxr"
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands; `common` is the parent parser with the installation flags."""
     data = _data_options()
 

@@ -255,7 +255,7 @@ def start_worker(settings: Settings, queues: Sequence[str] | None = None, *, con
     ``queues`` defaults to the inference queue. Pass ``wait_for=(WORKER_READY, MODEL_LOADED)`` to
     wait until the pool process has loaded the model too. The worker is stopped on exit.
     """
-    from worker.app import worker_command
+    from service.worker_command import worker_command
 
     argv = worker_command(settings, list(queues or [settings.inference_queue]), concurrency=concurrency,
                           beat=beat, pool=pool, loglevel="INFO")
@@ -293,8 +293,9 @@ class RunningIngester:
 
     def __init__(self, settings: Settings) -> None:
         from ingest.service import IngestService
+        from taskqueue.producer import enqueue_batch, requeue_stale
 
-        self.service = IngestService(settings, progress_interval=1.0)
+        self.service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale, progress_interval=1.0)
         self.thread = threading.Thread(target=self.service.run, name="ingester")
 
     def __enter__(self) -> Any:

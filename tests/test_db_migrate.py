@@ -43,7 +43,7 @@ def test_migrated_schema_equals_models(db_settings):
 
 
 def test_upgrade_is_idempotent_and_cli_reports_revision(tmp_path, capsys):
-    from covid_cxr.cli import main
+    from service.cli import main
 
     assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
     assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0

@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
-from covid_cxr.cli import main
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
+from service.cli import main
 
 CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
 HIP = "pylibjpeg-data__RG2_JPLY_fixed.dcm"

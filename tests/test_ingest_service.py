@@ -220,7 +220,7 @@ def test_the_readme_documents_every_setting():
 
 
 def test_serve_without_an_active_model_refuses_and_says_how_to_get_one(tmp_path, capsys):
-    from covid_cxr.cli import main
+    from service.cli import main
 
     assert main(["serve", "--data-dir", str(tmp_path)]) == 1
     error = capsys.readouterr().err
@@ -230,7 +230,7 @@ def test_serve_without_an_active_model_refuses_and_says_how_to_get_one(tmp_path,
 
 
 def test_an_out_of_date_embedded_database_is_refused(tmp_path, capsys):
-    from covid_cxr.cli import main
+    from service.cli import main
 
     upgrade(load_settings(data_dir=tmp_path), "0001")
     assert main(["serve", "--data-dir", str(tmp_path)]) == 1
@@ -238,14 +238,14 @@ def test_an_out_of_date_embedded_database_is_refused(tmp_path, capsys):
 
 
 def test_a_server_database_is_never_migrated_by_serve(tmp_path, postgres_url, capsys):
-    from covid_cxr.cli import main
+    from service.cli import main
 
     assert main(["ingest", "--data-dir", str(tmp_path), "--database-url", postgres_url]) == 1
     assert "[schema_out_of_date]" in capsys.readouterr().err
 
 
 def test_an_inbox_that_is_the_data_dir_is_refused(tmp_path, capsys):
-    from covid_cxr.cli import main
+    from service.cli import main
 
     assert main(["ingest", "--data-dir", str(tmp_path), "--inbox", str(tmp_path)]) == 1
     assert "[bad_configuration]" in capsys.readouterr().err

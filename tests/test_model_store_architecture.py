@@ -110,7 +110,7 @@ def test_local_legacy_hdf5_weights_load_and_equal_the_file(tmp_path: Path) -> No
 
 
 def test_local_weights_file_through_the_train_command_flag(tmp_path: Path) -> None:
-    from covid_cxr.cli import build_parser
+    from service.cli import build_parser
 
     path = tmp_path / "notop.h5"
     args = build_parser().parse_args(["train", "--folder", str(tmp_path), "--base-weights", str(path)])

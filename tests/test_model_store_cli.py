@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.cli import EXIT_ERROR, main
+from covid_cxr.commandline import EXIT_ERROR
 from model_store.architecture import CLASS_NAMES
+from service.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -12,11 +12,11 @@ import pytest
 from service_fixtures import embedded_settings, record_instances
 from sqlalchemy import update
 
-from covid_cxr.cli import main
 from db.migrate import upgrade
 from db.models import Instance, ModelVersion
 from db.session import session_scope
-from worker.dispatch import enqueue_batch
+from service.cli import main
+from taskqueue.producer import enqueue_batch
 from worker.inference import LoadedModel
 from worker.results import IMAGE_COLUMNS
 from worker.tasks import claim_instances, fail_instances, store_predictions

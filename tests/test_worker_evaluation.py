@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
-from covid_cxr.cli import main
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
@@ -31,6 +30,7 @@ from db.models import (
 )
 from db.session import create_engine_for, session_scope
 from model_store.drift import training_reference
+from service.cli import main
 from worker.evaluation import latest_reports, resolve_window, run_evaluation
 
 NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
@@ -277,7 +277,8 @@ def test_latest_report_per_model_version_and_level(evaluated):
 
 
 def test_task_is_registered_on_the_app_and_runs(settings):
-    from worker.app import EVALUATE_TASK, create_app
+    from taskqueue.names import EVALUATE_TASK
+    from worker.app import create_worker_app as create_app
 
     app = create_app(settings)
     app.loader.import_default_modules()

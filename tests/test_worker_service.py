@@ -29,8 +29,8 @@ from sqlalchemy import select
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
-from worker.app import PREDICT_TASK
-from worker.dispatch import enqueue_batch
+from taskqueue.names import PREDICT_TASK
+from taskqueue.producer import enqueue_batch
 
 pytestmark = pytest.mark.slow
 

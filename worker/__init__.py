@@ -1,5 +1,6 @@
 """Celery application and tasks: batched VGG16 inference and the nightly evaluation job.
 
-Owns: the Celery app, queues and routing, per-process model loading, prediction writes.
-May import: covid_cxr, db, model_store. TensorFlow is imported only inside worker processes.
+Owns: the worker's Celery app (the shared configuration of taskqueue plus its tasks), per-process
+model loading, prediction writes, the evaluation job, ``status`` and ``results``.
+May import: covid_cxr, db, ingest, model_store, taskqueue. TensorFlow is imported only inside worker processes.
 """

@@ -1,4 +1,4 @@
-"""Command-line subcommands owned by the `worker` package: ``covid-cxr worker``, ``status`` and ``results``."""
+"""Command-line subcommands owned by the `worker` package: ``covid-cxr status`` and ``results``."""
 
 from __future__ import annotations
 
@@ -8,43 +8,20 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from covid_cxr.cli import settings_from_args
+from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import ConfigurationError
-from covid_cxr.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POOLS = ("prefork", "solo", "threads")
-#: Installation settings that ``--settings-json`` may carry and the common flags may override.
-_COMMON_FIELDS = ("data_dir", "database_url", "broker_url")
 #: Columns of the ``results --format table`` image listing (CSV and JSON carry every column).
 _IMAGE_TABLE_COLUMNS = ("instance_id", "created_at", "state", "reason", "view_position", "prob_covid", "label",
                         "model_version", "study_label", "sop_instance_uid")
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands; `common` is the parent parser with the installation flags."""
-    worker = subparsers.add_parser(
-        "worker", parents=[common], help="run a Celery worker (inference and/or evaluation)",
-        description="Run a Celery worker. The defaults suit one GPU: both queues, one pool process "
-                    "(one model copy), prefetch 1. Refuses to start on an out-of-date database schema.")
-    worker.add_argument("--queues", help="comma-separated queues to consume (default: the inference and CPU "
-                                         "queues, COVID_CXR_INFERENCE_QUEUE and COVID_CXR_CPU_QUEUE)")
-    worker.add_argument("--concurrency", type=int, default=1,
-                        help="pool processes (default 1; each one serving the inference queue loads its own model)")
-    worker.add_argument("--beat", action="store_true",
-                        help="also run the scheduler (nightly evaluation); run it in exactly one worker")
-    worker.add_argument("--pool", choices=POOLS, default="prefork", help="Celery pool (default prefork)")
-    worker.add_argument("--loglevel", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="log level (default COVID_CXR_LOG_LEVEL)")
-    worker.add_argument("--hostname", help="Celery node name (default covid-cxr-QUEUES-RANDOM@host)")
-    # Used by worker.app.worker_command: the parent's settings, so the child needs nothing else.
-    worker.add_argument("--settings-json", help=argparse.SUPPRESS)
-    worker.set_defaults(func=_worker)
-
     status = subparsers.add_parser(
         "status", parents=[common], help="counts by state, queue depth, active model, last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -56,58 +33,6 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     results.add_argument("--limit", type=int, default=20, help="at most this many studies and images (default 20)")
     results.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
     results.set_defaults(func=_results)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    extra: dict[str, Any] = {}
-    if getattr(args, "settings_json", None):
-        extra = json.loads(args.settings_json)
-        for name in _COMMON_FIELDS:
-            given = extra.pop(name, None)
-            if getattr(args, name, None) is None:
-                setattr(args, name, given)
-    return settings_from_args(args, **extra)
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from db.migrate import check_schema
-    from db.session import dispose_engines
-    from worker.app import create_app
-
-    settings = _settings(args)
-    queues = [q.strip() for q in (args.queues or f"{settings.inference_queue},{settings.cpu_queue}").split(",")
-              if q.strip()]
-    if not queues:
-        raise ConfigurationError("--queues names no queue")
-    if args.concurrency < 1:
-        raise ConfigurationError("--concurrency must be at least 1")
-    check_schema(settings)
-    # The parent forks the pool: it must hold no database connection (and never TensorFlow).
-    dispose_engines()
-    serves_inference = settings.inference_queue in queues
-    if serves_inference and args.concurrency > 1:
-        log.warning("%d pool processes on queue %s: each loads its own model copy (memory, GPU)",
-                    args.concurrency, settings.inference_queue)
-    app = create_app(settings)
-    app.covid_cxr_preload_model = serves_inference and args.pool == "prefork"
-    argv = [
-        "worker",
-        "--queues", ",".join(dict.fromkeys(queues)),
-        "--concurrency", str(args.concurrency),
-        "--pool", args.pool,
-        "--loglevel", args.loglevel or settings.log_level,
-        # Gossip, mingle and heartbeats coordinate workers that share revocations and results;
-        # this service needs none of that, and they slow start-up on the filesystem broker.
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]
-    if args.hostname:
-        argv += ["--hostname", args.hostname]
-    if args.beat:
-        # The schedule file lives in the data dir, which a PostgreSQL + Redis installation may not have yet.
-        Path(app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
-        argv += ["--beat", "--schedule", app.conf.beat_schedule_filename]
-    app.worker_main(argv)
-    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from db.views import image_results, study_results
 from model_store.drift import QUANTITIES, drift_report
 from model_store.metrics import CLASS_NAMES, binary_report, format_proportion
 from model_store.report import metrics_lines, plot_confusion_matrix, plot_roc
-from worker.app import EVALUATE_TASK
+from taskqueue.names import EVALUATE_TASK
 
 log = logging.getLogger(__name__)
 

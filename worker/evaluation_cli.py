@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.cli import EXIT_ERROR, settings_from_args
+from covid_cxr.commandline import EXIT_ERROR, Subparsers, settings_from_args
 
 WINDOW_CHOICES = ("24h", "7d", "30d", "all")
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's subcommands; `common` is the parent parser with the installation flags."""
     labels = subparsers.add_parser("labels", help="ground-truth labels (RT-PCR, radiologist reads)")
     labels_sub = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)

@@ -110,7 +110,7 @@ def queue_depths(settings: Settings) -> tuple[dict[str, int], str | None]:
     """
     from kombu.exceptions import ChannelError
 
-    from worker.dispatch import producer_app
+    from taskqueue.producer import producer_app
 
     depths: dict[str, int] = {}
     try:

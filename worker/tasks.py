@@ -27,7 +27,7 @@ from covid_cxr.errors import CovidCxrError
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, Prediction, Study, StudyResult
 from db.session import dispose_engines, session_scope
-from worker.app import PREDICT_TASK
+from taskqueue.names import PREDICT_TASK
 from worker.inference import MODELS, ActiveModelCache, LoadedModel, decode_png, stack
 
 log = logging.getLogger(__name__)

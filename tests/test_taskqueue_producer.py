@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
-from worker.app import PREDICT_TASK
-from worker.dispatch import enqueue_batch, requeue_stale
+from taskqueue.names import PREDICT_TASK
+from taskqueue.producer import enqueue_batch, requeue_stale
 
 IMAGES = [np.full((224, 224), level, dtype=np.uint8) for level in (10, 120, 240)]
 

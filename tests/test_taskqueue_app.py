@@ -1,16 +1,16 @@
-"""The Celery app's configuration, the worker command line, and the no-TensorFlow-before-fork rule."""
+"""The shared Celery configuration (taskqueue.app), the worker's app, and the no-TensorFlow-before-fork rule."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 from celery.schedules import crontab
 
-from covid_cxr.cli import build_parser, main
 from covid_cxr.settings import load_settings
-from worker.app import EVALUATE_TASK, PREDICT_TASK, create_app, worker_command
+from taskqueue.app import create_app
+from taskqueue.names import EVALUATE_TASK, PREDICT_TASK
+from worker.app import create_worker_app
 
 
 def test_app_is_json_only_with_late_acks_and_prefetch_one(tmp_path):
@@ -25,6 +25,11 @@ def test_app_is_json_only_with_late_acks_and_prefetch_one(tmp_path):
     assert {queue.name for queue in conf.task_queues} == {"gpu", "cpu"}
     assert conf.task_routes[PREDICT_TASK] == {"queue": "gpu"}
     assert conf.task_routes[EVALUATE_TASK] == {"queue": "cpu"}
+    assert list(app.conf.include) == []  # a producer registers no tasks
+
+
+def test_the_worker_app_registers_the_task_modules(tmp_path):
+    app = create_worker_app(load_settings(data_dir=tmp_path))
     assert list(app.conf.include) == ["worker.tasks", "worker.evaluation"]
 
 
@@ -53,29 +58,11 @@ def test_nightly_evaluation_follows_the_configured_cron(tmp_path):
     assert entry["schedule"] == crontab(minute="30", hour="3", day_of_month="*", month_of_year="*", day_of_week="1")
 
 
-def test_worker_command_carries_the_settings_but_no_secret(tmp_path, monkeypatch):
-    from worker.cli import _settings
-
-    monkeypatch.chdir(tmp_path)
-    settings = load_settings(data_dir="rel-data", batch_size=4, max_attempts=5, model_name="m",
-                             pseudonym_key="secret-key", database_url="sqlite:////tmp/x.sqlite3")
-    argv = worker_command(settings, ["gpu"], concurrency=2, beat=True, pool="solo")
-    assert argv[:4] == [sys.executable, "-m", "covid_cxr", "worker"]
-    assert "secret-key" not in " ".join(argv)
-    args = build_parser().parse_args(argv[3:])
-    assert (args.queues, args.concurrency, args.beat, args.pool) == ("gpu", 2, True, "solo")
-    child = _settings(args)
-    assert child.data_dir == tmp_path / "rel-data"  # absolute: the child's working directory does not matter
-    assert (child.batch_size, child.max_attempts, child.model_name, child.database) == (
-        4, 5, "m", "sqlite:////tmp/x.sqlite3")
-    assert json.loads(argv[argv.index("--settings-json") + 1])["batch_size"] == 4
-
-
 def test_no_tensorflow_in_the_process_that_forks_the_pool():
     # Everything the parent worker process and the ingester import before forking.
     code = (
-        "import sys, covid_cxr.cli as c; c.build_parser();"
-        "import worker.app, worker.tasks, worker.dispatch, worker.results, worker.inference;"
+        "import sys, service.cli as c; c.build_parser();"
+        "import worker.app, worker.tasks, taskqueue.producer, worker.results, worker.inference;"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules);"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -84,7 +71,7 @@ def test_no_tensorflow_in_the_process_that_forks_the_pool():
 
 
 def test_importing_the_app_module_has_no_side_effects(tmp_path):
-    code = ("import os, worker.app, worker.dispatch; assert not os.path.exists('covid-cxr-data');"
+    code = ("import os, worker.app, taskqueue.producer; assert not os.path.exists('covid-cxr-data');"
             "app = worker.app.app; assert os.path.isdir('covid-cxr-data/broker/queue'), os.listdir('.');"
             "assert app.covid_cxr_settings.batch_size == 7")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -92,7 +79,3 @@ def test_importing_the_app_module_has_no_side_effects(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def test_worker_refuses_an_out_of_date_schema(tmp_path, capsys):
-    assert main(["worker", "--data-dir", str(tmp_path)]) == 1
-    error = capsys.readouterr().err
-    assert "covid-cxr db upgrade" in error and "schema_out_of_date" in error

@@ -1,7 +1,8 @@
 """Producer side of the inference queue: publish batches of instance ids, and re-enqueue what was lost.
 
-Used by the ingester; never imports TensorFlow. A message carries only instance ids (the
-normalized images are in the database), so it stays a few hundred bytes whatever the batch size.
+The composition root hands these functions to the ingester; never imports TensorFlow. A message carries
+only instance ids (the normalized images are in the database), so it stays a few hundred bytes whatever
+the batch size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from sqlalchemy import or_, select, update
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState
 from db.session import session_scope
-from worker.app import PREDICT_TASK, create_app
+from taskqueue.app import create_app
+from taskqueue.names import PREDICT_TASK
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,10 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
     Selected: ``received`` instances older than ``batch_max_wait_seconds`` (younger ones may still
     sit in the ingester's batcher), and ``queued`` instances whose ``queued_at`` is older than
     ``queued_grace_seconds`` (default ``requeue_after_seconds``; 0 re-sends every queued instance,
-    which ``serve`` does at start-up because no worker of its embedded broker can be running yet). Sending an instance twice is harmless: the worker skips instances
-    already predicted and prediction writes are idempotent. Sends in batches of ``batch_size``
-    and stops at the first batch the broker refuses.
+    which ``serve`` does at start-up because no worker of its embedded broker can be running yet).
+    Sending an instance twice is harmless: the worker skips instances already predicted and
+    prediction writes are idempotent. Sends in batches of ``batch_size`` and stops at the first
+    batch the broker refuses.
 
     Returns
     -------
@@ -122,4 +125,4 @@ def _utcnow() -> datetime:
 def _redacted(url: str) -> str:
     from kombu.utils.url import maybe_sanitize_url
 
-    return maybe_sanitize_url(url)
+    return str(maybe_sanitize_url(url))

@@ -1,0 +1,60 @@
+"""``covid-cxr ingest``: the watcher alone, publishing batches for workers that run elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covid_cxr.commandline import Subparsers, settings_from_args
+from covid_cxr.settings import Settings
+from service.startup import check_layout, describe, prepare_database, stop_on_signals
+
+
+def inbox_options() -> argparse.ArgumentParser:
+    """The inbox flags ``ingest`` and ``serve`` share; each overrides its ``COVID_CXR_*`` variable."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("inbox")
+    group.add_argument("--inbox", type=Path, help="watched drop folder (COVID_CXR_INBOX_DIR; default DATA_DIR/inbox)")
+    group.add_argument("--after-ingest", choices=("archive", "keep", "delete"),
+                       help="what happens to an accepted file (COVID_CXR_AFTER_INGEST; default archive)")
+    group.add_argument("--settle-seconds", type=float,
+                       help="a file is complete once unchanged this long (COVID_CXR_SETTLE_SECONDS; default 2)")
+    group.add_argument("--polling", action="store_true", default=None,
+                       help="poll the inbox instead of inotify, for network shares (COVID_CXR_USE_POLLING_OBSERVER)")
+    group.add_argument("--batch-size", type=int, help="images per inference batch (COVID_CXR_BATCH_SIZE; default 32)")
+    return options
+
+
+def inbox_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, the installation flags and the inbox flags."""
+    return settings_from_args(
+        args,
+        inbox_dir=args.inbox,
+        after_ingest=args.after_ingest,
+        settle_seconds=args.settle_seconds,
+        use_polling_observer=args.polling,
+        batch_size=args.batch_size,
+    )
+
+
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``ingest``; `common` is the parent parser with the installation flags."""
+    ingest = subparsers.add_parser(
+        "ingest", parents=[common, inbox_options()], help="watch the inbox and enqueue batches (no worker)",
+        description="Watch the inbox: read, normalize and record every complete file, send one inference task "
+                    "per batch, and re-enqueue what was never sent. Workers run elsewhere (covid-cxr worker).")
+    ingest.set_defaults(func=run_ingest)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from ingest.service import IngestService
+    from taskqueue.producer import enqueue_batch, requeue_stale
+
+    settings = inbox_settings(args)
+    check_layout(settings)
+    prepare_database(settings)
+    describe(settings)
+    service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)
+    with stop_on_signals(service.stop):
+        service.run()
+    return 0

@@ -1,0 +1,92 @@
+"""Start-up of the long-running commands: database ready, layout sane, model active, signals handled.
+
+The schema is checked here, once per process, before any loop starts; the packages' own functions
+trust it from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from covid_cxr.errors import ConfigurationError, NoActiveModel
+from covid_cxr.settings import Settings
+from db.migrate import check_schema, upgrade
+from db.models import ModelVersion
+from model_store.registry import get_active
+
+log = logging.getLogger(__name__)
+
+
+def prepare_database(settings: Settings) -> None:
+    """Create the embedded database on first use; otherwise refuse a schema that is not at head.
+
+    Only the embedded default (no ``database_url``) is ever created here: a configured server
+    database is migrated on purpose, by ``covid-cxr db upgrade``.
+    """
+    embedded_file = settings.data_dir.expanduser() / "covid-cxr.sqlite3"
+    if settings.database_url is None and not embedded_file.exists():
+        revision = upgrade(settings)
+        log.info("created the database %s (schema %s)", embedded_file.resolve(), revision)
+        return
+    check_schema(settings)
+
+
+def require_active_model(settings: Settings) -> ModelVersion:
+    """The active model record for ``settings.model_name``; :class:`NoActiveModel` says how to get one."""
+    try:
+        return get_active(settings, settings.model_name)
+    except NoActiveModel as exc:
+        raise NoActiveModel(
+            f"{exc.message}. The service does not start without a model. For a first try, train a small one "
+            f"on the sample images shipped in the repository (a few minutes on a laptop):\n"
+            f"    covid-cxr train --data-dir {settings.data_dir} --csv samples/cxr/metadata.csv --epochs 5 --activate"
+        ) from exc
+
+
+def check_layout(settings: Settings) -> None:
+    """Refuse an inbox that would swallow the installation's own files."""
+    inbox = settings.inbox.expanduser().resolve()
+    data_dir = settings.data_dir.expanduser().resolve()
+    if inbox == data_dir:
+        raise ConfigurationError(f"the inbox {inbox} is the data dir itself; give the inbox a folder of its own")
+    for name, folder in (("archive", settings.archive), ("quarantine", settings.quarantine)):
+        folder = folder.expanduser().resolve()
+        if inbox == folder or folder in inbox.parents:
+            raise ConfigurationError(f"the inbox {inbox} lies in the {name} folder {folder}; files would loop")
+
+
+def describe(settings: Settings) -> None:
+    """Log where the database, broker, archive and quarantine are (credentials masked)."""
+    log.info("database %s | broker %s | archive %s | quarantine %s",
+             maybe_sanitize_url(settings.database), maybe_sanitize_url(settings.broker),
+             settings.archive.resolve(), settings.quarantine.resolve())
+
+
+class stop_on_signals:
+    """While active, SIGINT and SIGTERM call ``stop`` instead of raising (a second one raises as usual)."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        log.info("%s received: stopping after the file at hand (again to stop at once)", signal.Signals(signum).name)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._stop()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)

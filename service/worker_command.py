@@ -1,0 +1,135 @@
+"""``covid-cxr worker``: a Celery worker process, and the command line that starts one from ``serve`` or tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from covid_cxr.commandline import Subparsers, settings_from_args
+from covid_cxr.errors import ConfigurationError
+from covid_cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POOLS = ("prefork", "solo", "threads")
+#: Installation settings that ``--settings-json`` may carry and the common flags may override.
+_COMMON_FIELDS = ("data_dir", "database_url", "broker_url")
+#: Settings never passed to a worker on its command line: workers do not pseudonymize.
+_NOT_FOR_WORKERS = frozenset({"pseudonym_key"})
+
+
+def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``worker``; `common` is the parent parser with the installation flags."""
+    worker = subparsers.add_parser(
+        "worker", parents=[common], help="run a Celery worker (inference and/or evaluation)",
+        description="Run a Celery worker. The defaults suit one GPU: both queues, one pool process "
+                    "(one model copy), prefetch 1. Refuses to start on an out-of-date database schema.")
+    worker.add_argument("--queues", help="comma-separated queues to consume (default: the inference and CPU "
+                                         "queues, COVID_CXR_INFERENCE_QUEUE and COVID_CXR_CPU_QUEUE)")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="pool processes (default 1; each one serving the inference queue loads its own model)")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run the scheduler (nightly evaluation); run it in exactly one worker")
+    worker.add_argument("--pool", choices=POOLS, default="prefork", help="Celery pool (default prefork)")
+    worker.add_argument("--loglevel", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level (default COVID_CXR_LOG_LEVEL)")
+    worker.add_argument("--hostname", help="Celery node name (default covid-cxr-QUEUES-RANDOM@host)")
+    # Used by worker_command: the parent's settings, so the child needs nothing else.
+    worker.add_argument("--settings-json", help=argparse.SUPPRESS)
+    worker.set_defaults(func=run_worker)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    extra: dict[str, Any] = {}
+    if getattr(args, "settings_json", None):
+        extra = json.loads(args.settings_json)
+        for name in _COMMON_FIELDS:
+            given = extra.pop(name, None)
+            if getattr(args, name, None) is None:
+                setattr(args, name, given)
+    return settings_from_args(args, **extra)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from db.migrate import check_schema
+    from db.session import dispose_engines
+    from worker.app import create_worker_app
+
+    settings = _settings(args)
+    queues = [q.strip() for q in (args.queues or f"{settings.inference_queue},{settings.cpu_queue}").split(",")
+              if q.strip()]
+    if not queues:
+        raise ConfigurationError("--queues names no queue")
+    if args.concurrency < 1:
+        raise ConfigurationError("--concurrency must be at least 1")
+    check_schema(settings)
+    # The parent forks the pool: it must hold no database connection (and never TensorFlow).
+    dispose_engines()
+    serves_inference = settings.inference_queue in queues
+    if serves_inference and args.concurrency > 1:
+        log.warning("%d pool processes on queue %s: each loads its own model copy (memory, GPU)",
+                    args.concurrency, settings.inference_queue)
+    app = create_worker_app(settings)
+    app.covid_cxr_preload_model = serves_inference and args.pool == "prefork"
+    argv = [
+        "worker",
+        "--queues", ",".join(dict.fromkeys(queues)),
+        "--concurrency", str(args.concurrency),
+        "--pool", args.pool,
+        "--loglevel", args.loglevel or settings.log_level,
+        # Gossip, mingle and heartbeats coordinate workers that share revocations and results;
+        # this service needs none of that, and they slow start-up on the filesystem broker.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    if args.beat:
+        # The schedule file lives in the data dir, which a PostgreSQL + Redis installation may not have yet.
+        Path(app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", app.conf.beat_schedule_filename]
+    app.worker_main(argv)
+    return 0
+
+
+def worker_command(settings: Settings, queues: list[str], concurrency: int = 1, beat: bool = False,
+                   pool: str = "prefork", *, loglevel: str | None = None, hostname: str | None = None) -> list[str]:
+    """The argv of a worker process for ``settings`` (``covid-cxr worker`` run by this Python).
+
+    Every setting that differs from its default travels on the command line, so the child needs
+    nothing from the parent's environment; paths are made absolute so its working directory does
+    not matter either.
+
+    Parameters
+    ----------
+    queues
+        Queue names to consume, e.g. ``[settings.inference_queue]``.
+    concurrency
+        Pool processes; each one that serves the inference queue loads its own model copy.
+    beat
+        Also run the scheduler (the nightly evaluation) inside this worker: one per installation.
+    pool
+        Celery pool: ``prefork`` (default), ``solo`` or ``threads``.
+    """
+    explicit = settings.model_dump(mode="json", include=settings.model_fields_set - _NOT_FOR_WORKERS)
+    for key, value in list(explicit.items()):
+        if key.endswith("_dir") and value is not None:
+            explicit[key] = str(getattr(settings, key).expanduser().resolve())
+    explicit["data_dir"] = str(settings.data_dir.expanduser().resolve())
+    argv = [
+        sys.executable, "-m", "covid_cxr", "worker",
+        "--queues", ",".join(queues),
+        "--concurrency", str(concurrency),
+        "--pool", pool,
+        "--hostname", hostname or f"covid-cxr-{'-'.join(queues)}-{uuid.uuid4().hex[:8]}@%h",
+        "--settings-json", json.dumps(explicit, sort_keys=True),
+    ]
+    if loglevel:
+        argv += ["--loglevel", loglevel]
+    if beat:
+        argv.append("--beat")
+    return argv
