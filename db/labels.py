@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -244,6 +244,33 @@ def _drop_duplicates(rows: list[LabelRow]) -> tuple[list[LabelRow], list[LinePro
     return kept, problems
 
 
+def _records(lines: list[tuple[int, str]], delimiter: str) -> Iterator[tuple[int, list[str] | LineProblem]]:
+    """CSV records with the number of the line each starts on; a quoted cell may span lines.
+
+    A record the csv module refuses (a cell over its field limit, say) is a ``bad_row`` problem
+    of that record alone: the reader carries on with the next line.
+    """
+    consumed: list[int] = []
+
+    def texts() -> Iterator[str]:
+        for number, text in lines:
+            consumed.append(number)
+            yield text + "\n"
+
+    reader = csv.reader(texts(), delimiter=delimiter)
+    while True:
+        first = len(consumed)
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            number = consumed[first]  # the reader took at least this line before it failed
+            yield number, LineProblem(number, "bad_row", f"not a CSV record: {exc}")
+            continue
+        yield consumed[first], fields
+
+
 def parse_labels(data: bytes) -> tuple[list[LabelRow], list[LineProblem], int]:
     """Parse a labels CSV without touching the database.
 
@@ -267,8 +294,11 @@ def parse_labels(data: bytes) -> tuple[list[LabelRow], list[LineProblem], int]:
     problems.extend(header_problems)
     data_lines = len({p.line for p in problems if p.reason == "undecodable" and p.line > header_number})
     rows: list[LabelRow] = []
-    for number, text in lines[1:]:
-        fields = next(csv.reader([text], delimiter=delimiter))
+    for number, fields in _records(lines[1:], delimiter):
+        if isinstance(fields, LineProblem):
+            data_lines += 1
+            problems.append(fields)
+            continue
         if not any(f.strip() for f in fields):
             continue
         data_lines += 1

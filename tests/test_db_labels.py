@@ -172,3 +172,26 @@ def test_parse_labels_needs_no_database():
     assert problems == [] and data_lines == 1
     assert (rows[0].key_type, rows[0].label, rows[0].source, rows[0].label_date) == (
         "study_instance_uid", "covid", "rt-pcr", "2026-11-20")
+
+
+def test_an_oversized_field_is_one_bad_row_and_the_valid_rows_still_load(settings):
+    result = import_labels(settings, (
+        f"{HEADER}"
+        f"{STUDY_A},covid,rt-pcr,2026-11-20\n"
+        f"{STUDY_B},{'x' * 200_000},rt-pcr,2026-11-20\n"
+        f"{STUDY_B},normal,radiologist,2026-11-21\n"
+    ).encode())
+    assert _problems(result) == [(3, "error", "bad_row")]
+    assert "field limit" in result.problems[0].message
+    assert result.added == 2 and result.rows == 3
+
+
+def test_a_quoted_cell_over_several_lines_is_one_row(settings):
+    rows, problems, data_lines = parse_labels((
+        "StudyInstanceUID,label,source,date,comment\n"
+        f'{STUDY_A},covid,rt-pcr,2026-11-20,"first line\nsecond line"\n'
+        f"{STUDY_B},normal,rt-pcr,2026-11-21,plain\n"
+    ).encode())
+    assert [p.reason for p in problems] == ["ignored_column"]
+    assert data_lines == 2
+    assert [(r.line, r.key_value) for r in rows] == [(2, STUDY_A), (4, STUDY_B)]
