@@ -52,11 +52,12 @@ def run_serve(args: argparse.Namespace) -> int:
         resent = requeue_stale(settings, queued_grace_seconds=0)
         if resent:
             log.info("re-sent %d instance(s) left queued or unsent by the previous run", resent)
-    command = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
+    command, env = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
                              concurrency=args.concurrency, beat=True)
     # Own session: Ctrl-C reaches only this process, which then stops the worker in order
     # (warm shutdown: the batch at hand finishes, or is redelivered if it must be killed).
-    worker = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    worker = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
+                              preexec_fn=_die_with_parent)
     log.info("worker process %d started (queues %s, %s; scheduler on)", worker.pid,
              settings.inference_queue, settings.cpu_queue)
     failure: list[int] = []

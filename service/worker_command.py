@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -17,7 +18,9 @@ from covid_cxr.settings import Settings
 log = logging.getLogger(__name__)
 
 POOLS = ("prefork", "solo", "threads")
-#: Installation settings that ``--settings-json`` may carry and the common flags may override.
+#: Environment variable in which a parent hands its settings to the worker it starts (JSON, never argv).
+SETTINGS_ENV = "COVID_CXR_WORKER_SETTINGS_JSON"
+#: Installation settings the handed-over settings may carry and the common flags may override.
 _COMMON_FIELDS = ("data_dir", "database_url", "broker_url")
 #: Settings never passed to a worker on its command line: workers do not pseudonymize.
 _NOT_FOR_WORKERS = frozenset({"pseudonym_key"})
@@ -39,15 +42,15 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     worker.add_argument("--loglevel", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level (default COVID_CXR_LOG_LEVEL)")
     worker.add_argument("--hostname", help="Celery node name (default covid-cxr-QUEUES-RANDOM@host)")
-    # Used by worker_command: the parent's settings, so the child needs nothing else.
-    worker.add_argument("--settings-json", help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Settings of a worker: those its parent handed over in the environment (see :func:`worker_command`) first."""
     extra: dict[str, Any] = {}
-    if getattr(args, "settings_json", None):
-        extra = json.loads(args.settings_json)
+    handed_over = os.environ.pop(SETTINGS_ENV, None)  # read once; the pool processes need not see it
+    if handed_over:
+        extra = json.loads(handed_over)
         for name in _COMMON_FIELDS:
             given = extra.pop(name, None)
             if getattr(args, name, None) is None:
@@ -97,12 +100,14 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def worker_command(settings: Settings, queues: list[str], concurrency: int = 1, beat: bool = False,
-                   pool: str = "prefork", *, loglevel: str | None = None, hostname: str | None = None) -> list[str]:
-    """The argv of a worker process for ``settings`` (``covid-cxr worker`` run by this Python).
+                   pool: str = "prefork", *, loglevel: str | None = None,
+                   hostname: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv of a worker process for ``settings`` (``covid-cxr worker`` run by this Python), and its environment.
 
-    Every setting that differs from its default travels on the command line, so the child needs
-    nothing from the parent's environment; paths are made absolute so its working directory does
-    not matter either.
+    Every setting that differs from its default travels in the returned environment variable, never
+    on the command line, where ``ps`` would show a database password to every user of the machine;
+    paths are made absolute so the child's working directory does not matter. Start the child with
+    ``env={**os.environ, **env}``.
 
     Parameters
     ----------
@@ -126,10 +131,9 @@ def worker_command(settings: Settings, queues: list[str], concurrency: int = 1, 
         "--concurrency", str(concurrency),
         "--pool", pool,
         "--hostname", hostname or f"covid-cxr-{'-'.join(queues)}-{uuid.uuid4().hex[:8]}@%h",
-        "--settings-json", json.dumps(explicit, sort_keys=True),
     ]
     if loglevel:
         argv += ["--loglevel", loglevel]
     if beat:
         argv.append("--beat")
-    return argv
+    return argv, {SETTINGS_ENV: json.dumps(explicit, sort_keys=True)}

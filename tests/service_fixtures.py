@@ -257,11 +257,11 @@ def start_worker(settings: Settings, queues: Sequence[str] | None = None, *, con
     """
     from service.worker_command import worker_command
 
-    argv = worker_command(settings, list(queues or [settings.inference_queue]), concurrency=concurrency,
-                          beat=beat, pool=pool, loglevel="INFO")
+    argv, handed_over = worker_command(settings, list(queues or [settings.inference_queue]),
+                                       concurrency=concurrency, beat=beat, pool=pool, loglevel="INFO")
     log_path = log_path or settings.data_dir / f"worker-{uuid.uuid4().hex[:8]}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    child_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **handed_over, **(env or {})}
     with log_path.open("ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=child_env,
                                    start_new_session=True)
