@@ -141,7 +141,7 @@ def reader_policy():  # type: ignore[no-untyped-def]
     from covid_cxr.settings import load_settings
     from ingest.reader import ReaderPolicy
 
-    return ReaderPolicy.from_settings(load_settings(pseudonym_key="benchmark"))  # a key: no key file written
+    return ReaderPolicy.from_settings(load_settings().with_ephemeral_pseudonym_key())  # no key file written
 
 
 def read_chest(dicom_dir: Path, name: str):  # type: ignore[no-untyped-def]

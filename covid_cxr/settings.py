@@ -15,6 +15,8 @@ from pydantic_settings.exceptions import SettingsError
 from covid_cxr.errors import ConfigurationError
 
 ENV_PREFIX = "COVID_CXR_"
+#: Shortest accepted pseudonym key: 256 bits, the HMAC-SHA256 block of security.
+MIN_PSEUDONYM_KEY_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -76,6 +78,15 @@ class Settings(BaseSettings):
             value = [part for part in value.replace(",", " ").split()]
         return frozenset(str(v).strip().upper() for v in value)
 
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _enough_key_material(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_PSEUDONYM_KEY_BYTES:
+            raise ValueError(f"must hold at least {MIN_PSEUDONYM_KEY_BYTES} bytes of key material, e.g. "
+                             f"the output of `openssl rand -hex 32`; a short key lets anyone who can guess it "
+                             f"link pseudonyms back to patient ids")
+        return value
+
     @field_validator("evaluation_cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
@@ -125,18 +136,31 @@ class Settings(BaseSettings):
     def broker_dir(self) -> Path:
         return (self.data_dir / "broker").expanduser().resolve()
 
+    @property
+    def pseudonym_key_file(self) -> Path:
+        """Where the key lives when none is configured: created once per data dir."""
+        return self.data_dir.expanduser() / "pseudonym.key"
+
+    def with_ephemeral_pseudonym_key(self) -> Settings:
+        """These settings with a random key of their own, for one-off reads that keep no pseudonym (no key file)."""
+        return self.model_copy(update={"pseudonym_key": SecretStr(secrets.token_hex(32))})
+
     @cached_property
     def pseudonym_secret(self) -> bytes:
         """The HMAC key; created once per data dir (mode 0600) when none is configured."""
         if self.pseudonym_key is not None:
             return self.pseudonym_key.get_secret_value().encode()
-        key_file = self.data_dir.expanduser() / "pseudonym.key"
+        key_file = self.pseudonym_key_file
         if not key_file.exists():
             key_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_hex(32))
-        return key_file.read_text().strip().encode()
+        secret = key_file.read_text().strip().encode()
+        if len(secret) < MIN_PSEUDONYM_KEY_BYTES:
+            raise ConfigurationError(f"the pseudonym key file {key_file} holds fewer than {MIN_PSEUDONYM_KEY_BYTES} "
+                                     f"bytes; replace it with the output of `openssl rand -hex 32`")
+        return secret
 
 
 def load_settings(**overrides: Any) -> Settings:

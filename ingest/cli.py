@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from covid_cxr.commandline import EXIT_USAGE, Subparsers, settings_from_args
+from covid_cxr.safe_output import printable
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -33,13 +34,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
     path: Path = args.file
     if not path.is_file():
-        print(f"covid-cxr inspect: error: {path}: no such file", file=sys.stderr)
+        print(f"covid-cxr inspect: error: {printable(str(path))}: no such file", file=sys.stderr)
         return EXIT_USAGE
-    policy = ReaderPolicy.from_settings(settings_from_args(args))
+    settings = settings_from_args(args)
+    key = "configured" if settings.pseudonym_key is not None else "key file"
+    if settings.pseudonym_key is None and not settings.pseudonym_key_file.exists():
+        # A look at one file must not create an installation's key in whatever folder it runs in.
+        settings, key = settings.with_ephemeral_pseudonym_key(), "ephemeral"
+    policy = ReaderPolicy.from_settings(settings)
     try:
         report = inspect_file(path, policy, png=args.png)
     except OSError as exc:
-        print(f"covid-cxr inspect: error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"covid-cxr inspect: error: {printable(str(path))}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
+    report["pseudonym_key"] = key
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,7 @@ import worker.cli
 import worker.evaluation_cli
 from covid_cxr.commandline import EXIT_ERROR, Subparsers, common_options
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter, printable
 from service import ingest_command, serve_command, worker_command
 
 #: Functions that add subcommands, in the order they appear in ``--help``.
@@ -42,20 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of a command whose reader went away (``covid-cxr results | head``): 128 + SIGPIPE, as the shell expects.
+EXIT_BROKEN_PIPE = 141
+#: Files and folders the service creates are its own: archived DICOMs and the database hold PHI.
+PRIVATE_UMASK = 0o077
+
+
+def configure_logging(verbose: bool) -> None:
+    """One line per record, control characters escaped; library noise below WARNING unless ``verbose``."""
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: an embedding program's (or pytest's) handlers stay
+        handler = logging.StreamHandler()
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # A decoder failure is an expected rejection with its own reason line, not a crash to show.
+        handler.addFilter(DemoteToDebug("pydicom"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # Alembic's per-command INFO chatter (plugins, DDL mode) tells an operator nothing
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # Alembic's per-command INFO chatter (plugins, DDL mode) tells an operator nothing
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except CovidCxrError as exc:
-        print(f"covid-cxr {args.command}: error: {exc.message} [{exc.reason}]", file=sys.stderr)
+        print(f"covid-cxr {args.command}: error: {printable(exc.message)} [{exc.reason}]", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # Python would print a traceback while flushing stdout at exit: point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 

@@ -99,3 +99,19 @@ def test_console_command_end_to_end(dicom_dir: Path, tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     report = json.load(io.StringIO(completed.stdout))
     assert report["accepted"] is False and report["reason"] == "wrong_body_part"
+
+
+def test_inspect_never_writes_a_key_file(dicom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COVID_CXR_PSEUDONYM_KEY", raising=False)
+    code, out, _ = _run(capsys, str(dicom_dir / CHEST), "--json")
+    assert code == 0 and json.loads(out)["pseudonym_key"] == "ephemeral"
+    assert list(tmp_path.iterdir()) == [], "inspect created files in the folder it ran in"
+
+
+def test_inspect_uses_the_installation_key_where_there_is_one(dicom_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pseudonym.key").write_text("ab" * 32)
+    code, out, _ = _run(capsys, str(dicom_dir / CHEST), "--json", "--data-dir", str(tmp_path))
+    assert code == 0 and json.loads(out)["pseudonym_key"] == "key file"

@@ -402,11 +402,11 @@ def test_policy_validates_its_fields() -> None:
 
 def test_policy_from_settings(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, allowed_modalities="CR,DX,RF", max_pixels=1000,
-                        multi_frame_policy="first_frame", pseudonym_key="k3y")
+                        multi_frame_policy="first_frame", pseudonym_key="k3y" * 11)
     policy = ReaderPolicy.from_settings(settings)
-    assert policy == ReaderPolicy(frozenset({"CR", "DX", "RF"}), 1000, "first_frame", b"k3y")
+    assert policy == ReaderPolicy(frozenset({"CR", "DX", "RF"}), 1000, "first_frame", b"k3y" * 11)
     with pytest.raises(ConfigurationError):
-        ReaderPolicy.from_settings(Settings(data_dir=tmp_path, allowed_modalities="", pseudonym_key="k"))
+        ReaderPolicy.from_settings(Settings(data_dir=tmp_path, allowed_modalities="", pseudonym_key="k" * 32))
 
 
 def test_ingest_stays_light_no_tensorflow() -> None:

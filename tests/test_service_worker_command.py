@@ -17,7 +17,7 @@ def test_worker_command_hands_the_settings_over_in_the_environment_not_the_comma
     monkeypatch.chdir(tmp_path)
     password_url = "postgresql+psycopg://covid:S3cret-PW@db.example:5432/covid"
     settings = load_settings(data_dir="rel-data", batch_size=4, max_attempts=5, model_name="m",
-                             pseudonym_key="secret-key", database_url=password_url)
+                             pseudonym_key="secret-key" * 4, database_url=password_url)
     argv, env = worker_command(settings, ["gpu"], concurrency=2, beat=True, pool="solo")
     assert argv[:4] == [sys.executable, "-m", "covid_cxr", "worker"]
     assert "S3cret-PW" not in " ".join(argv) and "secret-key" not in " ".join(argv)

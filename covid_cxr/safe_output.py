@@ -1,0 +1,65 @@
+"""Text from file names and DICOM headers made safe to show: in logs, on terminals and in spreadsheets.
+
+A hospital network can put anything into a file name or a header value: a newline and a forged log
+line, ANSI escapes that clear a terminal or set its title, a formula a spreadsheet evaluates.
+Everything covid-cxr prints or logs goes through here first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+#: C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides that
+#: reorder or break what a reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Cells starting with one of these are formulas to Excel, LibreOffice and Google Sheets.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n`` becomes ``\\x0a``)."""
+    return _CONTROL.sub(_escape, text)
+
+
+def spreadsheet_cell(value: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: formula starters get a leading apostrophe (OWASP)."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters in the message, so one record is one line.
+
+    A traceback keeps its own line breaks; control characters inside its lines are escaped too.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: logging._SysExcInfoType) -> str:
+        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(printable(line) for line in super().formatStack(stack_info).split("\n"))
+
+
+class DemoteToDebug(logging.Filter):
+    """A handler filter that turns the records of one library (``name`` and below) into DEBUG ones.
+
+    pydicom logs an ERROR with a full traceback when a decoder fails, although the file is then
+    rejected with a reason code and a one-line message; an operator should not see a crash there.
+    Records of other loggers pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not super().filter(record):
+            return True
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
