@@ -66,7 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
         code = worker.wait()
         if not service.stopping:
             failure.append(code)
-            log.error("the worker process exited with status %s; stopping", code)
+            log.error("the worker process exited with status %s (its reason is logged just above); stopping", code)
             service.stop()
 
     threading.Thread(target=watch_worker, name="worker-watch", daemon=True).start()

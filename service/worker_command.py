@@ -59,6 +59,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from celery.signals import worker_init
+
     from db.migrate import check_schema
     from db.session import dispose_engines
     from worker.app import create_worker_app
@@ -95,8 +97,16 @@ def run_worker(args: argparse.Namespace) -> int:
         # The schedule file lives in the data dir, which a PostgreSQL + Redis installation may not have yet.
         Path(app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", app.conf.beat_schedule_filename]
+    # Celery's worker_main discards the worker's exit status; read it from the worker itself, so that a
+    # worker stopped by an unrecoverable error (its broker folder gone for good, say) exits non-zero.
+    controllers: list[Any] = []
+
+    def remember(sender: Any = None, **_: Any) -> None:
+        controllers.append(sender)
+
+    worker_init.connect(remember, weak=False)
     app.worker_main(argv)
-    return 0
+    return int(getattr(controllers[-1], "exitcode", 0) or 0) if controllers else 0
 
 
 def worker_command(settings: Settings, queues: list[str], concurrency: int = 1, beat: bool = False,

@@ -24,6 +24,9 @@ from kombu.utils.json import dumps
 from covid_cxr.settings import Settings
 from taskqueue.names import EVALUATE_TASK, PREDICT_TASK
 
+#: Transport option naming this installation's queues, so the channel can route to them without binding files.
+OWN_QUEUES_OPTION = "covid_cxr_queues"
+
 
 class _AtomicFilesystemChannel(filesystem.Channel):
     """kombu's filesystem channel, with messages that appear in the queue folder only once complete.
@@ -31,10 +34,14 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     kombu creates the message file and then writes it, so a worker polling in between takes an
     empty file, fails to decode it and stops ("Unrecoverable error: JSONDecodeError"). Here a
     message is written under a dot-name the consumers ignore and renamed into place.
+    The broker folders are recreated when someone deletes them (kombu's worker would stop), and
+    a queue whose binding file went with them is still reached: our queues are bound to an
+    exchange of their own name (see :func:`_queues`).
     """
 
     # Same signatures as kombu's filesystem Channel, which itself departs from the abstract channel's.
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._recreate_missing_folders()
         name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".{name}.partial")
@@ -45,7 +52,27 @@ class _AtomicFilesystemChannel(filesystem.Channel):
         except OSError as exc:
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
 
+    def get_table(self, exchange: str) -> Any:
+        table = super().get_table(exchange)
+        if not table and exchange in self.transport_options.get(OWN_QUEUES_OPTION, ()):
+            return [filesystem.exchange_queue_t(exchange, "", exchange)]
+        return table
+
+    def _recreate_missing_folders(self) -> None:
+        folders = [self.data_folder_in, self.data_folder_out, self.control_folder]
+        missing = [folder for folder in folders if not os.path.isdir(folder)]
+        if not missing:
+            return
+        logging.getLogger(__name__).warning("broker folder(s) %s gone; recreating them",
+                                            ", ".join(str(folder) for folder in missing))
+        try:
+            for folder in missing:
+                os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ChannelError(f"the broker folder {missing[0]} is gone and cannot be recreated: {exc}") from exc
+
     def _get(self, queue: str) -> Any:  # type: ignore[override]
+        self._recreate_missing_folders()
         try:
             return super()._get(queue)
         except ValueError as exc:
@@ -80,6 +107,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             # The worker polls the folder; 0.2 s keeps batch latency low at the cost of a cheap listdir.
             "polling_interval": 0.2,
+            OWN_QUEUES_OPTION: [settings.inference_queue, settings.cpu_queue],
         }
     visibility = settings.requeue_after_seconds
     return {

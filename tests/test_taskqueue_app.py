@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
+import pytest
 from celery.schedules import crontab
+from service_fixtures import (
+    chest_images,
+    embedded_settings,
+    instance_states,
+    record_instances,
+    start_worker,
+    wait_until,
+)
 
 from covid_cxr.settings import load_settings
+from db.migrate import upgrade
 from taskqueue.app import create_app
 from taskqueue.names import EVALUATE_TASK, PREDICT_TASK
+from taskqueue.producer import enqueue_batch
 from worker.app import create_worker_app
 
 
@@ -79,3 +91,33 @@ def test_importing_the_app_module_has_no_side_effects(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+
+
+@pytest.mark.slow
+def test_a_deleted_broker_folder_is_recreated_and_messages_still_reach_the_worker(tmp_path, cxr_dir):
+    settings = embedded_settings(tmp_path, max_attempts=1)
+    upgrade(settings)  # no model: the batch ends 'failed', which shows that its message arrived
+    ids = record_instances(settings, chest_images(cxr_dir, 1))
+    with start_worker(settings, queues=[settings.inference_queue, settings.cpu_queue]) as worker:
+        shutil.rmtree(settings.broker_dir)
+        wait_until(lambda: (settings.broker_dir / "queue").is_dir(), timeout=10,
+                   what="the worker to recreate the broker folder")
+        shutil.rmtree(settings.broker_dir / "control")  # the producer, too, recreates what it needs
+        assert enqueue_batch(settings, ids)
+        wait_until(lambda: set(instance_states(settings, ids).values()) == {"failed"}, timeout=60,
+                   what="the batch sent after the broker folder was deleted")
+        assert worker.alive
+    assert "recreating them" in worker.log_text()
+    assert worker.process.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_worker_whose_broker_folder_cannot_come_back_exits_non_zero(tmp_path):
+    settings = embedded_settings(tmp_path)
+    upgrade(settings)
+    with start_worker(settings) as worker:
+        shutil.rmtree(settings.broker_dir)
+        settings.broker_dir.write_text("a file where the broker folder was\n")
+        wait_until(lambda: not worker.alive, timeout=60, what="the worker to stop")
+    assert worker.process.returncode not in (0, None)
+    assert "cannot be recreated" in worker.log_text()
