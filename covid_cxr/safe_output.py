@@ -27,6 +27,11 @@ def printable(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
+def printable_lines(text: str) -> str:
+    """``text`` with its line breaks kept and every other control character escaped."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def spreadsheet_cell(value: str) -> str:
     """A CSV cell that a spreadsheet shows as text: formula starters get a leading apostrophe (OWASP)."""
     return "'" + value if value.startswith(_FORMULA_START) else value
@@ -43,10 +48,10 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatException(self, ei: logging._SysExcInfoType) -> str:
-        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
+        return printable_lines(super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:
-        return "\n".join(printable(line) for line in super().formatStack(stack_info).split("\n"))
+        return printable_lines(super().formatStack(stack_info))
 
 
 class DemoteToDebug(logging.Filter):

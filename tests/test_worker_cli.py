@@ -130,3 +130,25 @@ def test_results_csv_and_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.startswith("Studies\nstudy_instance_uid") and "\nImages\ninstance_id" in table
     assert "0.450" in table
+
+
+def test_header_values_and_file_names_cannot_drive_a_terminal_or_a_spreadsheet(tmp_path, capsys):
+    settings = embedded_settings(tmp_path)
+    upgrade(settings)
+    ids = _populate(settings)
+    with session_scope(settings) as session:
+        session.execute(update(Instance).where(Instance.id == ids["rejected"][0])
+                        .values(message="Modality is \x1b]0;owned\x07\x1b[2J"))
+        session.execute(update(Instance).where(Instance.id == ids["second"][0])
+                        .values(view_position="@SUM(1+1)", file_name='=HYPERLINK("http://x")\nforged'))
+    assert main(["status", "--data-dir", str(tmp_path)]) == 0
+    status = capsys.readouterr().out
+    assert "\x1b" not in status and "\x07" not in status
+    assert "Modality is \\x1b]0;owned\\x07\\x1b[2J" in status
+    assert main(["results", "--format", "csv", "--data-dir", str(tmp_path)]) == 0
+    rows = {int(row["instance_id"]): row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    hostile = rows[ids["second"][0]]
+    assert hostile["view_position"] == "'@SUM(1+1)"
+    assert hostile["file_name"] == "'=HYPERLINK(\"http://x\")\\x0aforged"
+    assert main(["results", "--data-dir", str(tmp_path)]) == 0
+    assert "\x1b" not in capsys.readouterr().out

@@ -12,6 +12,7 @@ from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import ConfigurationError
+from covid_cxr.safe_output import printable, printable_lines, spreadsheet_cell
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _status(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_status(report))
+        sys.stdout.write(printable_lines(format_status(report)))
     return 0
 
 
@@ -102,10 +103,10 @@ def _results(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=IMAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(results["images"])
+        writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in results["images"])
     else:
-        sys.stdout.write("Studies\n" + format_table(results["studies"], STUDY_COLUMNS))
-        sys.stdout.write("\nImages\n" + format_table(results["images"], _IMAGE_TABLE_COLUMNS))
+        sys.stdout.write(printable_lines("Studies\n" + format_table(results["studies"], STUDY_COLUMNS)))
+        sys.stdout.write(printable_lines("\nImages\n" + format_table(results["images"], _IMAGE_TABLE_COLUMNS)))
     return 0
 
 
@@ -118,6 +119,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     out = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)).rstrip()]
     out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
     return "\n".join(out) + "\n"
+
+
+def _csv_cell(value: Any) -> Any:
+    """Text values from file names and headers: shown escaped, and never evaluated by a spreadsheet."""
+    return spreadsheet_cell(printable(value)) if isinstance(value, str) else value
 
 
 def _cell(value: Any) -> str:
