@@ -28,12 +28,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # --- where things live ---------------------------------------------------------------
-    data_dir: Path = Field(Path("covid-cxr-data"), description="Root for database, inbox, archive, quarantine, reports, models")
+    data_dir: Path = Field(
+        Path("covid-cxr-data"), description="Root for database, inbox, archive, quarantine, reports, models")
     inbox_dir: Path | None = Field(None, description="Watched drop folder; default DATA_DIR/inbox")
     archive_dir: Path | None = Field(None, description="Where processed files go; default DATA_DIR/archive")
     quarantine_dir: Path | None = Field(None, description="Where rejected files go; default DATA_DIR/quarantine")
     reports_dir: Path | None = Field(None, description="Evaluation reports and plots; default DATA_DIR/reports")
-    model_cache_dir: Path | None = Field(None, description="Local cache of verified model artifacts; default DATA_DIR/models")
+    model_cache_dir: Path | None = Field(
+        None, description="Local cache of verified model artifacts; default DATA_DIR/models")
 
     # --- services --------------------------------------------------------------------------
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/covid-cxr.sqlite3. "
@@ -42,21 +44,28 @@ class Settings(BaseSettings):
                                    "(no server). Distributed: redis://host:6379/0")
 
     # --- privacy -----------------------------------------------------------------------------
-    pseudonym_key: SecretStr | None = Field(None, description="HMAC key for patient-id pseudonyms; default a random key "
-                                            "created once in DATA_DIR/pseudonym.key. Set it explicitly when several "
-                                            "ingesters must agree.")
+    pseudonym_key: SecretStr | None = Field(None, description="HMAC key for patient-id pseudonyms; default a random "
+                                            "key created once in DATA_DIR/pseudonym.key. Set it explicitly when "
+                                            "several ingesters must agree.")
 
     # --- DICOM acceptance policy -------------------------------------------------------------
-    allowed_modalities: Annotated[frozenset[str], NoDecode] = Field(frozenset({"CR", "DX"}), description="Modalities accepted as chest radiographs")
-    max_pixels: int = Field(60_000_000, gt=0, description="Reject images whose Rows*Columns*NumberOfFrames exceeds this (decompression-bomb guard)")
-    multi_frame_policy: Literal["reject", "first_frame"] = Field("reject", description="What to do with multi-frame images")
+    allowed_modalities: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset({"CR", "DX"}), description="Modalities accepted as chest radiographs (comma- or space-separated)")
+    max_pixels: int = Field(60_000_000, gt=0, description="Reject images whose Rows*Columns*NumberOfFrames exceeds "
+                            "this (decompression-bomb guard)")
+    multi_frame_policy: Literal["reject", "first_frame"] = Field(
+        "reject", description="What to do with multi-frame images: reject them (multi_frame) or read frame 1 only "
+        "(flag first_frame_only)")
 
     # --- inbox watcher -------------------------------------------------------------------------
-    settle_seconds: float = Field(2.0, ge=0, description="A file is complete once size and mtime are unchanged this long")
+    settle_seconds: float = Field(
+        2.0, ge=0, description="A file is complete once size and mtime are unchanged this long")
     reconcile_interval_seconds: float = Field(30.0, gt=0, description="Period of the full inbox scan / re-enqueue loop")
     requeue_after_seconds: float = Field(900.0, gt=0, description="Re-enqueue instances still 'queued' after this long")
     use_polling_observer: bool = Field(False, description="Polling observer (network shares) instead of inotify")
-    after_ingest: Literal["archive", "keep", "delete"] = Field("archive", description="What happens to an accepted file")
+    after_ingest: Literal["archive", "keep", "delete"] = Field(
+        "archive", description="What happens to an accepted file: archive (move to the archive), keep (leave in the "
+        "inbox) or delete")
 
     # --- inference -------------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=1024, description="Images per inference batch")
@@ -67,9 +76,11 @@ class Settings(BaseSettings):
     model_name: str = Field("covid-cxr", description="Registry name whose active version the workers serve")
 
     # --- evaluation ------------------------------------------------------------------------------
-    evaluation_cron: str = Field("0 2 * * *", description="celery beat crontab (m h dom mon dow) of the nightly evaluation")
+    evaluation_cron: str = Field(
+        "0 2 * * *", description="celery beat crontab (m h dom mon dow) of the nightly evaluation")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the Celery worker (covid-cxr worker --loglevel overrides it)")
 
     @field_validator("allowed_modalities", mode="before")
     @classmethod
