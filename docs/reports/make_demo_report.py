@@ -1,6 +1,6 @@
-"""The README's demo report: a trained model's held-out test images, wrapped as DICOM, through `covid-cxr serve`.
+"""The demo report of docs/model.md: a trained model's held-out test images, as DICOM, through `covid-cxr serve`.
 
-Usage (from the repository root, after training into DEMO/model as the README shows)::
+Usage (from the repository root, after training into DEMO/model as docs/model.md, "A real report", shows)::
 
     .venv/bin/python docs/reports/make_demo_report.py DEMO
 
@@ -40,15 +40,21 @@ def cli(*args: str, check: bool = True) -> str:
     return result.stdout + result.stderr
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def write_training_csv() -> None:
     """covid and normal images of ../shared/data/cxr, without the unverified (damaged) copies; patients per origin."""
     DEMO.mkdir(parents=True, exist_ok=True)
     with open(DEMO / "train.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "patient_id"])
-        for row in csv.DictReader(open(SHARED / "cxr" / "metadata.csv")):
+        for row in read_csv(SHARED / "cxr" / "metadata.csv"):
             if row["label"] in ("covid", "normal") and not row["integrity"].startswith(("unverified", "visibly")):
-                writer.writerow([SHARED / "cxr" / row["file"], row["label"], f"{row['origin_dataset']}:{row['patient_id']}"])
+                patient = f"{row['origin_dataset']}:{row['patient_id']}"
+                writer.writerow([SHARED / "cxr" / row["file"], row["label"], patient])
 
 
 def main() -> None:
@@ -62,8 +68,8 @@ def main() -> None:
                          f"--data-dir {DEMO / 'train-data'}")
     meta = json.loads((DEMO / "model" / "metadata.json").read_text())
     test_patients = set(meta["data"]["split"]["test"]["patient_ids"])
-    origin = {row["file"]: row for row in csv.DictReader(open(SHARED / "cxr" / "metadata.csv"))}
-    rows = [r for r in csv.DictReader(open(DEMO / "train.csv")) if r["patient_id"] in test_patients]
+    origin = {row["file"]: row for row in read_csv(SHARED / "cxr" / "metadata.csv")}
+    rows = [r for r in read_csv(DEMO / "train.csv") if r["patient_id"] in test_patients]
     print(f"{len(rows)} held-out test images of {len(test_patients)} patients")
 
     labels = ["StudyInstanceUID,SOPInstanceUID,AccessionNumber,label,source,date"]
@@ -95,29 +101,29 @@ def main() -> None:
     print(cli("models", "import", str(DEMO / "model"), "--activate"))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COVID_CXR_BATCH_MAX_WAIT_SECONDS": "1",
            "COVID_CXR_RECONCILE_INTERVAL_SECONDS": "5"}
-    log = open(SITE / "serve.log", "wb")
-    serve = subprocess.Popen([PY, "-m", "covid_cxr", "serve", "--data-dir", str(DATA), "--inbox", str(INBOX),
-                              "--settle-seconds", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                             cwd=REPO, start_new_session=True)
-    try:
-        time.sleep(5)
-        INBOX.mkdir(parents=True, exist_ok=True)
-        for path in sorted(STAGING.iterdir()):
-            shutil.copyfile(path, INBOX / path.name)
-        started = time.monotonic()
-        while True:
-            status = json.loads(cli("status", "--json"))
-            states = status["instances"]
-            done = sum(v for k, v in states.items() if k in {"predicted", "rejected", "duplicate", "failed"})
-            if done >= expected:
-                break
-            if time.monotonic() - started > 900 or serve.poll() is not None:
-                raise SystemExit(f"not done: {status}")
-            time.sleep(3)
-        print(f"all {expected} files final after {time.monotonic() - started:.0f} s")
-    finally:
-        serve.send_signal(signal.SIGINT)
-        serve.wait(120)
+    with open(SITE / "serve.log", "wb") as log:
+        serve = subprocess.Popen([PY, "-m", "covid_cxr", "serve", "--data-dir", str(DATA), "--inbox", str(INBOX),
+                                  "--settle-seconds", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=REPO, start_new_session=True)
+        try:
+            time.sleep(5)
+            INBOX.mkdir(parents=True, exist_ok=True)
+            for path in sorted(STAGING.iterdir()):
+                shutil.copyfile(path, INBOX / path.name)
+            started = time.monotonic()
+            while True:
+                status = json.loads(cli("status", "--json"))
+                states = status["instances"]
+                done = sum(v for k, v in states.items() if k in {"predicted", "rejected", "duplicate", "failed"})
+                if done >= expected:
+                    break
+                if time.monotonic() - started > 900 or serve.poll() is not None:
+                    raise SystemExit(f"not done: {status}")
+                time.sleep(3)
+            print(f"all {expected} files final after {time.monotonic() - started:.0f} s")
+        finally:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(120)
     print(cli("labels", "import", str(SITE / "labels.csv"), check=False))
     print(cli("evaluate", "--window", "24h"))
     print(cli("report"))
