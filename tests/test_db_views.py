@@ -203,14 +203,15 @@ def test_sqlite_table_rebuild_in_a_later_migration_survives_the_views(tmp_path):
     assert len(_rows(settings, "SELECT * FROM v_image_results")) == 5
 
 
-def _readme_evaluation_queries() -> list[str]:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start, end = readme.index("<!-- section: evaluation -->"), readme.index("<!-- /section: evaluation -->")
-    return re.findall(r"```sql\n(.*?)```", readme[start:end], flags=re.S)
+def _docs_analyst_queries() -> list[str]:
+    """The ```sql blocks of the "Analyst queries" section of docs/sql.md."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sql.md").read_text(encoding="utf-8")
+    section = page.split("\n## Analyst queries\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_queries_run_on_both_databases(db_settings):
-    queries = _readme_evaluation_queries()
+def test_docs_analyst_queries_run_on_both_databases(db_settings):
+    queries = _docs_analyst_queries()
     assert len(queries) >= 5
     seed(db_settings)
     for query in queries:

@@ -140,20 +140,20 @@ def wait_all_terminal(settings, names: set[str], timeout: float = 180.0) -> dict
     return wait_until(done, timeout=timeout, interval=0.5, what=f"{len(names)} files in a terminal state")
 
 
-def readme_example_sql() -> list[str]:
-    """The ```sql blocks of the README's "Example SQL" section."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("### Example SQL", 1)[1].split("\n#", 1)[0]
+def docs_operator_sql() -> list[str]:
+    """The ```sql blocks of the "Operator queries" section of docs/sql.md."""
+    page = (REPO_ROOT / "docs" / "sql.md").read_text()
+    section = page.split("\n## Operator queries\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
 
 
-def assert_readme_sql_runs(settings) -> None:
-    """Every example query of the README runs on this database (SQLite or PostgreSQL)."""
+def assert_docs_sql_runs(settings) -> None:
+    """Every operator query of docs/sql.md runs on this database (SQLite or PostgreSQL)."""
     from sqlalchemy import text
 
     from db.session import create_engine_for
 
-    queries = readme_example_sql()
+    queries = docs_operator_sql()
     assert len(queries) >= 5
     with create_engine_for(settings).connect() as connection:
         for query in queries:
@@ -295,7 +295,7 @@ def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dico
     assert Path(original.stored_path).is_file() and Path(conflict.stored_path).is_file()  # both versions kept
     assert rows["resent/siim.dcm"].duplicate_of_id == rows[next(r for s, r in drops if s.name == SIIM)].id
     assert sum(predictions.values()) == sum(1 for w in [*expected.values(), *later.values()] if w == "predicted")
-    assert_readme_sql_runs(settings)
+    assert_docs_sql_runs(settings)
 
 
 # --- Redis + PostgreSQL: the ingester and a real `celery worker` ----------------------------------
@@ -320,7 +320,7 @@ def test_redis_postgres_with_a_real_celery_worker(tmp_path, dicom_dir, active_mo
         writer.finish()
         rows = wait_all_terminal(settings, set(expected))
     assert_outcomes(settings, rows, expected, {rel: src for src, rel in drops}, model.version)
-    assert_readme_sql_runs(settings)
+    assert_docs_sql_runs(settings)
 
 
 class PrivateRedis:
