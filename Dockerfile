@@ -1,6 +1,6 @@
 # covid-cxr: one image for every role (ingest, worker, beat, migrate); the command picks the role.
 # CPU image. For an NVIDIA GPU worker build FROM a CUDA base and install tensorflow[and-cuda]
-# instead (see the README), or run the worker outside Docker.
+# instead (see docs/operate.md), or run the worker outside Docker.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
