@@ -44,9 +44,10 @@ class Settings(BaseSettings):
                                    "(no server). Distributed: redis://host:6379/0")
 
     # --- privacy -----------------------------------------------------------------------------
-    pseudonym_key: SecretStr | None = Field(None, description="HMAC key for patient-id pseudonyms; default a random "
-                                            "key created once in DATA_DIR/pseudonym.key. Set it explicitly when "
-                                            "several ingesters must agree.")
+    pseudonym_key: SecretStr | None = Field(None, description="HMAC key for patient-id pseudonyms, at least 32 bytes "
+                                            "(openssl rand -hex 32); default a random key created once in "
+                                            "DATA_DIR/pseudonym.key. Set it explicitly when several ingesters must "
+                                            "agree.")
 
     # --- DICOM acceptance policy -------------------------------------------------------------
     allowed_modalities: Annotated[frozenset[str], NoDecode] = Field(
