@@ -71,6 +71,20 @@ def test_the_reason_table_lists_every_reason_code(site: Path) -> None:
     assert rows == [reason.value for reason in hooks.load(hooks.REASONS_SOURCE)]
 
 
+def test_the_architecture_page_states_the_enforced_import_directions() -> None:
+    from test_architecture import ALLOWED
+
+    page = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    layers = page.split("\n## Layers and allowed imports\n", 1)[1].split("\n## ", 1)[0]
+    stated: dict[str, frozenset[str]] = {}
+    for package, may_import in re.findall(r"^\| `(\w+)` \| ([^|]+) \|", layers, flags=re.MULTILINE):
+        everything = frozenset(ALLOWED) - {package}
+        stated[package] = everything if may_import.strip() == "everything" else frozenset(
+            re.findall(r"`(\w+)`", may_import))
+    assert list(stated) == list(ALLOWED), "the same layers, lowest first"
+    assert stated == ALLOWED
+
+
 def test_no_placeholder_is_left_and_nothing_comes_from_the_internet(site: Path) -> None:
     for page in site.glob("*.html"):
         text = page.read_text(encoding="utf-8")
