@@ -22,11 +22,3 @@ def test_codes_are_stable_snake_case_strings_with_descriptions() -> None:
         assert re.fullmatch(r"[a-z]+(_[a-z]+)*", reason.value)
         assert reason == reason.value and str(reason) == reason.value, "stored and compared as plain text"
         assert reason.description and not reason.description.endswith(".")
-
-
-def test_readme_documents_every_code_with_its_description() -> None:
-    text = README.read_text()
-    section = text[text.index("<!-- section: ingest -->") : text.index("<!-- /section: ingest -->")]
-    table = section[section.index("| code | meaning |") :].split("\n\n")[0]
-    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (.+?) \|$", table, flags=re.MULTILINE))
-    assert rows == {reason.value: reason.description for reason in RejectReason}
