@@ -10,8 +10,6 @@ Never imports TensorFlow: it runs in the CPU worker and in the command-line proc
 
 from __future__ import annotations
 
-import base64
-import html
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,8 +30,15 @@ from db.models import EvaluationReport, Instance, InstanceState, ModelVersion
 from db.session import session_scope
 from db.views import image_results, study_results
 from model_store.drift import QUANTITIES, drift_report
-from model_store.metrics import CLASS_NAMES, binary_report, format_proportion
-from model_store.report import metrics_lines, plot_confusion_matrix, plot_roc
+from model_store.metrics import CLASS_NAMES, binary_report
+from model_store.report_render import (
+    RocCurve,
+    plot_confusion_matrix,
+    plot_roc,
+    plot_score_histogram,
+    render_html_page,
+    render_window_text,
+)
 from taskqueue.names import EVALUATE_TASK
 
 log = logging.getLogger(__name__)
@@ -260,88 +265,12 @@ def compute_report(cases: _Cases, level: str, reference: dict[str, Any] | None,
     return metrics, flags
 
 
-def render_text(metrics: dict[str, Any], flags: list[str], header: dict[str, Any]) -> str:
-    """The plain-text report (what ``covid-cxr report`` prints)."""
-    performance, population = metrics["performance"], metrics["population"]
-    lines = [
-        f"covid-cxr evaluation: model {header['model']}, {header['level']} level, window {header['window']}",
-        f"{'images' if header['level'] == 'image' else 'studies'} with predictions: {population['predictions']}; "
-        f"labelled: {population['labelled']} "
-        f"({', '.join(f'{count} {name}' for name, count in performance['counts'].items())}); "
-        f"unlabelled: {population['unlabelled']}; conflicting labels: {population['conflicting_labels']}",
-        f"decision: {POSITIVE} when P({POSITIVE}) >= {performance['threshold']}",
-        "",
-    ]
-    if performance["n"]:
-        lines += [performance["classification_report"].rstrip(), ""]
-        width = max(len(name) for name in performance["classes"]) + 4
-        lines.append("confusion matrix (rows = true, columns = predicted):")
-        lines.append(" " * width + "".join(f"{name:>{width}}" for name in performance["classes"]))
-        for name, row in zip(performance["classes"], performance["confusion_matrix"], strict=False):
-            lines.append(f"{name:>{width}}" + "".join(f"{count:>{width}d}" for count in row))
-        lines.append("")
-    else:
-        lines += ["no labelled predictions in this window: every metric is undefined", ""]
-    lines += metrics_lines(performance)
-    distribution = metrics["score_distribution"]
-    lines += ["", f"score distribution, P({POSITIVE}) (all / {' / '.join(CLASS_NAMES)} / unlabelled):"]
-    edges = distribution["bin_edges"]
-    for index in range(len(edges) - 1):
-        counts = " / ".join(str(distribution["counts"][key][index]) for key in ("all", *CLASS_NAMES, "unlabelled"))
-        lines.append(f"  {edges[index]:.1f}-{edges[index + 1]:.1f}: {counts}")
-    rejects = metrics["rejects"]
-    states = ", ".join(f"{state} {count}" for state, count in sorted(rejects["by_state"].items())) or "none"
-    lines += ["", f"files received in the window: {rejects['files']} ({states})"]
-    for state, reasons in sorted(rejects["by_reason"].items()):
-        lines.append(f"  {state} by reason: " + ", ".join(f"{reason} {count}" for reason, count in
-                                                           sorted(reasons.items(), key=lambda item: -item[1])))
-    drift = metrics["drift"]
-    lines += ["", f"drift against the training reference: {drift['status']}"
-              + (f" ({drift['reason']})" if drift.get("reason") else
-                 f" (PSI; flag above {drift['threshold']} when window and reference each hold {drift['min_n']}+ values)")]
-    for name in QUANTITIES:
-        entry = drift.get(name)
-        if entry:
-            psi = "n/a" if entry["psi"] is None else f"{entry['psi']:.3f}"
-            mean = "n/a" if entry["mean"] is None else f"{entry['mean']:.3f}"
-            lines.append(f"  {name}: PSI {psi} ({entry['status']}; n {entry['n']}, mean {mean}; "
-                         f"reference n {entry['reference_n']}, mean {entry['reference_mean']:.3f})")
-    lines += ["", f"flags: {', '.join(flags) if flags else 'none'}"]
-    return "\n".join(lines) + "\n"
-
-
 # --- files: plots and the HTML page -------------------------------------------------------------------
 
 
 def report_dir(settings: Settings, window: Window, model_version: str, level: str) -> Path:
     safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", model_version)
     return settings.reports.expanduser().resolve() / window.name / window.period / f"{safe_version}-{level}"
-
-
-def plot_score_histogram(metrics: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    distribution = metrics["score_distribution"]
-    edges = np.array(distribution["bin_edges"])
-    figure, axes = plt.subplots(figsize=(5.2, 3.6))
-    bottom = np.zeros(len(edges) - 1)
-    for key, colour in (("covid", "#c0392b"), ("normal", "#2874a6"), ("unlabelled", "#aab7b8")):
-        counts = np.array(distribution["counts"][key])
-        axes.bar(edges[:-1], counts, width=np.diff(edges), bottom=bottom, align="edge", color=colour,
-                 edgecolor="white", label=f"true {key}" if key != "unlabelled" else key)
-        bottom += counts
-    axes.axvline(metrics["performance"]["threshold"], color="black", linestyle="--", linewidth=1, label="threshold")
-    axes.set_xlim(0, 1)
-    axes.set_xlabel(f"predicted P({POSITIVE})")
-    axes.set_ylabel("count")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def write_plots(metrics: dict[str, Any], cases: _Cases, out_dir: Path, title: str) -> dict[str, str]:
@@ -356,58 +285,12 @@ def write_plots(metrics: dict[str, Any], cases: _Cases, out_dir: Path, title: st
         labelled = cases.labelled
         predictions = [{"label": label, "score": float(score)}
                        for label, score in zip((t for t in cases.true_label if t is not None), cases.prob_covid[labelled], strict=False)]
-        plot_roc({"metrics": performance, "predictions": predictions}, out_dir / "roc_curve.png")
+        plot_roc(performance, [p["label"] for p in predictions],
+                 [RocCurve("model", [p["score"] for p in predictions], performance["roc_auc"])], out_dir / "roc_curve.png")
         paths["roc_curve"] = str(out_dir / "roc_curve.png")
-    plot_score_histogram(metrics, out_dir / "score_histogram.png", title)
+    plot_score_histogram(metrics["score_distribution"], performance, out_dir / "score_histogram.png", title)
     paths["score_histogram"] = str(out_dir / "score_histogram.png")
     return paths
-
-
-def _data_uri(path: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def render_html(title: str, text_report: str, metrics: dict[str, Any], flags: list[str], plots: dict[str, str]) -> str:
-    """One self-contained page: headline table, flags, plots embedded as data URIs, the full text report."""
-    performance = metrics["performance"]
-    rows = "".join(
-        f"<tr><th>{html.escape(label)}</th><td>{html.escape(format_proportion(performance[key]))}</td></tr>"
-        for label, key in (("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                           ("PPV", "ppv"), ("NPV", "npv"))
-    )
-    for label, entry in (("F1", performance["f1"]), ("ROC AUC", performance["roc_auc"])):
-        value = "undefined" if entry["value"] is None else f"{entry['value']:.4f}"
-        if entry.get("ci"):
-            value += f" (95% bootstrap CI {entry['ci'][0]:.4f}-{entry['ci'][1]:.4f})"
-        rows += f"<tr><th>{label}</th><td>{html.escape(value)}</td></tr>"
-    brier = "undefined" if performance["brier"] is None else f"{performance['brier']:.4f}"
-    rows += f"<tr><th>Brier score</th><td>{brier}</td></tr>"
-    flag_html = ("".join(f'<span class="flag">{html.escape(flag)}</span>' for flag in flags)
-                 if flags else '<span class="ok">no flags</span>')
-    images = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="{_data_uri(path)}"><figcaption>{html.escape(name.replace("_", " "))}'
-        f"</figcaption></figure>" for name, path in plots.items()
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 75rem; }}
-h1 {{ font-size: 1.3rem; }} table {{ border-collapse: collapse; margin: 0.5rem 0 1rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; font-size: 0.9rem; }}
-.flag {{ background: #c0392b; color: white; padding: 0.15rem 0.5rem; border-radius: 0.3rem; margin-right: 0.4rem; }}
-.ok {{ background: #1e8449; color: white; padding: 0.15rem 0.5rem; border-radius: 0.3rem; }}
-figure {{ display: inline-block; margin: 0 1rem 1rem 0; }} img {{ max-width: 30rem; }}
-pre {{ background: #f6f6f6; padding: 0.8rem; font-size: 0.8rem; overflow-x: auto; }}
-</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>Research software, not a medical device. Intervals are 95% (Wilson for proportions, bootstrap for F1 and AUC).</p>
-<p>{flag_html}</p>
-<table>{rows}</table>
-{images}
-<pre>{html.escape(text_report)}</pre>
-</body></html>
-"""
 
 
 # --- storing ---------------------------------------------------------------------------------------
@@ -479,11 +362,11 @@ def _write_one(session: Session, settings: Settings, window: Window, version: st
     metrics["window"] = {"name": window.name, "start": window.start.isoformat() if window.start else None,
                          "end": window.end.isoformat()}
     title = f"covid-cxr evaluation: {model_name}, {level} level, window {window.describe()}"
-    text_report = render_text(metrics, flags, {"model": model_name, "level": level, "window": window.describe()})
+    text_report = render_window_text(metrics, flags, model=model_name, level=level, window=window.describe())
     out_dir = report_dir(settings, window, version, level)
     plots = write_plots(metrics, cases, out_dir, f"{version}, {level} level, {window.name} to {window.period}")
     html_path = out_dir / "report.html"
-    html_path.write_text(render_html(title, text_report, metrics, flags, plots), encoding="utf-8")
+    html_path.write_text(render_html_page(title, metrics["performance"], flags, plots, text_report), encoding="utf-8")
     store_report(session, {
         "window": window.name, "window_start": window.start, "window_end": window.end, "period": window.period,
         "model_version": version, "level": level, "n": metrics["performance"]["n"],
