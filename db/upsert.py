@@ -21,40 +21,31 @@ def insert_or_ignore(session: Session, table: type[Base], rows: Sequence[Mapping
                      key: Sequence[str]) -> None:
     """Insert ``rows``, leaving any row whose ``key`` columns match an existing one untouched.
 
-    Raises
-    ------
-    DatabaseError
-        The session's database is neither SQLite nor PostgreSQL (reason ``unsupported_dialect``).
+    A database other than SQLite or PostgreSQL raises :class:`DatabaseError` (``unsupported_dialect``).
     """
-    if not rows:
-        return
-    session.execute(_insert(session, table).values(list(rows)).on_conflict_do_nothing(index_elements=list(key)))
+    if rows:
+        session.execute(_insert(session, table, rows).on_conflict_do_nothing(index_elements=list(key)))
 
 
 def insert_or_update(session: Session, table: type[Base], rows: Sequence[Mapping[str, Any]],
                      key: Sequence[str]) -> None:
-    """Insert ``rows``; a row whose ``key`` columns match an existing one replaces its other given columns.
+    """Insert ``rows``; a row whose ``key`` columns match an existing one gets the other columns given here.
 
-    Every row must name the same columns (those of the first row are the ones updated).
-
-    Raises
-    ------
-    DatabaseError
-        The session's database is neither SQLite nor PostgreSQL (reason ``unsupported_dialect``).
+    Every row names the same columns. A database other than SQLite or PostgreSQL raises
+    :class:`DatabaseError` (``unsupported_dialect``).
     """
-    if not rows:
-        return
-    statement = _insert(session, table).values(list(rows))
-    updated = [name for name in rows[0] if name not in key]
-    session.execute(statement.on_conflict_do_update(
-        index_elements=list(key), set_={name: statement.excluded[name] for name in updated}))
+    if rows:
+        statement = _insert(session, table, rows)
+        updated = {name: statement.excluded[name] for name in rows[0] if name not in key}
+        session.execute(statement.on_conflict_do_update(index_elements=list(key), set_=updated))
 
 
-def _insert(session: Session, table: type[Base]) -> postgresql.Insert | sqlite.Insert:
+def _insert(session: Session, table: type[Base],
+            rows: Sequence[Mapping[str, Any]]) -> postgresql.Insert | sqlite.Insert:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(table)
+        return postgresql.insert(table).values(list(rows))
     if dialect == "sqlite":
-        return sqlite.insert(table)
+        return sqlite.insert(table).values(list(rows))
     raise DatabaseError(f"no upsert for database dialect {dialect!r}: use SQLite or PostgreSQL",
                         reason="unsupported_dialect")

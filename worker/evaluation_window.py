@@ -6,12 +6,13 @@ label each prediction is scored against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Row, Table, func, select
 from sqlalchemy.orm import Session
 
 from covid_cxr.errors import DatasetError
@@ -85,41 +86,42 @@ def _threshold(thresholds: list[float], record: ModelVersion | None) -> float:
     return float(metadata.get("decision_threshold", 0.5))
 
 
-def image_cases(session: Session, window: Window, version: str, record: ModelVersion | None) -> Cases:
-    """Every image prediction of ``version`` in the window, with its resolved label and pixel statistics."""
-    rows = session.execute(
-        select(image_results.c.prob_covid, image_results.c.predicted_label, image_results.c.true_label,
-               image_results.c.label_status, image_results.c.threshold, image_results.c.image_mean,
-               image_results.c.image_std)
-        .where(image_results.c.model_version == version, *_in_window(image_results.c.predicted_at, window))
-        .order_by(image_results.c.prediction_id)
+def _case_rows(session: Session, view: Table, version: str, window: Window, *, time_column: str,
+               order_column: str, extra: tuple[str, ...] = ()) -> Sequence[Row[Any]]:
+    """The rows of ``version`` in the window from an analyst view, with the columns every case needs."""
+    columns = [view.c[name] for name in ("prob_covid", "predicted_label", "true_label", "label_status", *extra)]
+    return session.execute(
+        select(*columns)
+        .where(view.c.model_version == version, *_in_window(view.c[time_column], window))
+        .order_by(view.c[order_column])
     ).all()
-    return Cases(
-        prob_covid=np.array([r.prob_covid for r in rows], dtype=float),
-        predicted_label=[r.predicted_label for r in rows],
-        true_label=[r.true_label for r in rows],
-        label_status=[r.label_status for r in rows],
-        threshold=_threshold([r.threshold for r in rows], record),
-        image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
-        image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float),
-    )
 
 
-def study_cases(session: Session, window: Window, version: str, threshold: float) -> Cases:
-    """Every study result of ``version`` updated in the window, judged at the image level's ``threshold``."""
-    rows = session.execute(
-        select(study_results.c.prob_covid, study_results.c.predicted_label, study_results.c.true_label,
-               study_results.c.label_status)
-        .where(study_results.c.model_version == version, *_in_window(study_results.c.updated_at, window))
-        .order_by(study_results.c.study_result_id)
-    ).all()
+def _cases(rows: Sequence[Row[Any]], threshold: float, **pixel_statistics: np.ndarray) -> Cases:
     return Cases(
         prob_covid=np.array([r.prob_covid for r in rows], dtype=float),
         predicted_label=[r.predicted_label for r in rows],
         true_label=[r.true_label for r in rows],
         label_status=[r.label_status for r in rows],
         threshold=threshold,
+        **pixel_statistics,
     )
+
+
+def image_cases(session: Session, window: Window, version: str, record: ModelVersion | None) -> Cases:
+    """Every image prediction of ``version`` in the window, with its resolved label and pixel statistics."""
+    rows = _case_rows(session, image_results, version, window, time_column="predicted_at",
+                      order_column="prediction_id", extra=("threshold", "image_mean", "image_std"))
+    return _cases(rows, _threshold([r.threshold for r in rows], record),
+                  image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
+                  image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float))
+
+
+def study_cases(session: Session, window: Window, version: str, threshold: float) -> Cases:
+    """Every study result of ``version`` updated in the window, judged at the image level's ``threshold``."""
+    rows = _case_rows(session, study_results, version, window, time_column="updated_at",
+                      order_column="study_result_id")
+    return _cases(rows, threshold)
 
 
 def reject_counts(session: Session, window: Window) -> dict[str, Any]:
