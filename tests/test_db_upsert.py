@@ -20,10 +20,9 @@ def label(uid: str, value: str, **extra: str) -> dict[str, str]:
     return {"key_type": "study_instance_uid", "key_value": uid, "source": "rt-pcr", "label": value, **extra}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_settings(request, tmp_path):
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    settings = load_settings(data_dir=tmp_path, database_url=url)
+@pytest.fixture
+def db_settings(tmp_path, database_url):
+    settings = load_settings(data_dir=tmp_path, database_url=database_url)
     upgrade(settings)
     return settings
 
