@@ -5,8 +5,6 @@ With ``CI=true`` nothing may be skipped for a missing service or missing data: t
 
 from __future__ import annotations
 
-pytest_plugins = ["service_fixtures"]
-
 import os
 import socket
 import uuid
@@ -15,6 +13,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
+pytest_plugins = ["service_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("COVID_CXR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -79,6 +79,12 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Runs a test on both databases: ``None`` (the data folder's SQLite file), then a fresh PostgreSQL database."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
 
 
 @pytest.fixture

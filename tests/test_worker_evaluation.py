@@ -1,4 +1,4 @@
-"""The evaluation job on hand-made predictions and labels: hand-computed metrics, undefined metrics, storage, pages, CLI."""
+"""The evaluation job on hand-made predictions and labels: hand-computed and undefined metrics, storage, pages, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import load_settings
@@ -31,7 +31,9 @@ from db.models import (
 from db.session import create_engine_for, session_scope
 from model_store.drift import training_reference
 from service.cli import main
-from worker.evaluation import latest_reports, resolve_window, run_evaluation
+from worker.evaluation import run_evaluation
+from worker.evaluation_store import latest_reports
+from worker.evaluation_window import resolve_window
 
 NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 RECENT = NOW - timedelta(hours=3)
@@ -112,7 +114,7 @@ def seed(settings, now: datetime = NOW) -> None:
 def fewer_bootstrap_resamples():
     """100 resamples instead of 1000: the intervals are checked for presence here, not for precision."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("worker.evaluation.BOOTSTRAP_RESAMPLES", 100)
+        patch.setattr("worker.evaluation_metrics.BOOTSTRAP_RESAMPLES", 100)
         yield
 
 
@@ -237,18 +239,32 @@ def test_running_twice_replaces_the_report(db_settings):
             " WHERE model_version = 'v1' AND level = 'image'")).one()
     performance = stored(db_settings, "v1").metrics["performance"]
     assert tuple(row) == (8, 4, pytest.approx(performance["accuracy"]["value"]),
-                          pytest.approx(performance["sensitivity"]["ci"][0]), pytest.approx(performance["roc_auc"]["value"]))
+                          pytest.approx(performance["sensitivity"]["ci"][0]),
+                          pytest.approx(performance["roc_auc"]["value"]))
 
 
 def test_plots_and_a_self_contained_html_page_are_written(evaluated):
     report = stored(evaluated, "v1")
     assert set(report.plot_paths) == {"confusion_matrix", "roc_curve", "score_histogram"}
     for path in report.plot_paths.values():
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    page = open(report.html_path, encoding="utf-8").read()
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(report.html_path).read_text(encoding="utf-8")
     assert page.count('src="data:image/png;base64,') == 3
     assert "http://" not in page and "https://" not in page and str(evaluated.reports) not in page
     assert "label_conflicts" in page and "5/7" in page
+
+
+def test_markup_in_a_model_name_or_a_reason_never_reaches_the_page_unescaped(settings):
+    hostile = '<script>alert("x")</script>'
+    with session_scope(settings) as session:
+        session.execute(update(ModelVersion).where(ModelVersion.version == "v2").values(name=hostile))
+        session.execute(update(Instance).where(Instance.reason == "corrupt_image").values(reason=hostile))
+    run_evaluation(settings, "24h", model_version="v2", now=NOW)
+    report = stored(settings, "v2")
+    assert hostile in report.text_report  # the stored text is plain text
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;") == 4  # title, heading, model line, reason
 
 
 def test_without_labels_only_the_score_histogram_is_drawn(settings):

@@ -29,11 +29,13 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
         "evaluate", parents=[common], help="evaluate predictions of a window against ground truth, store reports",
         description="The nightly job, by hand: one report per model version and level (image, study), "
                     "replacing an earlier report of the same window and day.")
-    evaluate.add_argument("--window", choices=WINDOW_CHOICES, default="24h", help="time window ending now (default 24h)")
+    evaluate.add_argument("--window", choices=WINDOW_CHOICES, default="24h",
+                          help="time window ending now (default 24h)")
     evaluate.add_argument("--model", metavar="VERSION", help="only this model version")
     evaluate.set_defaults(func=_evaluate)
 
-    report = subparsers.add_parser("report", parents=[common], help="print the latest evaluation report per model version")
+    report = subparsers.add_parser("report", parents=[common],
+                                   help="print the latest evaluation report per model version")
     report.add_argument("--json", action="store_true", help="print the reports as JSON")
     report.add_argument("--model", metavar="VERSION", help="only this model version")
     report.set_defaults(func=_report)
@@ -58,9 +60,11 @@ def _labels_import(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from db.migrate import check_schema
     from worker.evaluation import run_evaluation
 
     settings = settings_from_args(args)
+    check_schema(settings)
     summaries = run_evaluation(settings, args.window, args.model)
     if not summaries:
         print(f"no predictions in window {args.window}: no report written")
@@ -83,9 +87,11 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from worker.evaluation import latest_reports
+    from db.migrate import check_schema
+    from worker.evaluation_store import latest_reports
 
     settings = settings_from_args(args)
+    check_schema(settings)
     reports = latest_reports(settings, args.model)
     if args.json:
         print(json.dumps([_report_dict(r) for r in reports], indent=2))

@@ -20,13 +20,13 @@ from celery import Celery, shared_task
 from celery.signals import worker_init, worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, Prediction, Study, StudyResult
 from db.session import dispose_engines, session_scope
+from db.upsert import insert_or_ignore, insert_or_update
 from taskqueue.names import PREDICT_TASK
 from worker.inference import MODELS, ActiveModelCache, LoadedModel, decode_png, stack
 
@@ -259,8 +259,7 @@ def store_predictions(settings: Settings, model: LoadedModel, batch_id: str, ite
         })
     ids = [item.instance_id for item in items]
     with session_scope(settings) as session:
-        session.execute(_insert(session, Prediction).values(rows).on_conflict_do_nothing(
-            index_elements=["instance_id", "model_version"]))
+        insert_or_ignore(session, Prediction, rows, key=("instance_id", "model_version"))
         session.execute(
             update(Instance)
             .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
@@ -296,11 +295,8 @@ def update_study_results(session: Session, model: LoadedModel, study_ids: set[in
             continue
         values = {"n_images": aggregate.n_images, "prob_covid": aggregate.prob_covid,
                   "label": model.label_for(aggregate.prob_covid), "rule": aggregate.rule, "updated_at": now}
-        session.execute(
-            _insert(session, StudyResult)
-            .values(study_id=study_id, model_version=model.version, **values)
-            .on_conflict_do_update(index_elements=["study_id", "model_version"], set_=values)
-        )
+        insert_or_update(session, StudyResult, [{"study_id": study_id, "model_version": model.version, **values}],
+                         key=("study_id", "model_version"))
 
 
 def fail_instances(settings: Settings, problems: dict[int, tuple[str, str]]) -> None:
@@ -335,15 +331,6 @@ def _set_failed(session: Session, ids: list[int], reason: str, message: str) -> 
         .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
         .values(state=InstanceState.failed.value, reason=reason, message=message, finished_at=_utcnow())
     )
-
-
-def _insert(session: Session, table: type) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"no upsert for database dialect {dialect!r}: use SQLite or PostgreSQL")
 
 
 def _utcnow() -> datetime:

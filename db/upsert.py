@@ -1,0 +1,51 @@
+"""Insert-or-ignore and insert-or-update on a unique key, in the two databases covid-cxr runs on.
+
+Redelivered tasks and re-run jobs write the same rows again; these statements make that idempotent
+without a read first. SQLite and PostgreSQL spell ``ON CONFLICT`` alike but SQLAlchemy builds it per
+dialect, so any other database is refused with a clear error instead of a guessed statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from covid_cxr.errors import DatabaseError
+from db.models import Base
+
+
+def insert_or_ignore(session: Session, table: type[Base], rows: Sequence[Mapping[str, Any]],
+                     key: Sequence[str]) -> None:
+    """Insert ``rows``, leaving any row whose ``key`` columns match an existing one untouched.
+
+    A database other than SQLite or PostgreSQL raises :class:`DatabaseError` (``unsupported_dialect``).
+    """
+    if rows:
+        session.execute(_insert(session, table, rows).on_conflict_do_nothing(index_elements=list(key)))
+
+
+def insert_or_update(session: Session, table: type[Base], rows: Sequence[Mapping[str, Any]],
+                     key: Sequence[str]) -> None:
+    """Insert ``rows``; a row whose ``key`` columns match an existing one gets the other columns given here.
+
+    Every row names the same columns. A database other than SQLite or PostgreSQL raises
+    :class:`DatabaseError` (``unsupported_dialect``).
+    """
+    if rows:
+        statement = _insert(session, table, rows)
+        updated = {name: statement.excluded[name] for name in rows[0] if name not in key}
+        session.execute(statement.on_conflict_do_update(index_elements=list(key), set_=updated))
+
+
+def _insert(session: Session, table: type[Base],
+            rows: Sequence[Mapping[str, Any]]) -> postgresql.Insert | sqlite.Insert:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).values(list(rows))
+    if dialect == "sqlite":
+        return sqlite.insert(table).values(list(rows))
+    raise DatabaseError(f"no upsert for database dialect {dialect!r}: use SQLite or PostgreSQL",
+                        reason="unsupported_dialect")
