@@ -58,7 +58,10 @@ def pin_to_one_core() -> int | None:
 
 
 def time_file(data: bytes, repeats: int) -> dict[str, float]:
-    """Median seconds of parse+normalize, and of the parse+decode part alone, over ``repeats`` runs (after a warm-up)."""
+    """Median seconds of parse+normalize, and of the parse+decode part alone, over ``repeats`` runs.
+
+    One warm-up run comes first.
+    """
     import pydicom
 
     from ingest.pixels import decode, normalize_radiograph
@@ -184,7 +187,8 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], machine: dict[s
         goal = verdict if row["goal_applies"] else f"({verdict})"
         lines.append(
             f"| {row['transfer_syntax']} | {row['files']} | {row['megapixels']} | "
-            f"{row['ms_per_image']:.0f} ({row['ms_worst']:.0f}) | {row['ms_parse_decode']:.0f} | {row['ms_rest']:.0f} | "
+            f"{row['ms_per_image']:.0f} ({row['ms_worst']:.0f}) | {row['ms_parse_decode']:.0f} | "
+            f"{row['ms_rest']:.0f} | "
             f"{row['ms_per_megapixel']:.1f} | {row['images_per_s_per_core']:.1f} | "
             f"{100 * row['fraction_of_forward']:.0f} % | {goal} |"
         )

@@ -13,7 +13,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     db_sub = db_parser.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     upgrade = db_sub.add_parser("upgrade", parents=[common], help="apply Alembic migrations up to the code's head")
     upgrade.set_defaults(func=_upgrade)
-    current = db_sub.add_parser("current", parents=[common], help="print the schema revision and whether it is up to date")
+    current = db_sub.add_parser("current", parents=[common],
+                                help="print the schema revision and whether it is up to date")
     current.set_defaults(func=_current)
 
 

@@ -57,7 +57,8 @@ def test_one_primary_row_per_sop_instance_uid(tmp_path):
     engine = create_engine_for(settings)
     insert = sa.text(
         "INSERT INTO instances (state, attempts, file_name, file_sha256, sop_instance_uid, duplicate_of_id, conflict,"
-        " created_at, updated_at) VALUES ('received', 0, 'f', :sha, '1.2.3', :dup, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        " created_at, updated_at)"
+        " VALUES ('received', 0, 'f', :sha, '1.2.3', :dup, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
     )
     with engine.begin() as conn:
         conn.execute(insert, {"sha": "a" * 64, "dup": None})

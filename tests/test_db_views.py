@@ -123,12 +123,13 @@ def test_image_results_resolve_the_most_specific_label(db_settings):
         SELECT model_version, sop_instance_uid, predicted_label, true_label, label_status, label_source,
                label_key_type, correct, outcome, image_mean, day
         FROM v_image_results ORDER BY model_version, sop_instance_uid""")
+    day = "2026-11-20"
     assert rows == [
-        ("v1", "1.2.3.1.1", "covid", "covid", "labelled", "rt-pcr", "study_instance_uid", 1, "TP", 120.5, "2026-11-20"),
-        ("v1", "1.2.3.1.2", "covid", "normal", "labelled", "radiologist", "sop_instance_uid", 0, "FP", None, "2026-11-20"),
-        ("v1", "1.2.3.2.3", "normal", None, "conflict", "several", "accession_number", None, None, None, "2026-11-20"),
-        ("v1", "1.2.3.3.4", "normal", None, None, None, None, None, None, None, "2026-11-20"),
-        ("v2", "1.2.3.1.1", "normal", "covid", "labelled", "rt-pcr", "study_instance_uid", 0, "FN", 120.5, "2026-11-20"),
+        ("v1", "1.2.3.1.1", "covid", "covid", "labelled", "rt-pcr", "study_instance_uid", 1, "TP", 120.5, day),
+        ("v1", "1.2.3.1.2", "covid", "normal", "labelled", "radiologist", "sop_instance_uid", 0, "FP", None, day),
+        ("v1", "1.2.3.2.3", "normal", None, "conflict", "several", "accession_number", None, None, None, day),
+        ("v1", "1.2.3.3.4", "normal", None, None, None, None, None, None, None, day),
+        ("v2", "1.2.3.1.1", "normal", "covid", "labelled", "rt-pcr", "study_instance_uid", 0, "FN", 120.5, day),
     ]
 
 

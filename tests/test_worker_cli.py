@@ -1,4 +1,4 @@
-"""``covid-cxr status`` and ``covid-cxr results`` on a populated database (SQLite + filesystem broker, PostgreSQL + Redis)."""
+"""``covid-cxr status`` and ``results`` on a populated database (SQLite + folder broker, PostgreSQL + Redis)."""
 
 from __future__ import annotations
 

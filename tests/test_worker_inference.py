@@ -66,7 +66,8 @@ def test_metadata_gives_threshold_classes_and_labels():
     assert (model.threshold, model.class_names, model.positive_class) == (0.3, ("covid", "normal"), "covid")
     assert model.preprocessing_version == "cxr-norm-1" and model.model_id == 7
     assert [model.label_for(p) for p in (0.29, 0.3, 0.9)] == ["normal", "covid", "covid"]
-    assert describe(object(), SimpleNamespace(id=1, name="n", version="v", sha256="c", metadata_json={})).threshold == 0.5
+    record = SimpleNamespace(id=1, name="n", version="v", sha256="c", metadata_json={})
+    assert describe(object(), record).threshold == 0.5
     with pytest.raises(ModelError, match="expected two classes"):
         describe(object(), _record("v1", class_names=["normal", "pneumonia"]))
 
