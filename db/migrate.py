@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from covid_cxr.errors import SchemaOutOfDate
 from covid_cxr.settings import Settings
-from db.session import create_engine_for, engine_for_url
+from db.session import create_engine_for
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -42,15 +42,6 @@ def upgrade(settings: Settings, revision: str = "head") -> str:
         config = alembic_config(settings.database)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
-    return current_revision(engine) or ""
-
-
-def upgrade_url(url: str) -> str:
-    engine = engine_for_url(url)
-    with engine.begin() as connection:
-        config = alembic_config(url)
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
     return current_revision(engine) or ""
 
 

@@ -34,10 +34,6 @@ class Disposal:
     action: Action
     destination: Path
 
-    @property
-    def leaves_inbox(self) -> bool:
-        return self.action in {"archive", "quarantine", "delete"}
-
 
 def relative_name(path: Path, inbox: Path) -> str:
     """``path`` relative to the inbox, with forward slashes (what the database stores as ``file_name``)."""

@@ -111,12 +111,6 @@ def build_model(base_weights: str | Path | None = None, trainable_from: str | No
     return keras.Model(inputs=base.input, outputs=outputs, name="covid_cxr_vgg16")
 
 
-def base_layer_names(model: keras.Model) -> list[str]:
-    """Names of the VGG16 base's layers inside a model built by :func:`build_model`, input first."""
-    names = [layer.name for layer in model.layers]
-    return names[: names.index("block5_pool") + 1]
-
-
 def split_point(trainable_from: str | None) -> str:
     """Name of the last frozen layer whose output can be cached: the pool before the first trainable block."""
     first_trainable = resolve_trainable_from(trainable_from)
