@@ -33,10 +33,11 @@ def bare_images_per_second(forward: Callable[[Any], Any], batch_size: int, secon
     One untimed warm-up call first (graph tracing, memory allocation); then calls until both
     ``seconds`` and ``min_calls`` are reached. Input scaling is excluded: it is the same in both.
     """
+    from covid_cxr.constants import IMAGE_SIZE
     from model_store.architecture import to_model_input
 
     rng = np.random.default_rng(0)
-    x = to_model_input(rng.integers(0, 256, size=(batch_size, 224, 224), dtype=np.uint8))
+    x = to_model_input(rng.integers(0, 256, size=(batch_size, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
     np.asarray(forward(x))
     calls, started, cpu_started = 0, time.perf_counter(), time.process_time()
     per_call = []

@@ -102,13 +102,14 @@ def register_model(settings, artifact_dir: Path):  # type: ignore[no-untyped-def
 
 
 def build_artifact(out: Path):  # type: ignore[no-untyped-def]
+    from covid_cxr.constants import CLASS_NAMES, DECISION_THRESHOLD, MODEL_NAME
     from ingest.pixels import PREPROCESSING_VERSION
-    from model_store.architecture import ARCHITECTURE, CLASS_NAMES, build_model
+    from model_store.architecture import ARCHITECTURE, build_model
     from model_store.artifact import save_artifact
 
-    metadata = {"name": "covid-cxr", "architecture": ARCHITECTURE, "base_weights": "none",
+    metadata = {"name": MODEL_NAME, "architecture": ARCHITECTURE, "base_weights": "none",
                 "preprocessing_version": PREPROCESSING_VERSION, "class_names": list(CLASS_NAMES),
-                "decision_threshold": 0.5, "notes": "benchmark model (random weights)"}
+                "decision_threshold": DECISION_THRESHOLD, "notes": "benchmark model (random weights)"}
     return save_artifact(build_model(None), metadata, out)
 
 

@@ -90,10 +90,12 @@ def time_vgg16(repeats: int) -> dict[str, float]:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
-    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
+    from model_store.architecture import INPUT_SHAPE
+
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=INPUT_SHAPE)
     result = {}
     for batch in (1, 8):
-        x = np.random.default_rng(0).random((batch, 224, 224, 3), dtype=np.float32)
+        x = np.random.default_rng(0).random((batch, *INPUT_SHAPE), dtype=np.float32)
         model(x, training=False)
         runs = []
         for _ in range(repeats if batch == 1 else max(2, repeats // 2)):

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from covid_cxr.constants import MODEL_NAME
 from covid_cxr.errors import ConfigurationError
 
 ENV_PREFIX = "COVID_CXR_"
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
     inference_queue: str = Field("gpu", description="Celery queue for inference tasks")
     cpu_queue: str = Field("cpu", description="Celery queue for CPU jobs (evaluation)")
     max_attempts: int = Field(3, ge=1, description="Task attempts before an instance ends 'failed'")
-    model_name: str = Field("covid-cxr", description="Registry name whose active version the workers serve")
+    model_name: str = Field(MODEL_NAME, description="Registry name whose active version the workers serve")
 
     # --- evaluation ------------------------------------------------------------------------------
     evaluation_cron: str = Field(

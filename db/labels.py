@@ -21,13 +21,11 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import LabelImportError
 from covid_cxr.settings import Settings
 from db.models import GroundTruthLabel, Instance, LabelChange, Study
 from db.session import session_scope
-
-#: The classes a label may take: the model's ``CLASS_NAMES`` (db may not import model_store).
-LABELS: tuple[str, ...] = ("covid", "normal")
 
 #: Key columns by normalized header name -> ``labels.key_type``, most specific first.
 KEY_COLUMNS: dict[str, str] = {
@@ -204,9 +202,9 @@ def _parse_row(number: int, fields: list[str], columns: list[str | None]) -> Lab
     if key_type != "accession_number" and not _UID.match(key_value):
         return LineProblem(number, "bad_key", f"{KEY_KEYWORDS[key_type]} {key_value!r} is not a DICOM UID (digits and dots)")
     label = values["label"].lower()
-    if label not in LABELS:
+    if label not in CLASS_NAMES:
         return LineProblem(number, "unknown_label",
-                           f"unknown label {values['label']!r} (expected one of {', '.join(LABELS)})")
+                           f"unknown label {values['label']!r} (expected one of {', '.join(CLASS_NAMES)})")
     source = values["source"].lower()
     if not source or len(source) > _MAX_SOURCE:
         return LineProblem(number, "bad_source", f"source must be 1 to {_MAX_SOURCE} characters (e.g. rt-pcr, radiologist)")

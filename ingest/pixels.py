@@ -19,14 +19,13 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_d
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
 from ingest.metadata import transfer_syntax_of
 from ingest.reasons import RejectReason
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
 PREPROCESSING_VERSION = "cxr-norm-3"
-#: Side of the square model input.
-IMAGE_SIZE = 224
 
 #: Percentiles of the fallback window (of non-padding pixels): robust to a few hot or dead pixels and labels.
 PERCENTILE_WINDOW = (0.5, 99.5)

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException
 
+from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import ConfigurationError, InputRejected
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
@@ -38,7 +39,6 @@ OTHER_REGION_WORDS = frozenset({
 _REGION_DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription")
 #: ViewPosition values meaning a lateral projection (PS3.3 C.8.11.5 defines LL and RL).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "LLAT", "RLAT"})
-FRONTAL_VIEWS = frozenset({"PA", "AP"})
 #: A file without the DICM prefix is taken as DICOM only if a forced read starts with one of
 #: these groups (file meta, or the identifying group every IOD starts with).
 _PLAUSIBLE_FIRST_GROUPS = (0x0002, 0x0008)

@@ -1,7 +1,7 @@
 """The classifier: the origin's Keras VGG16 base plus its small head, and the model's input scaling.
 
 Keras (and so TensorFlow) is imported inside the functions that need it, so that importing
-:data:`CLASS_NAMES` or :func:`to_model_input` stays cheap for light processes.
+:func:`to_model_input` stays cheap for light processes.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from covid_cxr.constants import CLASS_NAMES, IMAGE_SIZE
 from covid_cxr.errors import ModelError
 
 if TYPE_CHECKING:
     import keras
 
-#: Output order of the softmax; index 0 is the positive class.
-CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
-POSITIVE_CLASS = "covid"
-IMAGE_SIZE = 224
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 ARCHITECTURE = "vgg16-avgpool4-dense64-dropout0.5-softmax2"
 #: How uint8 grey values become model input; recorded in every artifact's metadata.

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import ModelError, ModelIntegrityError
 from covid_cxr.hashing import file_sha256
 
@@ -125,7 +126,7 @@ def load_verified_model(path: Path, expected_sha256: str) -> keras.Model:
     """
     import keras
 
-    from model_store.architecture import CLASS_NAMES, INPUT_SHAPE
+    from model_store.architecture import INPUT_SHAPE
 
     verify_sha256(path, expected_sha256)
     try:

@@ -7,12 +7,16 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from covid_cxr import constants
 from covid_cxr.commandline import Subparsers, settings_from_args
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import DatasetError
+from covid_cxr.settings import Settings
 
-DEFAULT_NAME = "covid-cxr"
+if TYPE_CHECKING:
+    from model_store.dataset import Dataset
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -29,25 +33,31 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
                          help="none (random init), imagenet (Keras downloads it; needs internet), or the path of a "
                               "local HDF5 file laid out like Keras's vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
                               "(default: none)")
-    weights.add_argument("--trainable-from", default="auto",
+    weights.add_argument("--trainable-from", default=constants.TRAINABLE_FROM,
                          help="first trainable VGG16 block (block1..block5), none (frozen base, the origin), or auto: "
                               "none with pretrained weights, block5 without (default: auto)")
-    weights.add_argument("--name", default=DEFAULT_NAME, help=f"registry name (default: {DEFAULT_NAME})")
+    weights.add_argument("--name", help="registry name (default: COVID_CXR_MODEL_NAME, else "
+                                        f"{constants.MODEL_NAME})")
     fit = train.add_argument_group("training (defaults follow the origin)")
-    fit.add_argument("--epochs", type=int, default=25)
-    fit.add_argument("--batch-size", type=int, default=8)
-    fit.add_argument("--learning-rate", type=float, default=1e-3)
-    fit.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the test report")
-    fit.add_argument("--validation-fraction", type=float, default=0.2,
+    fit.add_argument("--epochs", type=int, default=constants.EPOCHS)
+    fit.add_argument("--batch-size", type=int, default=constants.TRAINING_BATCH_SIZE)
+    fit.add_argument("--learning-rate", type=float, default=constants.LEARNING_RATE)
+    fit.add_argument("--test-fraction", type=float, default=constants.TEST_FRACTION,
+                     help="patients held out for the test report")
+    fit.add_argument("--validation-fraction", type=float, default=constants.VALIDATION_FRACTION,
                      help="of the remaining patients, held out for early stopping; 0 disables early stopping")
-    fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (val loss)")
+    fit.add_argument("--patience", type=int, default=constants.EARLY_STOPPING_PATIENCE,
+                     help="early-stopping patience in epochs (val loss)")
     fit.add_argument("--no-augment", dest="augment", action="store_false", help="no rotated copies")
-    fit.add_argument("--augment-copies", type=int, default=3,
-                     help="rotated copies (+-15 degrees) of each training image whose features are cached; each "
-                          "epoch draws one version of every image (default: 3)")
-    fit.add_argument("--class-weight", choices=("balanced", "none"), default="balanced")
-    fit.add_argument("--seed", type=int, default=42, help="split, augmentation and initialisation seed (default: 42)")
-    fit.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(covid) stored with the model")
+    fit.add_argument("--augment-copies", type=int, default=constants.AUGMENT_COPIES,
+                     help=f"rotated copies (+-{constants.ROTATION_DEGREES:g} degrees) of each training image whose "
+                          "features are cached; each epoch draws one version of every image "
+                          f"(default: {constants.AUGMENT_COPIES})")
+    fit.add_argument("--class-weight", choices=constants.CLASS_WEIGHT_MODES, default=constants.CLASS_WEIGHT)
+    fit.add_argument("--seed", type=int, default=constants.SEED,
+                     help=f"split, augmentation and initialisation seed (default: {constants.SEED})")
+    fit.add_argument("--threshold", type=float, default=constants.DECISION_THRESHOLD,
+                     help=f"decision threshold on P({constants.POSITIVE_CLASS}) stored with the model")
     output = train.add_argument_group("output")
     output.add_argument("--out", type=Path, help="artifact folder (default: DATA_DIR/runs/NAME-UTCTIME)")
     output.add_argument("--register", action="store_true", help="import the artifact into the registry (database)")
@@ -61,7 +71,7 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_list)
     show = actions.add_parser("show", parents=[common], help="a version's metadata as JSON")
-    show.add_argument("model", nargs="?", help="NAME[:VERSION] (default: the active covid-cxr)")
+    show.add_argument("model", nargs="?", help="NAME[:VERSION] (default: the active COVID_CXR_MODEL_NAME)")
     show.set_defaults(func=_show)
     importing = actions.add_parser("import", parents=[common], help="register an artifact folder after verifying it")
     importing.add_argument("path", type=Path, help="artifact folder (model.keras + metadata.json) or its model.keras")
@@ -69,18 +79,19 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     importing.add_argument("--activate", action="store_true")
     importing.set_defaults(func=_import)
     exporting = actions.add_parser("export", parents=[common], help="write a version as an artifact folder")
-    exporting.add_argument("model", help="NAME[:VERSION]")
+    exporting.add_argument("model", help="NAME[:VERSION] (NAME defaults to COVID_CXR_MODEL_NAME)")
     exporting.add_argument("out", type=Path)
     exporting.set_defaults(func=_export)
     activating = actions.add_parser("activate", parents=[common], help="make a version the one the workers serve")
-    activating.add_argument("model", help="NAME:VERSION")
+    activating.add_argument("model", help="NAME:VERSION (NAME defaults to COVID_CXR_MODEL_NAME)")
     activating.set_defaults(func=_activate)
     evaluating = actions.add_parser(
         "evaluate", parents=[common, data], help="score a model on a labelled set: report text, JSON and plots",
         description="Evaluate a registered model (or an artifact folder) on a labelled folder or CSV, beside the "
                     "32x32 thumbnail logistic-regression shortcut baseline.")
     which = evaluating.add_mutually_exclusive_group()
-    which.add_argument("model", nargs="?", help="NAME[:VERSION] from the registry (default: the active covid-cxr)")
+    which.add_argument("model", nargs="?",
+                       help="NAME[:VERSION] from the registry (default: the active COVID_CXR_MODEL_NAME)")
     which.add_argument("--artifact", type=Path, help="an artifact folder instead of a registered model")
     evaluating.add_argument("--part", choices=("all", "train", "validation", "test"), default="all",
                             help="all images, or only the patients of one part of the model's recorded split")
@@ -105,8 +116,7 @@ def _data_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _dataset(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from model_store.architecture import CLASS_NAMES
+def _dataset(args: argparse.Namespace) -> Dataset:
     from model_store.dataset import from_csv, from_folder, parse_where
 
     if args.folder is not None:
@@ -125,18 +135,19 @@ def _train(args: argparse.Namespace) -> int:
     from model_store.training import TrainingConfig, train
 
     settings = settings_from_args(args)
+    name = args.name or settings.model_name
     config = TrainingConfig(
         base_weights=args.base_weights, trainable_from=args.trainable_from, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, test_fraction=args.test_fraction,
         validation_fraction=args.validation_fraction, early_stopping_patience=args.patience, augment=args.augment,
         augment_copies=args.augment_copies, class_weight=args.class_weight, seed=args.seed,
-        threshold=args.threshold, name=args.name)
+        threshold=args.threshold, name=name)
     config.check()
     dataset = _dataset(args)
-    out = args.out or settings.data_dir / "runs" / f"{args.name}-{_utc_stamp()}"
+    out = args.out or settings.data_dir / "runs" / f"{name}-{_utc_stamp()}"
     result = train(dataset, config, out, settings=settings, progress=args.progress)
     print(Path(result.report_files["text"]).read_text())
-    print(f"artifact: {result.artifact.directory} ({args.name} {result.artifact.version}, "
+    print(f"artifact: {result.artifact.directory} ({name} {result.artifact.version}, "
           f"sha256 {result.artifact.sha256})")
     if args.register or args.activate:
         from model_store.registry import import_artifact
@@ -146,14 +157,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_model(text: str | None, need_version: bool = False) -> tuple[str, str | None]:
-    if not text:
-        return DEFAULT_NAME, None
-    name, _, version = text.partition(":")
-    if need_version and not version:
+def _parse_model(text: str | None, settings: Settings) -> tuple[str, str | None]:
+    """``NAME[:VERSION]`` as (name, version); the name defaults to ``settings.model_name``, the version to ``None``."""
+    name, _, version = (text or "").partition(":")
+    return name or settings.model_name, version or None
+
+
+def _parse_model_version(text: str, settings: Settings) -> tuple[str, str]:
+    """``[NAME]:VERSION`` as (name, version); the name defaults to ``settings.model_name``."""
+    name, version = _parse_model(text, settings)
+    if version is None:
         raise DatasetError(f"give NAME:VERSION (got {text!r}); `covid-cxr models list` shows them",
                            reason="bad_model_reference")
-    return name or DEFAULT_NAME, version or None
+    return name, version
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -178,7 +194,8 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from model_store.registry import find
 
-    record = find(settings_from_args(args), *_parse_model(args.model))
+    settings = settings_from_args(args)
+    record = find(settings, *_parse_model(args.model, settings))
     shown: dict[str, Any] = {"active": record.active, **record.metadata_json}
     print(json.dumps(shown, indent=2))
     return 0
@@ -196,7 +213,7 @@ def _export(args: argparse.Namespace) -> int:
     from model_store.registry import export, find
 
     settings = settings_from_args(args)
-    record = find(settings, *_parse_model(args.model))
+    record = find(settings, *_parse_model(args.model, settings))
     out = export(settings, record, args.out)
     print(f"exported {record.name} {record.version} to {out}")
     return 0
@@ -205,8 +222,8 @@ def _export(args: argparse.Namespace) -> int:
 def _activate(args: argparse.Namespace) -> int:
     from model_store.registry import activate
 
-    name, version = _parse_model(args.model, need_version=True)
-    record = activate(settings_from_args(args), name, version)  # type: ignore[arg-type]
+    settings = settings_from_args(args)
+    record = activate(settings, *_parse_model_version(args.model, settings))
     print(f"active: {record.name} {record.version}")
     return 0
 
@@ -223,7 +240,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         from model_store.registry import fetch_artifact, find
 
-        record = find(settings, *_parse_model(args.model))
+        record = find(settings, *_parse_model(args.model, settings))
         metadata = dict(record.metadata_json)
         model = load_verified_model(fetch_artifact(settings, record), record.sha256)
     out = args.out or settings.reports / f"evaluate-{metadata['version']}-{_utc_stamp()}"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import CovidCxrError, DatasetError
 from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings
@@ -202,7 +203,7 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
     """
     from tqdm import tqdm
 
-    from ingest.pixels import IMAGE_SIZE, load_image_file, normalize_grayscale
+    from ingest.pixels import load_image_file, normalize_grayscale
 
     policy = None
     images = np.zeros((len(dataset.items), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from covid_cxr.constants import POSITIVE_CLASS
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import Settings
 from model_store import baseline
-from model_store.architecture import POSITIVE_CLASS, to_model_input
+from model_store.architecture import to_model_input
 from model_store.dataset import Dataset, describe_source, indices_of_patients, load_images, manifest
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report

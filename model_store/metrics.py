@@ -13,8 +13,7 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import brier_score_loss, classification_report, confusion_matrix, roc_auc_score
 
-#: Same order as :data:`model_store.architecture.CLASS_NAMES`; repeated here so this module stays TensorFlow-free.
-CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
+from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
@@ -39,7 +38,7 @@ def binary_report(
     y_true: Sequence[str] | np.ndarray,
     y_score: Sequence[float] | np.ndarray,
     threshold: float = 0.5,
-    positive: str = "covid",
+    positive: str = POSITIVE_CLASS,
     classes: Sequence[str] = CLASS_NAMES,
     bootstrap: int = 1000,
     seed: int = 0,

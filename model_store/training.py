@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from covid_cxr import constants
+from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import Settings
 from model_store import baseline
 from model_store.architecture import (
     ARCHITECTURE,
-    CLASS_NAMES,
     HEAD_LAYERS,
     INPUT_SCALING,
     INPUT_SHAPE,
-    POSITIVE_CLASS,
     build_model,
     resolve_trainable_from,
     split_point,
@@ -48,20 +48,20 @@ class TrainingConfig:
     """Hyper-parameters of one training run; all of them are stored in the artifact's metadata."""
 
     base_weights: str | None = None
-    trainable_from: str | None = "auto"
-    epochs: int = 25
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.2
-    early_stopping_patience: int = 5
+    trainable_from: str | None = constants.TRAINABLE_FROM
+    epochs: int = constants.EPOCHS
+    batch_size: int = constants.TRAINING_BATCH_SIZE
+    learning_rate: float = constants.LEARNING_RATE
+    test_fraction: float = constants.TEST_FRACTION
+    validation_fraction: float = constants.VALIDATION_FRACTION
+    early_stopping_patience: int = constants.EARLY_STOPPING_PATIENCE
     augment: bool = True
-    augment_copies: int = 3
-    rotation_degrees: float = 15.0
-    class_weight: str = "balanced"
-    seed: int = 42
-    threshold: float = 0.5
-    name: str = "covid-cxr"
+    augment_copies: int = constants.AUGMENT_COPIES
+    rotation_degrees: float = constants.ROTATION_DEGREES
+    class_weight: str = constants.CLASS_WEIGHT
+    seed: int = constants.SEED
+    threshold: float = constants.DECISION_THRESHOLD
+    name: str = constants.MODEL_NAME
 
     def resolved_trainable_from(self) -> str | None:
         """``"auto"``: the origin's frozen base with pretrained weights, block 5 onwards without."""
@@ -80,8 +80,9 @@ class TrainingConfig:
             problems.append(f"learning rate must be > 0 (got {self.learning_rate})")
         if self.augment and self.augment_copies < 1:
             problems.append("augmentation needs --augment-copies >= 1 (or --no-augment)")
-        if self.class_weight not in {"balanced", "none"}:
-            problems.append(f"class weight must be 'balanced' or 'none' (got {self.class_weight!r})")
+        if self.class_weight not in constants.CLASS_WEIGHT_MODES:
+            modes = " or ".join(repr(mode) for mode in constants.CLASS_WEIGHT_MODES)
+            problems.append(f"class weight must be {modes} (got {self.class_weight!r})")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold must be in (0, 1) (got {self.threshold})")
         if problems:

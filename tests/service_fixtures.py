@@ -93,14 +93,15 @@ class ActiveModel:
 @pytest.fixture(scope="session")
 def model_artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``build_model(None)`` (random weights: enough to wire and time the pipeline) saved once per session."""
+    from covid_cxr.constants import CLASS_NAMES, MODEL_NAME, POSITIVE_CLASS
     from ingest.pixels import PREPROCESSING_VERSION
-    from model_store.architecture import ARCHITECTURE, CLASS_NAMES, POSITIVE_CLASS, build_model
+    from model_store.architecture import ARCHITECTURE, build_model
     from model_store.artifact import save_artifact
     from model_store.weights import describe_base_weights
 
     model = build_model(None)
     metadata = {
-        "name": "covid-cxr",
+        "name": MODEL_NAME,
         "architecture": ARCHITECTURE,
         "base_weights": describe_base_weights(None),
         "preprocessing_version": PREPROCESSING_VERSION,

@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
+from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
 from ingest import pixels
 from ingest.pixels import (
     GRAYSCALE_STEPS,
-    IMAGE_SIZE,
     PREPROCESSING_VERSION,
     apply_voi_or_window,
     decode,
@@ -126,7 +126,8 @@ def test_monochrome1_and_monochrome2_come_out_with_the_same_polarity(dicom_dir: 
 def test_without_the_inversion_step_monochrome1_would_come_out_negative(
     dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The polarity check above can fail: skipping the inversion makes MONOCHROME1 lungs brighter than the mediastinum."""
+    """The polarity check above can fail: skipping the inversion makes MONOCHROME1 lungs brighter than the
+    mediastinum."""
     monkeypatch.setattr(pixels, "invert_monochrome1", lambda display, ds: (display, ()))
     image, steps = normalize_radiograph(pydicom.dcmread(dicom_dir / SMALL_CHEST))
     lungs, mediastinum = _lung_and_mediastinum(image)
@@ -162,7 +163,8 @@ def test_value_table_shortcut_equals_running_every_step_on_every_pixel(dicom_dir
     for name in ("pylibjpeg-data__966_fixed.dcm", "fo-dicom__GH133.dcm", SMALL_CHEST):
         ds = pydicom.dcmread(dicom_dir / name)
         stored = decode(ds)
-        per_pixel, steps = display_from_stored(stored, ds, sample=stored[:: _stride(stored), :: _stride(stored)].ravel())
+        sample = stored[:: _stride(stored), :: _stride(stored)].ravel()
+        per_pixel, steps = display_from_stored(stored, ds, sample=sample)
         image, all_steps = _normalized(dicom_dir / name)
         np.testing.assert_array_equal(image, normalize_grayscale(per_pixel))
         assert all_steps == ("decode", *steps, *GRAYSCALE_STEPS)

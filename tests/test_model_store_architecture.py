@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import ModelError
-from model_store.architecture import CLASS_NAMES, build_model, split_point, to_model_input
+from model_store.architecture import build_model, split_point, to_model_input
 
 # Keras 2's VGG16(include_top=False, input_shape=(224, 224, 3)) as the origin built it: name -> output shape.
 ORIGIN_BASE = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from covid_cxr.commandline import EXIT_ERROR
-from model_store.architecture import CLASS_NAMES
+from covid_cxr.constants import CLASS_NAMES
 from service.cli import main
 
 
@@ -54,6 +54,20 @@ def test_models_list_and_activate_on_an_empty_registry(tmp_path: Path, capsys: p
     assert code == EXIT_ERROR and "NAME:VERSION" in err
     code, _, err = run(capsys, "models", "show", *data)
     assert code == EXIT_ERROR and "[no_active_model]" in err
+
+
+def test_models_commands_default_to_the_configured_model_name(cxr_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVID_CXR_MODEL_NAME", "chest-test")
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert run(capsys, "db", "upgrade", *data)[0] == 0
+    code, _, err = run(capsys, "models", "show", *data)
+    assert code == EXIT_ERROR and "no active model 'chest-test'" in err
+    for argv in (("show", ":v1"), ("activate", ":v1"), ("export", ":v1", str(tmp_path / "out")),
+                 ("evaluate", ":v1", "--folder", str(cxr_dir))):
+        code, _, err = run(capsys, "models", *argv, *data)
+        assert code == EXIT_ERROR and "no model chest-test version v1 is registered" in err, argv
 
 
 def small_csv(cxr_dir: Path, target: Path, per_class: int = 4) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import DatasetError
-from model_store.architecture import CLASS_NAMES
 from model_store.dataset import (
     IMAGE_AS_PATIENT,
     Dataset,

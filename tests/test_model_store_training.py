@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import DatasetError, ModelIntegrityError
 from covid_cxr.hashing import file_sha256
-from model_store.architecture import CLASS_NAMES, build_model, to_model_input
+from model_store.architecture import build_model, to_model_input
 from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact
 from model_store.dataset import from_csv, from_folder
 from model_store.features import compute_features, split_model

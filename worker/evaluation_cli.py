@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.commandline import EXIT_ERROR, Subparsers, settings_from_args
-
-WINDOW_CHOICES = ("24h", "7d", "30d", "all")
+from covid_cxr.constants import DEFAULT_EVALUATION_WINDOW, EVALUATION_WINDOWS
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -29,8 +28,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
         "evaluate", parents=[common], help="evaluate predictions of a window against ground truth, store reports",
         description="The nightly job, by hand: one report per model version and level (image, study), "
                     "replacing an earlier report of the same window and day.")
-    evaluate.add_argument("--window", choices=WINDOW_CHOICES, default="24h",
-                          help="time window ending now (default 24h)")
+    evaluate.add_argument("--window", choices=EVALUATION_WINDOWS, default=DEFAULT_EVALUATION_WINDOW,
+                          help=f"time window ending now (default {DEFAULT_EVALUATION_WINDOW})")
     evaluate.add_argument("--model", metavar="VERSION", help="only this model version")
     evaluate.set_defaults(func=_evaluate)
 

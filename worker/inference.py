@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from covid_cxr.constants import CLASS_NAMES, IMAGE_SIZE, POSITIVE_CLASS
 from covid_cxr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 #: How often a worker asks the registry whether the active model changed (seconds).
 ACTIVE_MODEL_CHECK_SECONDS = 5.0
 #: The image size the model was built for.
-IMAGE_SHAPE = (224, 224)
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 
 
 @dataclass
@@ -118,8 +119,6 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], Any] | None:
 
 def describe(model: Any, record: Any) -> LoadedModel:
     """Pair a loaded Keras model with its registry record's metadata."""
-    from model_store.architecture import CLASS_NAMES, POSITIVE_CLASS
-
     metadata = dict(getattr(record, "metadata_json", None) or getattr(record, "metadata", None) or {})
     class_names = tuple(metadata.get("class_names") or CLASS_NAMES)
     positive = metadata.get("positive_class") or POSITIVE_CLASS

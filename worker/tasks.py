@@ -22,6 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, Prediction, Study, StudyResult
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: States from which an instance may be predicted; every other state is final for the worker.
 PENDING_STATES = (InstanceState.received.value, InstanceState.queued.value)
-#: ViewPosition values that count as frontal chest views (DICOM PS3.3 C.8.11.5).
-FRONTAL_VIEWS = frozenset({"PA", "AP"})
 #: Study rule names stored in ``study_results.rule``.
 RULE_MAX_FRONTAL = "max_frontal"
 RULE_MAX_VIEW_UNKNOWN = "max_view_unknown"
