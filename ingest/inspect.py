@@ -47,7 +47,8 @@ def format_report(report: dict[str, Any]) -> str:
             ("view position", _shown(meta.get("view_position"))),
             ("body part", _shown(meta.get("body_part_examined"))),
             ("image", f"{_shown(meta.get('rows'))} x {_shown(meta.get('columns'))}, "
-                      f"{_shown(meta.get('bits_stored'))} bits stored, {_shown(meta.get('photometric_interpretation'))}, "
+                      f"{_shown(meta.get('bits_stored'))} bits stored, "
+                      f"{_shown(meta.get('photometric_interpretation'))}, "
                       f"{meta.get('number_of_frames') or 1} frame(s)"),
             ("transfer syntax", _syntax(meta.get("transfer_syntax_uid"))),
             ("manufacturer", _shown(meta.get("manufacturer"))),
@@ -72,7 +73,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _write_png(result: ReadResult, png: Path) -> Path | None:
-    if result.image is None:
+    if not result.accepted:
         return None
     ok, encoded = cv2.imencode(".png", result.image)
     if not ok:

@@ -1,4 +1,4 @@
-"""Reads one file's bytes into a normalized radiograph plus kept metadata, or a typed rejection; never raises for any bytes."""
+"""Reads one file into a normalized radiograph and kept metadata, or a typed rejection; never raises for any bytes."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import BytesLengthException
 
-from covid_cxr.constants import FRONTAL_VIEWS
+from covid_cxr.constants import FRONTAL_VIEWS, IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
@@ -72,7 +72,8 @@ class ReaderPolicy:
         if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
         if self.multi_frame_policy not in MULTI_FRAME_POLICIES:
-            raise ValueError(f"multi_frame_policy must be one of {MULTI_FRAME_POLICIES}, got {self.multi_frame_policy!r}")
+            raise ValueError(f"multi_frame_policy must be one of {MULTI_FRAME_POLICIES}, "
+                             f"got {self.multi_frame_policy!r}")
         if not isinstance(self.pseudonym_secret, bytes) or not self.pseudonym_secret:
             raise ValueError("pseudonym_secret must be non-empty bytes")
 
@@ -94,164 +95,238 @@ class ReaderPolicy:
 
 
 @dataclass(frozen=True)
-class ReadResult:
-    """The outcome of reading one file: an accepted 224x224 image, or a rejection with its reason.
+class AcceptedResult:
+    """A file read into the model's input: a 224x224 uint8 radiograph, with the metadata kept from its header.
 
-    ``metadata`` is set whenever the header could be parsed, for rejections too (duplicate
-    detection needs the UIDs). ``steps`` are the pixel pipeline steps that ran; ``flags``
-    note accepted oddities (``view_unknown``, ``body_part_unknown``, ``view_not_frontal``,
-    ``first_frame_only``, ``voi_did_not_fit``).
+    ``steps`` are the pixel pipeline steps that ran; ``flags`` note accepted oddities (``view_unknown``,
+    ``body_part_unknown``, ``view_not_frontal``, ``first_frame_only``, ``voi_did_not_fit``).
+    Raises ``ValueError`` when ``image`` is not the model's input.
+    """
+
+    sha256: str
+    metadata: InstanceMetadata
+    image: np.ndarray = field(repr=False)
+    steps: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    accepted: ClassVar[Literal[True]] = True
+    reason: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        if self.image.shape != (IMAGE_SIZE, IMAGE_SIZE) or self.image.dtype != np.uint8:
+            raise ValueError(f"an accepted image must be ({IMAGE_SIZE}, {IMAGE_SIZE}) uint8, "
+                             f"got {self.image.shape} {self.image.dtype}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary without the image (and without any clear patient identifier)."""
+        return _summary(self, "accepted", self.steps)
+
+
+@dataclass(frozen=True)
+class RejectedResult:
+    """A file the service cannot use; ``rejection`` carries the reason code and a message for people.
+
+    ``metadata`` is set whenever the header could be parsed (duplicate detection needs the UIDs).
+    ``flags`` are those of the header checks when the pixel pipeline rejected the file, else empty.
     """
 
     sha256: str
     metadata: InstanceMetadata | None
-    image: np.ndarray | None
-    rejection: InputRejected | None
-    steps: tuple[str, ...] = ()
+    rejection: InputRejected
     flags: tuple[str, ...] = ()
+    accepted: ClassVar[Literal[False]] = False
 
     @property
-    def accepted(self) -> bool:
-        return self.rejection is None and self.image is not None
-
-    @property
-    def reason(self) -> str | None:
-        """The rejection's reason code, ``None`` when accepted."""
-        return None if self.rejection is None else self.rejection.reason
+    def reason(self) -> str:
+        """The rejection's reason code."""
+        return self.rejection.reason
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary without the image (and without any clear patient identifier)."""
-        return {
-            "accepted": self.accepted,
-            "reason": self.reason,
-            "message": "accepted" if self.rejection is None else self.rejection.message,
-            "sha256": self.sha256,
-            "preprocessing_version": PREPROCESSING_VERSION,
-            "metadata": None if self.metadata is None else self.metadata.to_dict(),
-            "steps": list(self.steps),
-            "flags": list(self.flags),
-        }
+        """JSON-ready summary (without any clear patient identifier)."""
+        return _summary(self, self.rejection.message, ())
 
 
-def read_radiograph(source: Path | bytes, policy: ReaderPolicy) -> ReadResult:
-    """Read a DICOM file (path or bytes) into a :class:`ReadResult`.
+#: The outcome of reading one file; ``accepted`` tells which (and narrows the type).
+ReadResult: TypeAlias = AcceptedResult | RejectedResult
+
+
+def _summary(result: ReadResult, message: str, steps: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "accepted": result.accepted,
+        "reason": result.reason,
+        "message": message,
+        "sha256": result.sha256,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "metadata": None if result.metadata is None else result.metadata.to_dict(),
+        "steps": list(steps),
+        "flags": list(result.flags),
+    }
+
+
+def read_radiograph(source: Path | bytes, policy: ReaderPolicy, *, sha256: str | None = None) -> ReadResult:
+    """Read a DICOM file (path or bytes) into an :class:`AcceptedResult` or a :class:`RejectedResult`.
 
     Never raises for any input bytes: every problem becomes a rejection with a
     :class:`~ingest.reasons.RejectReason` code. Only reading a path can raise ``OSError``
     (missing file, permissions): that is a problem of the file system, not of the input,
-    and the caller may retry.
+    and the caller may retry. ``sha256``: the hex digest of the bytes, when the caller has
+    already computed it (the ingest service has, to recognise files it recorded before).
     """
-    data = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
-    data = bytes(data)
-    sha256 = hashlib.sha256(data).hexdigest()
+    data = bytes(source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes())
+    if sha256 is None:
+        sha256 = hashlib.sha256(data).hexdigest()
+    result: ReadResult
     try:
         result = _read(data, sha256, policy)
     except Exception as exc:  # a bug in covid-cxr; the file still gets a typed answer
         logger.error("internal error reading sha256=%s", sha256, exc_info=True)
-        result = ReadResult(
-            sha256,
-            None,
-            None,
-            InputRejected(f"internal error: {type(exc).__name__}", reason=RejectReason.INTERNAL_ERROR),
-        )
+        rejection = InputRejected(f"internal error: {type(exc).__name__}", reason=RejectReason.INTERNAL_ERROR)
+        result = RejectedResult(sha256, None, rejection)
     _log(result)
     return result
 
 
 def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
-    def reject(reason: RejectReason, message: str, metadata: InstanceMetadata | None = None) -> ReadResult:
-        return ReadResult(sha256, metadata, None, InputRejected(message, reason=reason))
+    """The reader's steps in order; the first one that raises :class:`InputRejected` decides the rejection."""
+    metadata: InstanceMetadata | None = None
+    flags: tuple[str, ...] = ()
+    try:
+        ds, cut = parse_dataset(data)
+        metadata = InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
+        check_complete(cut)  # after the metadata is kept: a truncated file still has its UIDs
+        frame, flags = check_acceptance(ds, metadata, policy)
+        image, steps = normalize_pixels(ds, metadata, frame)
+    except InputRejected as rejection:
+        if metadata is None and rejection.reason == RejectReason.TRUNCATED:
+            metadata = _salvage_metadata(data, policy)
+        return RejectedResult(sha256, metadata, rejection, flags)
+    if "voi_fallback_percentile" in steps:
+        flags += ("voi_did_not_fit",)
+    return AcceptedResult(sha256, metadata, image, steps, flags)
 
+
+def parse_dataset(data: bytes) -> tuple[pydicom.Dataset, str | None]:
+    """The dataset in ``data`` and the tag of an element the file ends inside of (``None``: none is cut).
+
+    Rejects with ``not_dicom`` (empty, not DICOM, unparseable header) or ``truncated`` (the file
+    ends inside the header, or inside an undefined-length element).
+    """
     if not data:
-        return reject(RejectReason.NOT_DICOM, "the file is empty (0 bytes)")
+        raise InputRejected("the file is empty (0 bytes)", reason=RejectReason.NOT_DICOM)
     part10 = len(data) >= 132 and data[128:132] == b"DICM"
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not part10)
     except _END_OF_DATA as exc:
         if part10:
-            return reject(
-                RejectReason.TRUNCATED,
-                f"the file ends inside its header ({type(exc).__name__}: {exc})",
-                _salvage_metadata(data, policy),
-            )
-        return reject(RejectReason.NOT_DICOM, "no DICM prefix and not parseable as DICOM")
+            raise InputRejected(f"the file ends inside its header ({type(exc).__name__}: {exc})",
+                                reason=RejectReason.TRUNCATED) from exc
+        raise InputRejected("no DICM prefix and not parseable as DICOM", reason=RejectReason.NOT_DICOM) from exc
     except Exception as exc:  # unknown VR, bad characters...: a corrupt header, not a cut one
         prefix = "has the DICM prefix but its header" if part10 else "no DICM prefix, and the bytes"
-        return reject(RejectReason.NOT_DICOM, f"{prefix} cannot be parsed as DICOM ({type(exc).__name__})")
+        raise InputRejected(f"{prefix} cannot be parsed as DICOM ({type(exc).__name__})",
+                            reason=RejectReason.NOT_DICOM) from exc
     cut = _cut_element(ds, len(data))  # first: reading a value converts its element and hides its raw length
     if not part10 and not _looks_like_dicom(ds):
-        return reject(RejectReason.NOT_DICOM, "no DICM prefix and no plausible DICOM elements")
+        raise InputRejected("no DICM prefix and no plausible DICOM elements", reason=RejectReason.NOT_DICOM)
     if len(ds) == 0:
         # pydicom drops the whole dataset when the file ends inside an undefined-length
         # element (encapsulated pixel data or a sequence without its delimiter).
-        return reject(
-            RejectReason.TRUNCATED,
-            "the file ends before the dataset does (no delimiter for an undefined-length element)",
-            _salvage_metadata(data, policy),
-        )
-    metadata = InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
-    if cut is not None:
-        return reject(RejectReason.TRUNCATED, f"the file ends inside element {cut}", metadata)
+        raise InputRejected("the file ends before the dataset does (no delimiter for an undefined-length element)",
+                            reason=RejectReason.TRUNCATED)
+    return ds, cut
 
+
+def check_complete(cut: str | None) -> None:
+    """Rejects a file that ends inside element ``cut`` (from :func:`parse_dataset`)."""
+    if cut is not None:
+        raise InputRejected(f"the file ends inside element {cut}", reason=RejectReason.TRUNCATED)
+
+
+def check_acceptance(ds: pydicom.Dataset, metadata: InstanceMetadata,
+                      policy: ReaderPolicy) -> tuple[int | None, tuple[str, ...]]:
+    """Whether the header describes an image the policy accepts: the frame to read and the flags, or a rejection."""
+    check_is_image(ds, metadata)
+    check_modality(metadata, policy)
+    flags = [*check_body_part(ds, metadata), *check_view(metadata)]
+    frame = frame_to_read(metadata, policy)
+    if frame is not None:
+        flags.append("first_frame_only")
+    check_pixel_count(metadata, policy)
+    return frame, tuple(flags)
+
+
+def check_is_image(ds: pydicom.Dataset, metadata: InstanceMetadata) -> None:
+    """Rejects a non-image SOP class, and an image object without Pixel Data."""
     sop_name = sop_class_name(metadata.sop_class_uid)
     if sop_name is not None and "Image Storage" not in sop_name:
-        return reject(RejectReason.NOT_AN_IMAGE, f"SOP class {sop_name} is not an image", metadata)
+        raise InputRejected(f"SOP class {sop_name} is not an image", reason=RejectReason.NOT_AN_IMAGE)
     if "PixelData" not in ds:
-        return reject(RejectReason.NO_PIXEL_DATA, f"{sop_name or 'the object'} has no Pixel Data element", metadata)
+        raise InputRejected(f"{sop_name or 'the object'} has no Pixel Data element", reason=RejectReason.NO_PIXEL_DATA)
 
-    flags: list[str] = []
+
+def check_modality(metadata: InstanceMetadata, policy: ReaderPolicy) -> None:
+    """Rejects a Modality the policy does not accept as a radiograph."""
     modality = (metadata.modality or "").upper()
     if modality not in policy.allowed_modalities:
         allowed = ", ".join(sorted(policy.allowed_modalities))
-        return reject(
-            RejectReason.WRONG_MODALITY, f"Modality {modality or 'missing'} is not accepted (accepted: {allowed})", metadata
-        )
+        raise InputRejected(f"Modality {modality or 'missing'} is not accepted (accepted: {allowed})",
+                            reason=RejectReason.WRONG_MODALITY)
+
+
+def check_body_part(ds: pydicom.Dataset, metadata: InstanceMetadata) -> tuple[str, ...]:
+    """Rejects a region other than the chest; flags ``body_part_unknown`` when nothing names a region."""
     body_part = metadata.body_part_examined
     if body_part is not None:
         if not CHEST_WORDS.intersection(_words(body_part)):
-            return reject(RejectReason.WRONG_BODY_PART, f"BodyPartExamined is {body_part}, not the chest", metadata)
-    else:
-        described = _described_region(ds)
-        if described is not None:
-            return reject(
-                RejectReason.WRONG_BODY_PART,
-                f"BodyPartExamined is absent and {described[0]} names {described[1]}, not the chest",
-                metadata,
-            )
-        flags.append("body_part_unknown")
+            raise InputRejected(f"BodyPartExamined is {body_part}, not the chest", reason=RejectReason.WRONG_BODY_PART)
+        return ()
+    described = _described_region(ds)
+    if described is not None:
+        raise InputRejected(f"BodyPartExamined is absent and {described[0]} names {described[1]}, not the chest",
+                            reason=RejectReason.WRONG_BODY_PART)
+    return ("body_part_unknown",)
+
+
+def check_view(metadata: InstanceMetadata) -> tuple[str, ...]:
+    """Rejects a lateral view; flags a missing (``view_unknown``) or unusual (``view_not_frontal``) one."""
     view = (metadata.view_position or "").upper()
     if view in LATERAL_VIEWS:
-        return reject(RejectReason.LATERAL_VIEW, f"ViewPosition {view} is a lateral view; only frontal views are accepted", metadata)
+        raise InputRejected(f"ViewPosition {view} is a lateral view; only frontal views are accepted",
+                            reason=RejectReason.LATERAL_VIEW)
     if not view:
-        flags.append("view_unknown")
-    elif view not in FRONTAL_VIEWS:
-        flags.append("view_not_frontal")
+        return ("view_unknown",)
+    return () if view in FRONTAL_VIEWS else ("view_not_frontal",)
 
+
+def frame_to_read(metadata: InstanceMetadata, policy: ReaderPolicy) -> int | None:
+    """``None`` for a single-frame image, 0 for a multi-frame one under the ``first_frame`` policy."""
     frames = metadata.number_of_frames or 1
-    frame: int | None = None
-    if frames > 1:
-        if policy.multi_frame_policy == "reject":
-            return reject(RejectReason.MULTI_FRAME, f"{frames} frames; the multi-frame policy is 'reject'", metadata)
-        frame = 0
-        flags.append("first_frame_only")
+    if frames <= 1:
+        return None
+    if policy.multi_frame_policy == "reject":
+        raise InputRejected(f"{frames} frames; the multi-frame policy is 'reject'", reason=RejectReason.MULTI_FRAME)
+    return 0
+
+
+def check_pixel_count(metadata: InstanceMetadata, policy: ReaderPolicy) -> None:
+    """The decompression-bomb guard, from the header alone (before any decoding)."""
+    frames = metadata.number_of_frames or 1
     pixels = (metadata.rows or 0) * (metadata.columns or 0) * frames
     if pixels > policy.max_pixels:
-        return reject(
-            RejectReason.TOO_LARGE,
-            f"{metadata.rows} x {metadata.columns} x {frames} frames = {pixels} pixels exceeds the limit of {policy.max_pixels}",
-            metadata,
-        )
+        raise InputRejected(f"{metadata.rows} x {metadata.columns} x {frames} frames = {pixels} pixels exceeds "
+                            f"the limit of {policy.max_pixels}", reason=RejectReason.TOO_LARGE)
 
+
+def normalize_pixels(ds: pydicom.Dataset, metadata: InstanceMetadata,
+                      frame: int | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """:func:`~ingest.pixels.normalize_radiograph`, with any failure but its own rejections as ``decode_failed``."""
     try:
-        image, steps = normalize_radiograph(ds, frame=frame)
-    except InputRejected as exc:
-        return ReadResult(sha256, metadata, None, exc, (), tuple(flags))
+        return normalize_radiograph(ds, frame=frame)
+    except InputRejected:
+        raise
     except Exception as exc:  # corrupt header values surface as anything from TypeError to IndexError
         logger.warning("pixel pipeline failed for sop_instance_uid=%s", metadata.sop_instance_uid, exc_info=True)
-        return reject(RejectReason.DECODE_FAILED, f"the pixel pipeline failed: {type(exc).__name__}: {exc}", metadata)
-    if "voi_fallback_percentile" in steps:
-        flags.append("voi_did_not_fit")
-    return ReadResult(sha256, metadata, image, None, steps, tuple(flags))
+        raise InputRejected(f"the pixel pipeline failed: {type(exc).__name__}: {exc}",
+                            reason=RejectReason.DECODE_FAILED) from exc
 
 
 def _words(text: str) -> set[str]:
@@ -317,7 +392,8 @@ def _cut_element(ds: pydicom.Dataset, size: int) -> str | None:
     """
     deflated = transfer_syntax_of(ds) == pydicom.uid.DeflatedExplicitVRLittleEndian
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
-        element = ds.get_item(tag, keep_deferred=True)
+        # get_item returns the element unconverted (its typing overload says DataElement only).
+        element: DataElement | RawDataElement = ds.get_item(tag, keep_deferred=True)
         if not isinstance(element, RawDataElement) or not isinstance(element.value, bytes):
             continue
         if element.length != _UNDEFINED_LENGTH:
@@ -343,7 +419,7 @@ def _log(result: ReadResult) -> None:
     uid = result.metadata.sop_instance_uid if result.metadata else None
     if result.accepted:
         logger.debug("accepted sop_instance_uid=%s sha256=%s steps=%s", uid, result.sha256, ",".join(result.steps))
-    elif result.rejection is not None:
+    else:
         logger.info(
             "rejected sop_instance_uid=%s sha256=%s reason=%s: %s",
             uid,

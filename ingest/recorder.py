@@ -122,31 +122,31 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
     metadata = result.metadata
     fields = metadata.to_dict() if metadata is not None else {}
     sop_instance_uid = fields.get("sop_instance_uid")
-    accepted = result.accepted
+    rejection = None if result.accepted else result.rejection
 
     primary_id, same_content = _earlier_instances(session, sop_instance_uid, result.sha256)
     now = _utcnow()
     reason = message = None
     conflict = False
     if primary_id is None:
-        if accepted:
+        if rejection is None:
             state = InstanceState.received
         else:
-            state, reason, message = InstanceState.rejected, result.rejection.reason, result.rejection.message
+            state, reason, message = InstanceState.rejected, rejection.reason, rejection.message
     elif same_content:
         state, reason = InstanceState.duplicate, DUPLICATE_INSTANCE
         message = f"identical copy (same SOPInstanceUID and sha256) of instance {primary_id}"
     else:
         conflict = True
         state = InstanceState.rejected
-        if accepted:
+        if rejection is None:
             reason = SOP_INSTANCE_CONFLICT
             message = (f"SOPInstanceUID {sop_instance_uid} was already recorded (instance {primary_id}) with "
                        "different content; both files are kept, this one in quarantine")
         else:
-            reason, message = result.rejection.reason, result.rejection.message
+            reason, message = rejection.reason, rejection.message
     # A conflicting version is quarantined even when readable: which version is right is an operator's call.
-    disposal = plan_disposal(settings, path, rel_name, accepted=accepted and not conflict)
+    disposal = plan_disposal(settings, path, rel_name, accepted=result.accepted and not conflict)
 
     instance = Instance(
         state=state.value,
@@ -177,11 +177,11 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         updated_at=now,
         finished_at=None if state is InstanceState.received else now,
     )
-    if accepted and not conflict and fields.get("study_instance_uid"):
+    if result.accepted and not conflict and fields.get("study_instance_uid"):
         instance.study_id = _study_id(session, fields)
     session.add(instance)
     session.flush()
-    if state is InstanceState.received:
+    if result.accepted and state is InstanceState.received:  # a new instance: the worker's input
         session.add(_normalized_image(instance.id, result.image))
     return Outcome(instance.id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
 
@@ -210,8 +210,8 @@ def _study_id(session: Session, fields: dict[str, Any]) -> int:
             session.add(study)
             session.flush()
             return study.id
-    except IntegrityError:
-        return session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+    except IntegrityError:  # the other ingester's study is committed: it exists now
+        return session.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
 
 
 def _normalized_image(instance_id: int, image: np.ndarray) -> NormalizedImage:

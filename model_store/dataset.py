@@ -219,9 +219,7 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
                 policy = _reader_policy(settings)
             result = read_radiograph(item.path, policy)
             if not result.accepted:
-                rejection = result.rejection
-                problems.append(f"{item.key}: {getattr(rejection, 'reason', rejection)} "
-                                f"({getattr(rejection, 'message', '')})")
+                problems.append(f"{item.key}: {result.reason} ({result.rejection.message})")
                 continue
             images[index] = result.image
         except CovidCxrError as exc:

@@ -18,10 +18,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
 from covid_cxr.settings import Settings
-from ingest.metadata import pseudonymize
-from ingest.reader import ReaderPolicy, ReadResult, read_radiograph
+from ingest.metadata import InstanceMetadata, pseudonymize
+from ingest.reader import (
+    AcceptedResult,
+    ReaderPolicy,
+    ReadResult,
+    RejectedResult,
+    check_body_part,
+    check_pixel_count,
+    check_view,
+    frame_to_read,
+    read_radiograph,
+)
 from ingest.reasons import RejectReason
 
 SECRET = b"test-secret"
@@ -64,18 +75,14 @@ def _to_bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _reason(result: ReadResult) -> str | None:
-    return None if result.rejection is None else result.rejection.reason
-
-
 def _assert_well_formed(result: ReadResult, data: bytes) -> None:
     assert isinstance(result, ReadResult)
     assert result.sha256 == hashlib.sha256(data).hexdigest()
     if result.accepted:
-        assert result.image is not None and result.image.shape == (224, 224) and result.image.dtype == np.uint8
+        assert result.image.shape == (IMAGE_SIZE, IMAGE_SIZE) and result.image.dtype == np.uint8
         assert result.steps[0] == "decode"
     else:
-        assert isinstance(result.rejection, InputRejected) and result.image is None
+        assert isinstance(result.rejection, InputRejected) and not hasattr(result, "image")
         assert result.rejection.reason in {reason.value for reason in RejectReason}
         assert result.rejection.message
 
@@ -95,7 +102,7 @@ def test_shared_file_gets_the_decision_a_radiologist_expects(dicom_dir: Path, na
     result = read_radiograph(dicom_dir / name, POLICY)
 
     _assert_well_formed(result, data)
-    assert _reason(result) == expected_reason, result.rejection
+    assert result.reason == expected_reason, result.to_dict()["message"]
     assert result.flags == expected_flags
     header = pydicom.dcmread(dicom_dir / name, stop_before_pixels=True)
     assert result.metadata is not None, "metadata is kept for rejections too"
@@ -117,7 +124,8 @@ def test_path_and_bytes_give_the_same_result_whatever_the_file_name(dicom_dir: P
 
 def test_file_without_preamble_and_file_meta_is_read(dicom_dir: Path) -> None:
     data = (dicom_dir / SMALL_CHEST).read_bytes()
-    meta_length = pydicom.dcmread(dicom_dir / SMALL_CHEST, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+    header = pydicom.dcmread(dicom_dir / SMALL_CHEST, stop_before_pixels=True)
+    meta_length = header.file_meta.FileMetaInformationGroupLength
     bare = data[132 + 12 + meta_length :]  # the dataset alone, Explicit VR Little Endian
     assert bare[:2] == b"\x08\x00"
     result = read_radiograph(bare, POLICY)
@@ -146,7 +154,7 @@ def test_pydicom_test_files_under_the_default_policy(name: str, reason: RejectRe
     path = PYDICOM_TEST_FILES / name
     if not path.exists():
         pytest.skip(f"{name} is not bundled with this pydicom")
-    assert _reason(read_radiograph(path, POLICY)) == reason
+    assert read_radiograph(path, POLICY).reason == reason
 
 
 @pytest.mark.parametrize(
@@ -167,7 +175,7 @@ def test_pydicom_test_files_reaching_the_pixel_pipeline(name: str, reason: Rejec
     path = PYDICOM_TEST_FILES / name
     if not path.exists():
         pytest.skip(f"{name} is not bundled with this pydicom")
-    assert _reason(read_radiograph(path, PERMISSIVE)) == reason
+    assert read_radiograph(path, PERMISSIVE).reason == reason
 
 
 def test_every_bundled_pydicom_test_file_gets_a_typed_answer() -> None:
@@ -179,7 +187,7 @@ def test_every_bundled_pydicom_test_file_gets_a_typed_answer() -> None:
         for policy in (POLICY, PERMISSIVE):
             result = read_radiograph(data, policy)
             _assert_well_formed(result, data)
-            assert _reason(result) != RejectReason.INTERNAL_ERROR, f"{path.name}: {result.rejection}"
+            assert result.reason != RejectReason.INTERNAL_ERROR, f"{path.name}: {result.rejection}"
 
 
 # --- policy checks on real files ------------------------------------------------------------------
@@ -197,7 +205,7 @@ def _chest(dicom_dir: Path, **changes: object) -> bytes:
 
 @pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "lat"])
 def test_lateral_view_is_rejected(dicom_dir: Path, view: str) -> None:
-    assert _reason(read_radiograph(_chest(dicom_dir, ViewPosition=view), POLICY)) == RejectReason.LATERAL_VIEW
+    assert read_radiograph(_chest(dicom_dir, ViewPosition=view), POLICY).reason == RejectReason.LATERAL_VIEW
 
 
 def test_unknown_view_is_accepted_and_flagged(dicom_dir: Path) -> None:
@@ -211,24 +219,24 @@ def test_unknown_view_is_accepted_and_flagged(dicom_dir: Path) -> None:
 @pytest.mark.parametrize("body_part, reason", [("SKULL", RejectReason.WRONG_BODY_PART), ("PORT CHEST", None),
                                                ("THORAX", None), ("TSPINE", RejectReason.WRONG_BODY_PART)])
 def test_body_part_examined_decides_when_present(dicom_dir: Path, body_part: str, reason: str | None) -> None:
-    assert _reason(read_radiograph(_chest(dicom_dir, BodyPartExamined=body_part), POLICY)) == reason
+    assert read_radiograph(_chest(dicom_dir, BodyPartExamined=body_part), POLICY).reason == reason
 
 
 def test_absent_body_part_is_accepted_unless_a_description_names_another_region(dicom_dir: Path) -> None:
     plain = read_radiograph(_chest(dicom_dir, BodyPartExamined=None), POLICY)
     assert plain.accepted and "body_part_unknown" in plain.flags
     knee = _chest(dicom_dir, BodyPartExamined=None, SeriesDescription="KNEE AP")
-    assert _reason(read_radiograph(knee, POLICY)) == RejectReason.WRONG_BODY_PART
+    assert read_radiograph(knee, POLICY).reason == RejectReason.WRONG_BODY_PART
     both = _chest(dicom_dir, BodyPartExamined=None, StudyDescription="CHEST ABDOMEN")
     assert read_radiograph(both, POLICY).accepted
 
 
 def test_allowed_modalities_are_configurable(dicom_dir: Path) -> None:
     ct = _chest(dicom_dir, Modality="CT")
-    assert _reason(read_radiograph(ct, POLICY)) == RejectReason.WRONG_MODALITY
+    assert read_radiograph(ct, POLICY).reason == RejectReason.WRONG_MODALITY
     with_ct = ReaderPolicy(frozenset({"ct"}), 60_000_000, "reject", SECRET)
     assert read_radiograph(ct, with_ct).accepted
-    assert _reason(read_radiograph(_chest(dicom_dir, Modality=None), POLICY)) == RejectReason.WRONG_MODALITY
+    assert read_radiograph(_chest(dicom_dir, Modality=None), POLICY).reason == RejectReason.WRONG_MODALITY
 
 
 def _two_frames(dicom_dir: Path) -> bytes:
@@ -240,7 +248,7 @@ def _two_frames(dicom_dir: Path) -> bytes:
 
 def test_multi_frame_is_rejected_by_default_and_first_frame_policy_reads_frame_one(dicom_dir: Path) -> None:
     data = _two_frames(dicom_dir)
-    assert _reason(read_radiograph(data, POLICY)) == RejectReason.MULTI_FRAME
+    assert read_radiograph(data, POLICY).reason == RejectReason.MULTI_FRAME
     first = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "first_frame", SECRET)
     result = read_radiograph(data, first)
     assert result.accepted and "first_frame_only" in result.flags
@@ -251,11 +259,11 @@ def test_huge_declared_size_is_rejected_before_any_decoding(dicom_dir: Path) -> 
     data = _chest(dicom_dir, Rows=65535, Columns=65535)
     started = time.perf_counter()
     result = read_radiograph(data, POLICY)
-    assert _reason(result) == RejectReason.TOO_LARGE
+    assert result.reason == RejectReason.TOO_LARGE
     assert time.perf_counter() - started < 1.0
     assert "4294836225" in result.rejection.message
     small_limit = ReaderPolicy(frozenset({"CR"}), 440 * 440 - 1, "reject", SECRET)
-    assert _reason(read_radiograph(dicom_dir / SMALL_CHEST, small_limit)) == RejectReason.TOO_LARGE
+    assert read_radiograph(dicom_dir / SMALL_CHEST, small_limit).reason == RejectReason.TOO_LARGE
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -263,20 +271,20 @@ def test_huge_declared_size_is_rejected_before_any_decoding(dicom_dir: Path) -> 
 
 def test_empty_file_is_not_dicom() -> None:
     result = read_radiograph(b"", POLICY)
-    assert _reason(result) == RejectReason.NOT_DICOM and result.metadata is None
+    assert result.reason == RejectReason.NOT_DICOM and result.metadata is None
     assert result.sha256 == hashlib.sha256(b"").hexdigest()
 
 
 @pytest.mark.parametrize("seed, size", [(0, 1), (1, 131), (2, 132), (3, 4096), (4, 300_000)])
 def test_random_bytes_are_not_dicom(seed: int, size: int) -> None:
     data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-    assert _reason(read_radiograph(data, POLICY)) == RejectReason.NOT_DICOM
+    assert read_radiograph(data, POLICY).reason == RejectReason.NOT_DICOM
 
 
 def test_random_bytes_behind_a_dicm_prefix_are_not_accepted() -> None:
     noise = np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     result = read_radiograph(b"\0" * 128 + b"DICM" + noise, POLICY)
-    assert _reason(result) in {RejectReason.NOT_DICOM, RejectReason.TRUNCATED}
+    assert result.reason in {RejectReason.NOT_DICOM, RejectReason.TRUNCATED}
 
 
 @pytest.mark.parametrize("name", [SMALL_CHEST, SIIM, "pydicom-data__RG1_J2KI.dcm"])
@@ -286,7 +294,7 @@ def test_file_cut_inside_its_pixel_data_is_truncated_and_keeps_its_metadata(
 ) -> None:
     data = (dicom_dir / name).read_bytes()
     result = read_radiograph(data[: int(len(data) * fraction)], POLICY)
-    assert _reason(result) == RejectReason.TRUNCATED
+    assert result.reason == RejectReason.TRUNCATED
     assert result.metadata is not None and result.metadata.sop_instance_uid, "UIDs are needed for duplicates"
 
 
@@ -294,7 +302,7 @@ def test_file_cut_inside_its_pixel_data_is_truncated_and_keeps_its_metadata(
 def test_file_missing_only_its_last_bytes_is_truncated(dicom_dir: Path, name: str) -> None:
     data = (dicom_dir / name).read_bytes()
     for cut in (1, 2, 7):
-        assert _reason(read_radiograph(data[:-cut], POLICY)) == RejectReason.TRUNCATED
+        assert read_radiograph(data[:-cut], POLICY).reason == RejectReason.TRUNCATED
 
 
 @pytest.mark.parametrize("keyword, into_value", [("Rows", 1), ("StudyInstanceUID", 5), ("Modality", 1)])
@@ -302,21 +310,21 @@ def test_file_cut_inside_a_header_element_is_truncated(dicom_dir: Path, keyword:
     ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
     element = ds.get_item(keyword, keep_deferred=True)
     data = (dicom_dir / SMALL_CHEST).read_bytes()
-    assert _reason(read_radiograph(data[: element.value_tell + into_value], POLICY)) == RejectReason.TRUNCATED
+    assert read_radiograph(data[: element.value_tell + into_value], POLICY).reason == RejectReason.TRUNCATED
 
 
 def test_file_cut_inside_its_file_meta_is_truncated(dicom_dir: Path) -> None:
     data = (dicom_dir / SMALL_CHEST).read_bytes()
     for size in (140, 200, 300):
-        assert _reason(read_radiograph(data[:size], POLICY)) == RejectReason.TRUNCATED
-    assert _reason(read_radiograph(data[:100], POLICY)) == RejectReason.NOT_DICOM  # not even the DICM prefix
+        assert read_radiograph(data[:size], POLICY).reason == RejectReason.TRUNCATED
+    assert read_radiograph(data[:100], POLICY).reason == RejectReason.NOT_DICOM  # not even the DICM prefix
 
 
 def test_file_with_pixel_data_removed_is_no_pixel_data(dicom_dir: Path) -> None:
     ds = pydicom.dcmread(dicom_dir / SIIM)
     del ds.PixelData
     result = read_radiograph(_to_bytes(ds), POLICY)
-    assert _reason(result) == RejectReason.NO_PIXEL_DATA
+    assert result.reason == RejectReason.NO_PIXEL_DATA
     assert result.metadata.sop_instance_uid == ds.SOPInstanceUID
 
 
@@ -347,7 +355,7 @@ def test_mutated_real_files_always_get_a_result_or_a_typed_rejection(
     data = _mutate((dicom_dir / name).read_bytes(), edits, cut, header_bias)
     result = read_radiograph(data, PERMISSIVE if permissive else POLICY)
     _assert_well_formed(result, data)
-    assert _reason(result) != RejectReason.INTERNAL_ERROR, result.rejection
+    assert result.reason != RejectReason.INTERNAL_ERROR, result.rejection
 
 
 # --- privacy ------------------------------------------------------------------------------------
@@ -367,7 +375,7 @@ def test_patient_id_is_kept_only_as_a_keyed_hash_and_never_logged(
         rejected = read_radiograph(_to_bytes(ds), POLICY)
         read_radiograph(accepted, POLICY)
         read_radiograph(_to_bytes(ds)[:-1000], POLICY)
-    assert _reason(rejected) == RejectReason.WRONG_BODY_PART
+    assert rejected.reason == RejectReason.WRONG_BODY_PART
     assert rejected.metadata.patient_pseudonym == pseudonymize(clear_id, SECRET)
     text = caplog.text + " ".join(str(w.message) for w in caught)
     assert "sop_instance_uid=" + ds.SOPInstanceUID in caplog.text
@@ -382,6 +390,51 @@ def test_read_result_to_dict_is_json_ready(dicom_dir: Path) -> None:
     summary = json.loads(json.dumps(result.to_dict()))
     assert summary["accepted"] is True and summary["reason"] is None
     assert summary["steps"] == list(result.steps) and summary["metadata"]["modality"] == "CR"
+
+
+def test_a_result_is_accepted_with_the_model_input_or_rejected_with_a_reason(dicom_dir: Path) -> None:
+    accepted = read_radiograph(dicom_dir / SMALL_CHEST, POLICY)
+    assert isinstance(accepted, AcceptedResult)
+    with pytest.raises(ValueError, match="224, 224"):
+        AcceptedResult(accepted.sha256, accepted.metadata, accepted.image[:100], accepted.steps)
+    rejected = read_radiograph(b"not dicom", POLICY)
+    assert isinstance(rejected, RejectedResult) and rejected.reason == rejected.rejection.reason == "not_dicom"
+
+
+def test_a_sha256_the_caller_computed_is_used_as_it_is(dicom_dir: Path) -> None:
+    digest = "ab" * 32
+    assert read_radiograph(dicom_dir / SMALL_CHEST, POLICY, sha256=digest).sha256 == digest
+
+
+# --- single steps -------------------------------------------------------------------------------
+
+
+def test_view_step_rejects_lateral_and_flags_unknown_or_unusual_views() -> None:
+    assert check_view(InstanceMetadata(view_position="pa")) == ()
+    assert check_view(InstanceMetadata()) == ("view_unknown",)
+    assert check_view(InstanceMetadata(view_position="LLO")) == ("view_not_frontal",)
+    with pytest.raises(InputRejected) as rejected:
+        check_view(InstanceMetadata(view_position="LL"))
+    assert rejected.value.reason == RejectReason.LATERAL_VIEW
+
+
+def test_body_part_step_flags_a_header_that_names_no_region() -> None:
+    assert check_body_part(pydicom.Dataset(), InstanceMetadata(body_part_examined="CHEST")) == ()
+    assert check_body_part(pydicom.Dataset(), InstanceMetadata()) == ("body_part_unknown",)
+    with pytest.raises(InputRejected, match="KNEE"):
+        check_body_part(pydicom.Dataset(), InstanceMetadata(body_part_examined="KNEE"))
+
+
+def test_frame_and_size_steps_follow_the_policy() -> None:
+    first_frame = ReaderPolicy(frozenset({"CR"}), 1000, "first_frame", SECRET)
+    assert frame_to_read(InstanceMetadata(number_of_frames=1), POLICY) is None
+    assert frame_to_read(InstanceMetadata(number_of_frames=3), first_frame) == 0
+    with pytest.raises(InputRejected, match="3 frames"):
+        frame_to_read(InstanceMetadata(number_of_frames=3), POLICY)
+    check_pixel_count(InstanceMetadata(rows=10, columns=100), first_frame)
+    with pytest.raises(InputRejected) as rejected:
+        check_pixel_count(InstanceMetadata(rows=10, columns=100, number_of_frames=2), first_frame)
+    assert rejected.value.reason == RejectReason.TOO_LARGE
 
 
 # --- the policy object ------------------------------------------------------------------------------
