@@ -214,7 +214,7 @@ class IngestService:
             log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)
             return None
 
-        result = read_radiograph(data, self.policy)
+        result = read_radiograph(data, self.policy, sha256=sha256)
         outcome = record(self.settings, path=path, rel_name=rel_name, file_size=len(data), result=result)
         reason = outcome.reason_record(rel_name, sha256) if outcome.disposal.action == "quarantine" else None
         final = carry_out(outcome.disposal, path, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -143,6 +144,25 @@ def test_files_are_recorded_batched_and_disposed_of(settings, dicom_dir):
     for row in rows:
         assert Path(row.stored_path).is_file()
     assert service.counts["received"] == 2
+
+
+def test_each_file_is_hashed_once(settings, dicom_dir, monkeypatch):
+    data = (dicom_dir / SIIM).read_bytes()
+    sha256, hashed = hashlib.sha256, []
+
+    def counting_sha256(*args, **kwargs):
+        if args and args[0] == data:
+            hashed.append(data)
+        return sha256(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    outcome = service.process_file(_drop(settings, dicom_dir / SIIM, "a.dcm"))
+    assert outcome is not None and outcome.enqueue
+    assert len(hashed) == 1
+    [row] = _rows(settings)
+    assert row.file_sha256 == sha256(data).hexdigest()
 
 
 def test_kept_files_are_not_processed_again_after_a_restart(tmp_path, dicom_dir):
