@@ -120,15 +120,28 @@ def load_verified_model(path: Path, expected_sha256: str) -> keras.Model:
     Raises
     ------
     ModelIntegrityError
-        ``sha256_mismatch`` when the bytes differ from the record; ``unsafe_or_invalid`` when Keras refuses
-        the file in safe mode (e.g. a Lambda layer carrying Python bytecode) or cannot read it; ``wrong_io`` when
-        the model does not map ``(N, 224, 224, 3)`` to ``(N, 2)``.
+        ``sha256_mismatch`` when the bytes differ from the record; otherwise as :func:`load_model_file`.
+    """
+    verify_sha256(path, expected_sha256)
+    return load_model_file(path)
+
+
+def load_model_file(path: Path) -> keras.Model:
+    """Load a ``.keras`` model whose sha256 the caller has just verified, in Keras safe mode (no arbitrary code).
+
+    Callers that have not verified the file use :func:`load_verified_model`; the registry's
+    :func:`~model_store.registry.load_registered_model` verifies while fetching, so the file is hashed once.
+
+    Raises
+    ------
+    ModelIntegrityError
+        ``unsafe_or_invalid`` when Keras refuses the file in safe mode (e.g. a Lambda layer carrying Python
+        bytecode) or cannot read it; ``wrong_io`` when the model does not map ``(N, 224, 224, 3)`` to ``(N, 2)``.
     """
     import keras
 
     from model_store.architecture import INPUT_SHAPE
 
-    verify_sha256(path, expected_sha256)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises ValueError/TypeError/zip errors; all mean "do not serve this"

@@ -231,6 +231,7 @@ def _activate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from model_store.artifact import load_verified_model, model_path_of, read_metadata
     from model_store.evaluation import evaluate
+    from model_store.registry import find, load_registered_model
 
     settings = settings_from_args(args)
     dataset = _dataset(args)
@@ -238,11 +239,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         metadata = read_metadata(args.artifact)
         model = load_verified_model(model_path_of(args.artifact), metadata["sha256"])
     else:
-        from model_store.registry import fetch_artifact, find
-
         record = find(settings, *_parse_model(args.model, settings))
         metadata = dict(record.metadata_json)
-        model = load_verified_model(fetch_artifact(settings, record), record.sha256)
+        model = load_registered_model(settings, record)
     out = args.out or settings.reports / f"evaluate-{metadata['version']}-{_utc_stamp()}"
     _, files = evaluate(model, metadata, dataset, out, part=args.part, threshold=args.threshold, settings=settings,
                         progress=args.progress)

@@ -11,7 +11,7 @@ import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -25,11 +25,15 @@ from db.session import session_scope
 from model_store.artifact import (
     METADATA_FILE,
     MODEL_FILE,
+    load_model_file,
     load_verified_model,
     model_path_of,
     read_metadata,
     verify_sha256,
 )
+
+if TYPE_CHECKING:
+    import keras
 
 HOW_TO_GET_A_MODEL = ("train one with `covid-cxr train ... --register --activate`, or import an artifact with "
                       "`covid-cxr models import PATH --activate`, or activate a listed one with "
@@ -157,6 +161,15 @@ def fetch_artifact(settings: Settings, record: ModelVersion) -> Path:
     partial.replace(model_path)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return model_path
+
+
+def load_registered_model(settings: Settings, record: ModelVersion) -> keras.Model:
+    """``record``'s model, loaded in Keras safe mode from the verified local copy :func:`fetch_artifact` makes.
+
+    The copy is hashed once, by the fetch; raises as :func:`fetch_artifact` and
+    :func:`~model_store.artifact.load_model_file` do.
+    """
+    return load_model_file(fetch_artifact(settings, record))
 
 
 def export(settings: Settings, record: ModelVersion, out_dir: Path) -> Path:

@@ -12,7 +12,16 @@ from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
 from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings, load_settings
 from model_store.artifact import METADATA_FILE, MODEL_FILE, ArtifactInfo, save_artifact
-from model_store.registry import activate, export, fetch_artifact, find, get_active, import_artifact, list_models
+from model_store.registry import (
+    activate,
+    export,
+    fetch_artifact,
+    find,
+    get_active,
+    import_artifact,
+    list_models,
+    load_registered_model,
+)
 
 
 def minimal_metadata(name: str = "covid-cxr") -> dict:
@@ -117,6 +126,37 @@ def test_cache_and_database_corruption_are_caught(settings: Settings, artifacts:
     with pytest.raises(ModelIntegrityError, match="sha256"):
         fetch_artifact(settings, record)
     assert not cached.exists()
+
+
+def test_loading_a_registered_model_hashes_its_file_once_and_refuses_tampering(
+        settings: Settings, artifacts: list[ArtifactInfo], monkeypatch: pytest.MonkeyPatch) -> None:
+    from db.models import ModelVersion
+    from db.session import session_scope
+    from model_store import artifact, registry
+
+    first, _ = artifacts
+    record = import_artifact(settings, first.directory, activate=True)
+    hashed: list[Path] = []
+
+    def counting_sha256(path: Path) -> str:
+        hashed.append(Path(path))
+        return file_sha256(path)
+
+    monkeypatch.setattr(artifact, "file_sha256", counting_sha256)
+    monkeypatch.setattr(registry, "file_sha256", counting_sha256)
+    for source in ("the database", "the cache"):
+        hashed.clear()
+        assert load_registered_model(settings, record).output_shape == (None, 2), source
+        assert len(hashed) == 1, source
+    cached = fetch_artifact(settings, record)
+    cached.write_bytes(b"tampered cache")
+    assert load_registered_model(settings, record).output_shape == (None, 2)  # replaced from the database
+    assert file_sha256(cached) == first.sha256
+    with session_scope(settings) as session:
+        session.execute(update(ModelVersion).where(ModelVersion.id == record.id).values(artifact=b"corrupt row"))
+    fetch_artifact(settings, record).unlink()
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        load_registered_model(settings, record)
 
 
 def test_export_round_trips_through_import(settings: Settings, artifacts: list[ArtifactInfo], tmp_path: Path) -> None:

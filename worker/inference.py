@@ -63,14 +63,12 @@ def load_active_model(settings: Settings) -> LoadedModel:
     Raises :class:`~covid_cxr.errors.NoActiveModel` or :class:`~covid_cxr.errors.ModelError`
     (:class:`~covid_cxr.errors.ModelIntegrityError` when the sha256 does not match).
     """
-    from model_store.artifact import load_verified_model
-    from model_store.registry import fetch_artifact, get_active
+    from model_store.registry import get_active, load_registered_model
 
     configure_devices()
     record = get_active(settings, settings.model_name)
-    path = fetch_artifact(settings, record)
     started = time.perf_counter()
-    model = load_verified_model(path, record.sha256)
+    model = load_registered_model(settings, record)
     loaded = describe(model, record)
     loaded.forward = compile_forward(model)
     # Trace the compiled function now, so the first batch does not pay for it.
