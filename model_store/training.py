@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +37,9 @@ from model_store.drift import training_reference
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report
 from model_store.weights import describe_base_weights
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -96,69 +101,31 @@ class TrainingResult:
     evaluation: dict[str, Any]
 
 
-def _one_hot(labels: np.ndarray) -> np.ndarray:
-    return np.stack([(labels == name).astype(np.float32) for name in CLASS_NAMES], axis=1)
+@dataclass(frozen=True)
+class CachedFeatures:
+    """The frozen prefix's outputs, computed once: ``train`` stacks the original training images and each
+    augmented version of them; ``cut`` names the prefix's last layer."""
+
+    cut: str
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
 
 
-def _sample_weights(labels: np.ndarray, mode: str) -> tuple[np.ndarray, dict[str, float]]:
-    if mode == "none":
-        return np.ones(len(labels), dtype=np.float32), {name: 1.0 for name in CLASS_NAMES}
-    from sklearn.utils.class_weight import compute_class_weight
+@dataclass(frozen=True)
+class FitResult:
+    """What fitting the trainable suffix left besides its weights: the curves per epoch and the class weights."""
 
-    weights = compute_class_weight("balanced", classes=np.array(CLASS_NAMES, dtype=object), y=labels)
-    per_class = dict(zip(CLASS_NAMES, (float(w) for w in weights), strict=False))
-    return np.array([per_class[label] for label in labels], dtype=np.float32), per_class
+    curves: dict[str, list[float]]
+    class_weights: dict[str, float]
+    early_stopping: bool
 
-
-def _batches_class():  # type: ignore[no-untyped-def]
-    import keras
-
-    class CachedFeatureBatches(keras.utils.PyDataset):
-        """Shuffled batches of cached features; each epoch draws, per image, one of its augmented copies."""
-
-        def __init__(self, features: np.ndarray, targets: np.ndarray, weights: np.ndarray, batch_size: int,
-                     seed: int) -> None:
-            super().__init__()
-            self.features, self.targets, self.weights = features, targets, weights
-            self.batch_size = batch_size
-            self.rng = np.random.default_rng(seed)
-            self._draw()
-
-        def _draw(self) -> None:
-            count = self.features.shape[1]
-            self.order = self.rng.permutation(count)
-            self.copy = self.rng.integers(0, self.features.shape[0], count)
-
-        def __len__(self) -> int:
-            return math.ceil(self.features.shape[1] / self.batch_size)
-
-        def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
-            chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-            return self.features[self.copy[chosen], chosen], self.targets[chosen], self.weights[chosen]
-
-        def on_epoch_end(self) -> None:
-            self._draw()
-
-    return CachedFeatureBatches
-
-
-def _progress_callback(epochs: int, enabled: bool):  # type: ignore[no-untyped-def]
-    import keras
-    from tqdm import tqdm
-
-    class EpochProgress(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):  # type: ignore[no-untyped-def]
-            self.bar = tqdm(total=epochs, desc="train", unit="epoch", disable=not enabled)
-
-        def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
-            self.bar.set_postfix({key: f"{value:.3f}" for key, value in (logs or {}).items()
-                                  if key in {"loss", "accuracy", "val_loss", "val_accuracy"}})
-            self.bar.update(1)
-
-        def on_train_end(self, logs=None):  # type: ignore[no-untyped-def]
-            self.bar.close()
-
-    return EpochProgress()
+    @property
+    def best_epoch(self) -> int:
+        """The epoch with the lowest validation loss (whose weights early stopping restores), else the last."""
+        if "val_loss" in self.curves:
+            return int(np.argmin(self.curves["val_loss"])) + 1
+        return len(self.curves["loss"])
 
 
 def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Settings | None = None,
@@ -168,41 +135,74 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     Everything that can be wrong with the data (empty, one class, unreadable files, too few patients to
     split) raises :class:`DatasetError` before the model is built.
     """
-    import keras
-
-    from ingest.pixels import PREPROCESSING_VERSION
+    from model_store.features import split_model
 
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     config.check()
     trainable_from = config.resolved_trainable_from()
     split = split_dataset(dataset, config.test_fraction, config.validation_fraction, config.seed)
-    timings: dict[str, float] = {}
-
-    clock = time.perf_counter()
-    images = load_images(dataset, settings, progress)
-    timings["decode_s"] = time.perf_counter() - clock
-
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(config.base_weights, trainable_from)
-    from model_store.features import augmented_copies, compute_features, split_model
-
+    with _timed(timings, "decode_s"):
+        images = load_images(dataset, settings, progress)
+    model = build_seeded_model(config, trainable_from)
     cut = split_point(trainable_from)
     prefix, suffix = split_model(model, cut)
-    labels = dataset.labels
+    with _timed(timings, "features_s"):
+        features = cache_features(prefix, cut, images, split, config, progress)
+    with _timed(timings, "fit_s"):
+        fit = fit_suffix(suffix, features, dataset.labels, split, config, progress)
+    test_scores = positive_scores(suffix, features.test)
+    reference = drift_reference(suffix, features, images, split)
+    evaluation = evaluate_test_part(dataset, split, images, test_scores, config)
+    timings["total_s"] = time.perf_counter() - started
+    metadata = artifact_metadata(model, config, trainable_from, manifest(dataset, split), features, fit, reference,
+                                 evaluation, timings)
+    artifact = save_artifact(model, metadata, out_dir)
+    evaluation["model"] = {"name": config.name, "version": artifact.version, "sha256": artifact.sha256}
+    report_files = write_report(evaluation, out_dir, history=fit.curves)
+    log.info("trained %s %s in %.0f s: %s", config.name, artifact.version, timings["total_s"], out_dir)
+    return TrainingResult(artifact, report_files, evaluation)
 
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     clock = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - clock
+
+
+def build_seeded_model(config: TrainingConfig, trainable_from: str | None) -> keras.Model:
+    """:func:`~model_store.architecture.build_model` after seeding Keras, so that initialisation repeats."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    return build_model(config.base_weights, trainable_from)
+
+
+def cache_features(prefix: keras.Model | None, cut: str, images: np.ndarray, split: Split, config: TrainingConfig,
+                   progress: bool) -> CachedFeatures:
+    """Run the frozen prefix once over every part, and over each augmented version of the training images."""
+    from model_store.features import augmented_copies, compute_features
+
     train_images = images[split.train]
     variants = [train_images]
     if config.augment:
         variants += list(augmented_copies(train_images, config.augment_copies, config.rotation_degrees, config.seed))
     train_features = np.stack([compute_features(prefix, variant, progress, f"features {i + 1}/{len(variants)}")
                                for i, variant in enumerate(variants)])
-    validation_features = compute_features(prefix, images[split.validation], progress, "features validation")
-    test_features = compute_features(prefix, images[split.test], progress, "features test")
-    timings["features_s"] = time.perf_counter() - clock
+    validation = compute_features(prefix, images[split.validation], progress, "features validation")
+    test = compute_features(prefix, images[split.test], progress, "features test")
+    return CachedFeatures(cut, train_features, validation, test)
+
+
+def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray, split: Split,
+               config: TrainingConfig, progress: bool) -> FitResult:
+    """Fit the trainable suffix on the cached features: the origin's Adam with time decay, early stopping on the
+    validation loss when there is a validation part."""
+    import keras
 
     weights, class_weights = _sample_weights(labels[split.train], config.class_weight)
-    batches = _batches_class()(train_features, _one_hot(labels[split.train]), weights, config.batch_size, config.seed)
+    batches = _feature_batches(features.train, _one_hot(labels[split.train]), weights, config.batch_size, config.seed)
     schedule = keras.optimizers.schedules.InverseTimeDecay(
         config.learning_rate, decay_steps=1, decay_rate=config.learning_rate / config.epochs)
     suffix.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule), loss="categorical_crossentropy",
@@ -210,28 +210,41 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     callbacks = [_progress_callback(config.epochs, progress)]
     validation_data = None
     if len(split.validation):
-        validation_data = (validation_features, _one_hot(labels[split.validation]))
+        validation_data = (features.validation, _one_hot(labels[split.validation]))
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
                                                        restore_best_weights=True))
-    clock = time.perf_counter()
     history = suffix.fit(batches, epochs=config.epochs, validation_data=validation_data, callbacks=callbacks,
                          verbose=0)
-    timings["fit_s"] = time.perf_counter() - clock
     curves = {key: [float(v) for v in values] for key, values in history.history.items()}
-    best_epoch = int(np.argmin(curves["val_loss"])) + 1 if "val_loss" in curves else len(curves["loss"])
+    return FitResult(curves, class_weights, early_stopping=validation_data is not None)
 
-    test_scores = np.asarray(suffix.predict(test_features, batch_size=32, verbose=0))[:, 0]
-    reference_part = "validation" if len(split.validation) else "train"
-    reference_indices = split.validation if len(split.validation) else split.train
-    reference_features = validation_features if len(split.validation) else train_features[0]
-    reference_scores = np.asarray(suffix.predict(reference_features, batch_size=32, verbose=0))[:, 0]
-    reference_images = images[reference_indices].reshape(len(reference_indices), -1).astype(np.float64)
-    reference = training_reference(reference_scores, reference_images.mean(axis=1), reference_images.std(axis=1))
-    reference["images"] = f"the {reference_part} part ({len(reference_indices)} images)"
-    evaluation = _test_evaluation(dataset, split, images, test_scores, config)
-    timings["total_s"] = time.perf_counter() - started
 
-    metadata = {
+def positive_scores(suffix: keras.Model, features: np.ndarray) -> np.ndarray:
+    """P(positive class) per image, from its cached features."""
+    return np.asarray(suffix.predict(features, batch_size=32, verbose=0))[:, CLASS_NAMES.index(POSITIVE_CLASS)]
+
+
+def drift_reference(suffix: keras.Model, features: CachedFeatures, images: np.ndarray, split: Split) -> dict[str, Any]:
+    """The reference the evaluation job compares served inputs with: the validation part, else the training part."""
+    if len(split.validation):
+        part, indices, part_features = "validation", split.validation, features.validation
+    else:
+        part, indices, part_features = "train", split.train, features.train[0]
+    pixels = images[indices].reshape(len(indices), -1).astype(np.float64)
+    reference = training_reference(positive_scores(suffix, part_features), pixels.mean(axis=1), pixels.std(axis=1))
+    reference["images"] = f"the {part} part ({len(indices)} images)"
+    return reference
+
+
+def artifact_metadata(model: keras.Model, config: TrainingConfig, trainable_from: str | None, data: dict[str, Any],
+                      features: CachedFeatures, fit: FitResult, reference: dict[str, Any], evaluation: dict[str, Any],
+                      timings: dict[str, float]) -> dict[str, Any]:
+    """Everything the artifact records about how the model was built and trained, and how it scored."""
+    import keras
+
+    from ingest.pixels import PREPROCESSING_VERSION
+
+    return {
         "name": config.name,
         "architecture": {
             "name": ARCHITECTURE,
@@ -252,30 +265,87 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
         "hyperparameters": {**asdict(config), "trainable_from": trainable_from, "optimizer": "Adam",
                             "learning_rate_schedule": "InverseTimeDecay(lr, decay_steps=1, decay_rate=lr/epochs) "
                                                       "(the origin's Adam decay=lr/epochs)",
-                            "loss": "categorical_crossentropy", "class_weights": class_weights},
-        "data": manifest(dataset, split),
+                            "loss": "categorical_crossentropy", "class_weights": fit.class_weights},
+        "data": data,
         "training": {
-            "epochs_run": len(curves["loss"]),
-            "best_epoch": best_epoch,
-            "early_stopping": validation_data is not None,
-            "cached_prefix_until": cut,
-            "cached_train_variants": len(variants),
-            "history": curves,
+            "epochs_run": len(fit.curves["loss"]),
+            "best_epoch": fit.best_epoch,
+            "early_stopping": fit.early_stopping,
+            "cached_prefix_until": features.cut,
+            "cached_train_variants": len(features.train),
+            "history": fit.curves,
             "timings": {key: round(value, 1) for key, value in timings.items()},
         },
         "reference": reference,
         "metrics": {"test": evaluation["metrics"], "baseline_test": evaluation["baseline"]["metrics"],
                     "shortcut_check": evaluation["baseline"]["comparison"]},
     }
-    artifact = save_artifact(model, metadata, out_dir)
-    evaluation["model"] = {"name": config.name, "version": artifact.version, "sha256": artifact.sha256}
-    report_files = write_report(evaluation, out_dir, history=curves)
-    log.info("trained %s %s in %.0f s: %s", config.name, artifact.version, timings["total_s"], out_dir)
-    return TrainingResult(artifact, report_files, evaluation)
 
 
-def _test_evaluation(dataset: Dataset, split: Split, images: np.ndarray, test_scores: np.ndarray,
-                     config: TrainingConfig) -> dict[str, Any]:
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    return np.stack([(labels == name).astype(np.float32) for name in CLASS_NAMES], axis=1)
+
+
+def _sample_weights(labels: np.ndarray, mode: str) -> tuple[np.ndarray, dict[str, float]]:
+    if mode == "none":
+        return np.ones(len(labels), dtype=np.float32), {name: 1.0 for name in CLASS_NAMES}
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.array(CLASS_NAMES, dtype=object), y=labels)
+    per_class = dict(zip(CLASS_NAMES, (float(w) for w in weights), strict=False))
+    return np.array([per_class[label] for label in labels], dtype=np.float32), per_class
+
+
+def _feature_batches(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, batch_size: int,
+                     seed: int) -> keras.utils.PyDataset:
+    import keras
+
+    copies, count = int(features.shape[0]), int(features.shape[1])
+
+    class CachedFeatureBatches(keras.utils.PyDataset):  # type: ignore[misc]  # keras ships no type information
+        """Shuffled batches of cached features; each epoch draws, per image, one of its augmented copies."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order, self.copy = self._draw()
+
+        def _draw(self) -> tuple[np.ndarray, np.ndarray]:
+            return self.rng.permutation(count), self.rng.integers(0, copies, size=count)
+
+        def __len__(self) -> int:
+            return math.ceil(count / batch_size)
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            chosen = self.order[index * batch_size:(index + 1) * batch_size]
+            return features[self.copy[chosen], chosen], targets[chosen], weights[chosen]
+
+        def on_epoch_end(self) -> None:
+            self.order, self.copy = self._draw()
+
+    return CachedFeatureBatches()
+
+
+def _progress_callback(epochs: int, enabled: bool) -> keras.callbacks.Callback:
+    """A progress bar over the epochs that shows the loss and accuracy of each."""
+    import keras
+    from tqdm import tqdm
+
+    bar = tqdm(total=epochs, desc="train", unit="epoch", disable=not enabled)
+
+    def show_epoch(epoch: int, logs: dict[str, float] | None = None) -> None:
+        bar.set_postfix({key: f"{value:.3f}" for key, value in (logs or {}).items()
+                         if key in {"loss", "accuracy", "val_loss", "val_accuracy"}})
+        bar.update(1)
+
+    def close(logs: dict[str, float] | None = None) -> None:
+        bar.close()
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=show_epoch, on_train_end=close)
+
+
+def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_scores: np.ndarray,
+                       config: TrainingConfig) -> dict[str, Any]:
     """The held-out test part's report, with the thumbnail baseline fitted on train + validation."""
     labels = dataset.labels
     fitted_on = np.concatenate([split.train, split.validation])
@@ -291,7 +361,8 @@ def _test_evaluation(dataset: Dataset, split: Split, images: np.ndarray, test_sc
                              f"{len({dataset.items[i].patient_id for i in split.test})} patients"),
         "part": "test",
         "metrics": model_metrics,
-        "baseline": {"method": baseline.METHOD, "fitted_on": f"the training + validation parts ({len(fitted_on)} images)",
+        "baseline": {"method": baseline.METHOD,
+                     "fitted_on": f"the training + validation parts ({len(fitted_on)} images)",
                      "metrics": baseline_metrics, "comparison": compare_with_baseline(model_metrics, baseline_metrics)},
         "predictions": [
             {"key": dataset.items[i].key, "label": dataset.items[i].label, "patient_id": dataset.items[i].patient_id,

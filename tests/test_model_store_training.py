@@ -16,9 +16,9 @@ from covid_cxr.errors import DatasetError, ModelIntegrityError
 from covid_cxr.hashing import file_sha256
 from model_store.architecture import build_model, to_model_input
 from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact
-from model_store.dataset import from_csv, from_folder
+from model_store.dataset import Split, from_csv, from_folder
 from model_store.features import compute_features, split_model
-from model_store.training import TrainingConfig, train
+from model_store.training import CachedFeatures, FitResult, TrainingConfig, cache_features, drift_reference, train
 
 PER_CLASS = 4  # patients per class: 2 train, 1 validation, 1 test
 
@@ -196,3 +196,41 @@ def test_trainable_from_auto_depends_on_the_base_weights() -> None:
     assert TrainingConfig(base_weights="/weights/notop.h5").resolved_trainable_from() is None
     assert TrainingConfig(base_weights=None, trainable_from="block4").resolved_trainable_from() == "block4"
     assert TrainingConfig(base_weights=None, trainable_from="none").resolved_trainable_from() is None
+
+
+def _split(train: list[int], validation: list[int], test: list[int]) -> Split:
+    return Split(np.array(train), np.array(validation), np.array(test), "test", 0, 0.25, 0.25)
+
+
+def test_features_are_cached_for_each_training_version_and_each_held_out_part() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (4, 224, 224), dtype=np.uint8)
+    config = TrainingConfig(augment_copies=2, seed=1)
+    features = cache_features(None, "input", images, _split([0, 1], [2], [3]), config, progress=False)
+    assert features.train.shape == (3, 2, 224, 224, 3)  # the originals, then two rotated versions
+    np.testing.assert_array_equal(features.train[0], to_model_input(images[:2]))
+    assert not np.array_equal(features.train[1], features.train[0])
+    np.testing.assert_array_equal(features.test, to_model_input(images[3:]))
+    unaugmented = TrainingConfig(augment=False)
+    assert cache_features(None, "input", images, _split([0, 1], [2], [3]), unaugmented, False).train.shape[0] == 1
+
+
+class _ConstantSuffix:
+    """Predicts the same probabilities for every image, as the trained suffix would on cached features."""
+
+    def predict(self, features: np.ndarray, batch_size: int, verbose: int) -> np.ndarray:
+        return np.tile([[0.8, 0.2]], (len(features), 1))
+
+
+def test_the_drift_reference_is_the_validation_part_else_the_training_part() -> None:
+    images = np.full((3, 224, 224), 100, dtype=np.uint8)
+    features = CachedFeatures("input", np.zeros((1, 2, 1)), np.zeros((1, 1)), np.zeros((0, 1)))
+    reference = drift_reference(_ConstantSuffix(), features, images, _split([0, 1], [2], []))
+    assert reference["images"] == "the validation part (1 images)"
+    assert reference["prob_covid"]["mean"] == pytest.approx(0.8) and reference["image_mean"]["mean"] == 100
+    without_validation = drift_reference(_ConstantSuffix(), features, images, _split([0, 1], [], [2]))
+    assert without_validation["images"] == "the train part (2 images)"
+
+
+def test_the_best_epoch_is_the_lowest_validation_loss_else_the_last() -> None:
+    assert FitResult({"loss": [3, 2, 1], "val_loss": [2, 1, 1.5]}, {}, True).best_epoch == 2
+    assert FitResult({"loss": [3, 2, 1]}, {}, False).best_epoch == 3
