@@ -8,6 +8,7 @@ MONOCHROME1 inversion, then the part shared with training images (:func:`normali
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
@@ -86,7 +88,7 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
             reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
         ) from None
     if not decoder.is_available:
-        missing = "; ".join(f"{plugin}: {need}" for plugin, need in decoder.missing_dependencies)
+        missing = "; ".join(decoder.missing_dependencies)  # "<plugin> - requires <packages>" each
         raise InputRejected(
             f"the decoder for {uid.name} ({uid}) is not installed ({missing})",
             reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
@@ -143,10 +145,9 @@ def _check_end_of_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> None:
     """
     frames = _int_or_none(ds, "NumberOfFrames") or 1
     try:
-        for index, codestream in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
-            if index == frame:
-                break
-        else:
+        codestreams = generate_frames(ds.PixelData, number_of_frames=frames)
+        codestream = next(itertools.islice(codestreams, frame, None), None)
+        if codestream is None:
             raise ValueError(f"frame {frame} is missing")
     except Exception as exc:  # malformed items: the file lost bytes or was damaged
         raise InputRejected(
@@ -239,8 +240,8 @@ def apply_voi_or_window(
         display = _apply_stated_voi(values, ds, stated)
         fits = display is not None and voi_fits(_apply_stated_voi(sample, ds, stated), sample, weights)
     except Exception:  # a window width < 1, a LUT with a bad descriptor...: not a reason to reject
-        fits = False
-    if fits:
+        display, fits = None, False
+    if display is not None and fits:
         return display, (stated,)
     return percentile_window(values, sample, weights), (stated, "voi_fallback_percentile")
 
@@ -379,8 +380,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.bool_:
         return image.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(image.dtype, np.floating):
-        scaled = np.clip(image, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
-        return np.rint(scaled, out=scaled).astype(np.uint8)
+        scaled: np.ndarray = np.clip(image, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
+        np.rint(scaled, out=scaled)
+        return scaled.astype(np.uint8)
     if np.issubdtype(image.dtype, np.integer):
         low, high = int(image.min()), int(image.max())
         if high <= low:
@@ -491,7 +493,8 @@ def _sample(image: np.ndarray) -> np.ndarray:
 
 
 def _stated_voi(ds: pydicom.Dataset) -> str | None:
-    """Which VOI the header states: ``voi_lut_sequence``, ``window`` or ``None`` (as pydicom's apply_voi_lut decides)."""
+    """Which VOI the header states: ``voi_lut_sequence``, ``window`` or ``None`` (as pydicom's apply_voi_lut
+    decides)."""
     sequence = ds.get("VOILUTSequence")
     if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
         return "voi_lut_sequence"

@@ -276,7 +276,7 @@ def test_transfer_syntax_without_any_decoder_is_unsupported(dicom_dir: Path) -> 
 def test_missing_decoder_plugin_is_named(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Uninstalled:
         is_available = False
-        missing_dependencies = [("pylibjpeg", "requires pylibjpeg and pylibjpeg-openjpeg")]
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg and pylibjpeg-openjpeg"]  # as pydicom words it
 
     monkeypatch.setattr(pixels, "get_decoder", lambda uid: Uninstalled())
     with pytest.raises(InputRejected) as caught:
