@@ -148,8 +148,12 @@ def write_reason(quarantined: Path, reason: dict[str, Any]) -> Path:
 
 
 def read_reason(quarantined: Path) -> dict[str, Any]:
-    """The reason marker written beside a quarantined file."""
-    return json.loads(_reason_path(quarantined).read_text())
+    """The reason marker written beside a quarantined file; ``ValueError`` when it is not a JSON object."""
+    path = _reason_path(quarantined)
+    reason = json.loads(path.read_text())
+    if not isinstance(reason, dict):
+        raise ValueError(f"{path} is not a reason marker (a JSON object)")
+    return reason
 
 
 def _reason_path(path: Path) -> Path:

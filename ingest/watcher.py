@@ -13,6 +13,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class InboxWatcher:
         self._claimed: set[Path] = set()
         self._done: dict[Path, Signature] = {}
         self._wakeup = threading.Event()
-        self._observer: PollingObserver | None = None
+        self._observer: BaseObserver | None = None
 
     # --- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,7 +93,7 @@ class InboxWatcher:
             log.warning("inotify unavailable for %s (%s); polling the inbox instead", self.inbox, exc)
             self._observer = self._start_observer(polling=True)
 
-    def _start_observer(self, *, polling: bool) -> PollingObserver:
+    def _start_observer(self, *, polling: bool) -> BaseObserver:
         observer = PollingObserver(timeout=1.0) if polling else Observer()
         observer.schedule(_Handler(self), str(self.inbox), recursive=True)
         observer.daemon = True

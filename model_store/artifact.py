@@ -91,6 +91,8 @@ def read_metadata(directory_or_model: Path) -> dict[str, Any]:
         metadata = json.loads(metadata_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{metadata_path} is not valid JSON: {exc}", reason="artifact_incomplete") from exc
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{metadata_path} is not a JSON object", reason="artifact_incomplete")
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ModelError(f"{metadata_path} lacks {', '.join(missing)}", reason="artifact_incomplete")

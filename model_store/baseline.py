@@ -30,7 +30,7 @@ def fit(images: np.ndarray, is_positive: np.ndarray, seed: int = 0) -> Pipeline:
 
 def scores(pipeline: Pipeline, images: np.ndarray) -> np.ndarray:
     """Probability of the positive class per image."""
-    return pipeline.predict_proba(thumbnails(images))[:, list(pipeline.classes_).index(1)]
+    return np.asarray(pipeline.predict_proba(thumbnails(images))[:, list(pipeline.classes_).index(1)])
 
 
 def fit_and_score(train_images: np.ndarray, train_is_positive: np.ndarray, test_images: np.ndarray,

@@ -1,4 +1,4 @@
-"""Labelled training/evaluation sets: folder or CSV listing, validation, decoding through ingest, patient-level split, manifest."""
+"""Labelled training and evaluation sets: listing, validation, decoding through ingest, patient split, manifest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import CovidCxrError, DatasetError
 from covid_cxr.hashing import file_sha256
 from covid_cxr.settings import Settings
+
+if TYPE_CHECKING:
+    from ingest.reader import ReaderPolicy
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class Dataset:
         found = Counter(item.label for item in chosen)
         return {name: found.get(name, 0) for name in self.classes}
 
-    def subset(self, indices: Sequence[int]) -> Dataset:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Dataset:
         return Dataset([self.items[i] for i in indices], dict(self.source), self.classes, self.patient_ids_given,
                        list(self.ignored))
 
@@ -99,7 +102,8 @@ def from_folder(folder: Path, classes: Sequence[str]) -> Dataset:
                 continue
             items.append(Item(path, entry.name, IMAGE_AS_PATIENT + relative, relative))
     if ignored:
-        log.warning("ignored in %s (not a class folder or not an image): %s", folder, ", ".join(ignored[:SHOWN_PROBLEMS]))
+        log.warning("ignored in %s (not a class folder or not an image): %s", folder,
+                    ", ".join(ignored[:SHOWN_PROBLEMS]))
     dataset = Dataset(items, {"kind": "folder", "path": str(folder)}, tuple(classes), False, ignored)
     check_dataset(dataset)
     return dataset
@@ -230,7 +234,7 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
     return images
 
 
-def _reader_policy(settings: Settings | None):  # type: ignore[no-untyped-def]
+def _reader_policy(settings: Settings | None) -> ReaderPolicy:
     """The configured DICOM acceptance policy, with a throwaway pseudonym key: training keeps no patient ids
     from DICOM headers, so it must not create or need the installation's key file."""
     import secrets
@@ -349,8 +353,10 @@ def manifest(dataset: Dataset, split: Split | None = None) -> dict[str, Any]:
 def describe_source(source: dict[str, Any]) -> str:
     """One line naming where a dataset came from, for reports."""
     if source.get("kind") == "csv":
-        where = " and ".join(f"{column} in {{{', '.join(values)}}}" for column, values in source.get("where", {}).items())
-        return f"CSV {source['path']} (labels from column {source['label_column']!r}{', rows where ' + where if where else ''})"
+        where = " and ".join(f"{column} in {{{', '.join(values)}}}"
+                             for column, values in source.get("where", {}).items())
+        rows = f", rows where {where}" if where else ""
+        return f"CSV {source['path']} (labels from column {source['label_column']!r}{rows})"
     return f"folder {source.get('path')}"
 
 

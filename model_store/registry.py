@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,8 @@ HOW_TO_GET_A_MODEL = ("train one with `covid-cxr train ... --register --activate
                       "`covid-cxr models activate NAME:VERSION`")
 
 
-def _session(settings: Settings):  # type: ignore[no-untyped-def]
+def _session(settings: Settings) -> AbstractContextManager[Session]:
+    """A session, once the schema is known to be at the code's revision."""
     check_schema(settings)
     return session_scope(settings)
 

@@ -17,11 +17,10 @@ KERAS_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 def describe_base_weights(base_weights: str | Path | None) -> dict[str, Any]:
     """Provenance of the base weights for an artifact's metadata: kind, and for a file its name and sha256."""
-    kind = _kind(base_weights)
-    if kind == "file":
-        path = Path(base_weights)  # type: ignore[arg-type]
-        return {"source": "file", "file_name": path.name, "sha256": file_sha256(path)}
-    return {"source": kind}
+    source = _source(base_weights)
+    if isinstance(source, Path):
+        return {"source": "file", "file_name": source.name, "sha256": file_sha256(source)}
+    return {"source": source}
 
 
 def load_base_weights(base: keras.Model, base_weights: str | Path | None) -> None:
@@ -30,23 +29,21 @@ def load_base_weights(base: keras.Model, base_weights: str | Path | None) -> Non
     Raises :class:`ModelError` with what to do when ImageNet weights cannot be downloaded or a local
     file is missing, not HDF5, or lacks a VGG16 layer or has one with the wrong shape.
     """
-    kind = _kind(base_weights)
-    if kind == "none":
-        return
-    if kind == "imagenet":
+    source = _source(base_weights)
+    if isinstance(source, Path):
+        _check_weights_file(source, base)
+        base.load_weights(str(source), by_name=True)
+    elif source == "imagenet":
         _load_imagenet(base)
-        return
-    path = Path(base_weights)  # type: ignore[arg-type]
-    _check_weights_file(path, base)
-    base.load_weights(str(path), by_name=True)
 
 
-def _kind(base_weights: str | Path | None) -> str:
+def _source(base_weights: str | Path | None) -> str | Path:
+    """``"none"``, ``"imagenet"``, or the path of a local weights file."""
     if base_weights is None or (isinstance(base_weights, str) and base_weights.lower() in {"", "none"}):
         return "none"
     if isinstance(base_weights, str) and base_weights.lower() == "imagenet":
         return "imagenet"
-    return "file"
+    return Path(base_weights)
 
 
 def _load_imagenet(base: keras.Model) -> None:
