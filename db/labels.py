@@ -161,13 +161,15 @@ def _parse_header(number: int, text: str) -> tuple[str, list[str | None], list[L
     for original, name in zip(names, normalized, strict=False):
         target = KEY_COLUMNS.get(name) or VALUE_COLUMNS.get(name)
         if target is None:
-            problems.append(LineProblem(number, "ignored_column", f"column {original!r} is not used", severity="warning"))
+            problems.append(LineProblem(number, "ignored_column", f"column {original!r} is not used",
+                                        severity="warning"))
         elif target in columns:
             raise LabelImportError(f"line {number}: wrong header: column {original!r} appears twice")
         columns.append(target)
     missing = [c for c in ("label", "source", "date") if c not in columns]
     if missing or not any(c in KEY_COLUMNS.values() for c in columns):
-        missing_text = ", ".join(missing + ([] if any(c in KEY_COLUMNS.values() for c in columns) else ["a key column"]))
+        has_key = any(c in KEY_COLUMNS.values() for c in columns)
+        missing_text = ", ".join(missing + ([] if has_key else ["a key column"]))
         raise LabelImportError(
             f"line {number}: wrong header {text.strip()!r}: missing {missing_text}; expected columns {expected}"
         )
@@ -200,14 +202,16 @@ def _parse_row(number: int, fields: list[str], columns: list[str | None]) -> Lab
     if len(key_value) > _MAX_KEY:
         return LineProblem(number, "bad_key", f"{KEY_KEYWORDS[key_type]} longer than {_MAX_KEY} characters")
     if key_type != "accession_number" and not _UID.match(key_value):
-        return LineProblem(number, "bad_key", f"{KEY_KEYWORDS[key_type]} {key_value!r} is not a DICOM UID (digits and dots)")
+        return LineProblem(number, "bad_key",
+                           f"{KEY_KEYWORDS[key_type]} {key_value!r} is not a DICOM UID (digits and dots)")
     label = values["label"].lower()
     if label not in CLASS_NAMES:
         return LineProblem(number, "unknown_label",
                            f"unknown label {values['label']!r} (expected one of {', '.join(CLASS_NAMES)})")
     source = values["source"].lower()
     if not source or len(source) > _MAX_SOURCE:
-        return LineProblem(number, "bad_source", f"source must be 1 to {_MAX_SOURCE} characters (e.g. rt-pcr, radiologist)")
+        return LineProblem(number, "bad_source",
+                           f"source must be 1 to {_MAX_SOURCE} characters (e.g. rt-pcr, radiologist)")
     label_date = _parse_date(values["date"])
     if label_date is None:
         return LineProblem(number, "bad_date", f"date {values['date']!r} is not YYYY-MM-DD or YYYYMMDD")
@@ -230,13 +234,14 @@ def _drop_duplicates(rows: list[LabelRow]) -> tuple[list[LabelRow], list[LinePro
         if len({(r.label, r.label_date) for r in group}) == 1:
             kept.append(group[0])
             problems.extend(
-                LineProblem(r.line, "duplicate_key", f"{what} repeats line {group[0].line} with the same label; ignored",
-                            severity="warning")
+                LineProblem(r.line, "duplicate_key",
+                            f"{what} repeats line {group[0].line} with the same label; ignored", severity="warning")
                 for r in group[1:]
             )
         else:
             problems.extend(
-                LineProblem(r.line, "duplicate_key", f"{what} appears on lines {lines} with different labels; none loaded")
+                LineProblem(r.line, "duplicate_key",
+                            f"{what} appears on lines {lines} with different labels; none loaded")
                 for r in group
             )
     return kept, problems
@@ -354,7 +359,8 @@ def store_labels(session: Session, rows: list[LabelRow], result: LabelImportResu
         else:
             noun = "instance" if row.key_type == "sop_instance_uid" else "study"
             result.problems.append(LineProblem(
-                row.line, "unknown_key", f"unknown {KEY_KEYWORDS[row.key_type]} {row.key_value}: no received {noun} has it"))
+                row.line, "unknown_key",
+                f"unknown {KEY_KEYWORDS[row.key_type]} {row.key_value}: no received {noun} has it"))
     existing = _existing_labels(session, usable)
     for row in usable:
         current = existing.get((row.key_type, row.key_value, row.source))

@@ -28,7 +28,8 @@ BASELINE_FOLDS = 5
 
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """P(covid) per ``(224, 224)`` uint8 image, exactly as a worker computes it (:func:`to_model_input`, then the model)."""
+    """P(covid) per ``(224, 224)`` uint8 image, exactly as a worker computes it (:func:`to_model_input`, then the
+    model)."""
     from tqdm import tqdm
 
     scores = []
@@ -72,7 +73,8 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     else:
         selected = np.arange(len(dataset.items))
         fit_indices = np.array([], dtype=int)
-        seen = {patient for name in ("train", "validation") for patient in recorded.get(name, {}).get("patient_ids", [])}
+        seen = {patient for name in ("train", "validation")
+                for patient in recorded.get(name, {}).get("patient_ids", [])}
         overlap = sum(1 for item in dataset.items if item.patient_id in seen)
         if overlap:
             notes.append(f"{overlap} of the {len(dataset.items)} images belong to patients the model was trained or "

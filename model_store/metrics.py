@@ -126,7 +126,8 @@ def _f1(is_positive: np.ndarray, predicted_positive: np.ndarray) -> float | None
     return float(2 * tp / denominator) if denominator else None
 
 
-def _f1_with_interval(is_positive: np.ndarray, predicted_positive: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any]:
+def _f1_with_interval(is_positive: np.ndarray, predicted_positive: np.ndarray, bootstrap: int,
+                      seed: int) -> dict[str, Any]:
     value = _f1(is_positive, predicted_positive)
     samples: list[float] = []
     if value is not None and bootstrap > 0:

@@ -1,4 +1,4 @@
-"""Inference in a worker process: the active model (loaded once, reloaded when the active version changes) and its forward pass.
+"""Inference in a worker process: the active model (reloaded when the active version changes) and its forward pass.
 
 TensorFlow is imported here only inside functions, so importing this module in the parent
 worker process (before the pool forks) stays free of it.
@@ -6,6 +6,7 @@ worker process (before the pool forks) stays free of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -90,10 +91,8 @@ def configure_devices() -> list[str]:
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
-        try:
+        with contextlib.suppress(RuntimeError):  # devices already initialised in this process: keep their setting
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # devices already initialised in this process: keep their setting
-            pass
     names = [gpu.name for gpu in gpus]
     log.info("inference devices: %s", ", ".join(names) if names else "CPU only (no GPU visible)")
     return names
@@ -111,8 +110,9 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], Any] | None:
         return None
     import tensorflow as tf
 
-    return tf.function(lambda x: model(x, training=False),
-                       input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE, 3], tf.float32)])
+    forward: Callable[[np.ndarray], Any] = tf.function(
+        lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE, 3], tf.float32)])
+    return forward
 
 
 def describe(model: Any, record: Any) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""The inference task: a batch of instance ids in; predictions, instance states and study results out, in one transaction.
+"""The inference task: instance ids in; predictions, instance states and study results out, in one transaction.
 
 One attempt = claim (count the attempt) -> load the active model -> decode the stored PNGs ->
 one forward pass -> write. Permanent problems of one image fail that image at once; anything
@@ -344,13 +344,14 @@ def _aware(moment: datetime) -> datetime:
 def backoff_seconds(settings: Settings, retries: int) -> int:
     """Exponential backoff 1, 2, 4... s (Celery's own formula), capped below the broker's redelivery delay."""
     cap = max(1, min(MAX_BACKOFF_SECONDS, int(settings.requeue_after_seconds // 2)))
-    return get_exponential_backoff_interval(factor=1, retries=retries, maximum=cap)
+    return int(get_exponential_backoff_interval(factor=1, retries=retries, maximum=cap))
 
 
 # --- the Celery task -----------------------------------------------------------------------------
+# Celery ships no type information, so its decorators and signals are untyped for mypy.
 
 
-@shared_task(bind=True, name=PREDICT_TASK)
+@shared_task(bind=True, name=PREDICT_TASK)  # type: ignore[untyped-decorator]
 def predict_batch(self: Any, instance_ids: list[int], batch_id: str | None = None) -> dict[str, Any]:
     """Classify a batch of instances; see :func:`run_batch`. Retries with backoff, then fails the instances."""
     settings: Settings = self.app.covid_cxr_settings
@@ -366,13 +367,13 @@ def predict_batch(self: Any, instance_ids: list[int], batch_id: str | None = Non
         log.warning("batch %s: attempt failed (%s), retrying %d instance(s) in %d s", batch_id, failure,
                     len(again), countdown)
         raise self.retry(kwargs={"instance_ids": again, "batch_id": batch_id}, exc=failure, countdown=countdown,
-                         max_retries=settings.max_attempts - 1)
+                         max_retries=settings.max_attempts - 1) from failure
     except Exception as exc:
         # Nothing was claimed (database unreachable?): retry the message; if that runs out the
         # instances stay 'queued' and the reconciliation loop re-enqueues them later.
         log.warning("batch %s: could not start (%s: %s), retrying in %d s", batch_id, type(exc).__name__, exc,
                     countdown)
-        raise self.retry(exc=exc, countdown=countdown, max_retries=settings.max_attempts - 1)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=settings.max_attempts - 1) from exc
     log.info("batch %s: %d predicted, %d skipped, failed %s, forward %.0f ms", batch_id, report.predicted,
              report.skipped, report.failed or "none", report.forward_ms or 0.0)
     return report.to_dict()
@@ -383,13 +384,13 @@ def predict_batch(self: Any, instance_ids: list[int], batch_id: str | None = Non
 _worker_app: Celery | None = None
 
 
-@worker_init.connect
+@worker_init.connect  # type: ignore[untyped-decorator]
 def _remember_app(sender: Any = None, **_: Any) -> None:
     global _worker_app
     _worker_app = getattr(sender, "app", None)
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _init_process(**_: Any) -> None:
     # Pooled database connections must not cross a fork.
     dispose_engines()
