@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from covid_cxr.constants import CLASS_NAMES
 from model_store.drift import QUANTITIES, drift_report
-from model_store.metrics import CLASS_NAMES, binary_report
+from model_store.metrics import binary_report
 
 #: The levels a report is computed at, in report order.
 LEVELS: tuple[str, ...] = ("image", "study")
