@@ -23,7 +23,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
         "files alike; 2 when FILE does not exist.",
     )
     inspect.add_argument("file", type=Path, metavar="FILE", help="the file to read (any name, any content)")
-    inspect.add_argument("--png", type=Path, metavar="OUT", help="write the normalized 224x224 image here (accepted files)")
+    inspect.add_argument("--png", type=Path, metavar="OUT",
+                         help="write the normalized 224x224 image here (accepted files)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     inspect.set_defaults(func=_inspect)
 

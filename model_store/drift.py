@@ -1,4 +1,6 @@
-"""Drift of served inputs and outputs against the model's training reference, by population-stability index (no TensorFlow).
+"""Drift of served inputs and outputs against the model's training reference, by population-stability index.
+
+No TensorFlow here: the evaluation job runs on CPU workers.
 
 The trainer stores :func:`training_reference` as ``metadata["reference"]`` of an artifact: binned
 distributions of the predicted COVID probability and of the per-image pixel mean and standard
@@ -71,7 +73,8 @@ def population_stability_index(expected: Sequence[float] | np.ndarray, actual: S
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def reference_distribution(values: Sequence[float] | np.ndarray, cut_points: Sequence[float] | None = None) -> dict[str, Any]:
+def reference_distribution(values: Sequence[float] | np.ndarray,
+                           cut_points: Sequence[float] | None = None) -> dict[str, Any]:
     """One quantity's reference: cut points (the deciles of ``values`` unless given), bin proportions, n, mean, std."""
     array = _as_values(values, "values")
     if array.size == 0:

@@ -43,7 +43,10 @@ def split_model(model: keras.Model, split_layer: str) -> tuple[keras.Model | Non
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate about the centre, filling with the nearest edge pixel (the origin's ``rotation_range``, ``fill_mode="nearest"``)."""
+    """Rotate about the centre, filling with the nearest edge pixel.
+
+    As the origin's Keras augmentation did (``rotation_range``, ``fill_mode="nearest"``).
+    """
     height, width = image.shape[:2]
     matrix = cv2.getRotationMatrix2D((width / 2 - 0.5, height / 2 - 0.5), degrees, 1.0)
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

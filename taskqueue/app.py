@@ -21,6 +21,7 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
+from covid_cxr.constants import DEFAULT_EVALUATION_WINDOW
 from covid_cxr.settings import Settings
 from taskqueue.names import EVALUATE_TASK, PREDICT_TASK
 
@@ -178,7 +179,7 @@ def create_app(settings: Settings, include: Sequence[str] = ()) -> Celery:
             "nightly-evaluation": {
                 "task": EVALUATE_TASK,
                 "schedule": _crontab(settings.evaluation_cron),
-                "kwargs": {"window": "24h"},
+                "kwargs": {"window": DEFAULT_EVALUATION_WINDOW},
                 "options": {"queue": settings.cpu_queue},
             },
         },

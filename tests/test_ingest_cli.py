@@ -28,7 +28,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, captured.out, captured.err
 
 
-def test_json_for_an_accepted_file_with_png(dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_for_an_accepted_file_with_png(dicom_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "seen.png"
     code, out, _ = _run(capsys, str(dicom_dir / CHEST), "--json", "--png", str(png), "--data-dir", str(tmp_path))
     report = json.loads(out)
@@ -46,7 +47,8 @@ def test_json_for_an_accepted_file_with_png(dicom_dir: Path, tmp_path: Path, cap
     np.testing.assert_array_equal(written, read_radiograph(dicom_dir / CHEST, policy).image)
 
 
-def test_json_for_a_rejected_file_exits_zero(dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_for_a_rejected_file_exits_zero(dicom_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "none.png"
     code, out, _ = _run(capsys, str(dicom_dir / HIP), "--json", "--png", str(png), "--data-dir", str(tmp_path))
     report = json.loads(out)

@@ -70,7 +70,8 @@ def test_scan_skips_temporary_hidden_and_own_folders(tmp_path, dicom_dir):
                            ignore_dirs=[inbox / "archive", inbox / "quarantine"])
     assert watcher.scan() == 2
     clock.now += 1.0
-    assert sorted(p.relative_to(inbox.resolve()).as_posix() for p in watcher.take_ready()) == ["good.dcm", "sub/also-good"]
+    ready = sorted(p.relative_to(inbox.resolve()).as_posix() for p in watcher.take_ready())
+    assert ready == ["good.dcm", "sub/also-good"]
 
 
 def test_slow_writer_is_taken_only_once_complete(tmp_path, dicom_dir):

@@ -19,6 +19,7 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy.orm import Session
 
+from covid_cxr.constants import DEFAULT_EVALUATION_WINDOW
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import Settings
 from db.session import session_scope
@@ -57,7 +58,7 @@ class ReportSummary:
         return asdict(self)
 
 
-def run_evaluation(settings: Settings, window: str = "24h", model_version: str | None = None,
+def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, model_version: str | None = None,
                    now: datetime | None = None) -> list[ReportSummary]:
     """Evaluate every model version with predictions in the window (or just ``model_version``).
 
@@ -125,7 +126,7 @@ def _write_one(session: Session, settings: Settings, window: Window, version: st
 
 
 @shared_task(bind=True, name=EVALUATE_TASK)  # type: ignore[untyped-decorator]  # Celery ships no type hints
-def evaluate(self: Any, window: str = "24h", model_version: str | None = None) -> dict[str, Any]:
+def evaluate(self: Any, window: str = DEFAULT_EVALUATION_WINDOW, model_version: str | None = None) -> dict[str, Any]:
     """Celery task: :func:`run_evaluation` with the worker's settings (scheduled nightly by beat)."""
     settings: Settings = self.app.covid_cxr_settings
     summaries = run_evaluation(settings, window, model_version)

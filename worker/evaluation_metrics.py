@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from covid_cxr.constants import CLASS_NAMES
+from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
 from model_store.drift import QUANTITIES, drift_report
 from model_store.metrics import binary_report
 
 #: The levels a report is computed at, in report order.
 LEVELS: tuple[str, ...] = ("image", "study")
-POSITIVE = CLASS_NAMES[0]
 #: Bootstrap resamples for the F1 and ROC AUC intervals.
 BOOTSTRAP_RESAMPLES = 1000
 #: Fixed bins of the predicted probability for the score distribution.
@@ -75,9 +74,9 @@ def compute_report(cases: Cases, level: str, reference: dict[str, Any] | None,
     """The metrics JSON of one report and its flags; pure (no database, no files)."""
     labelled = cases.labelled
     performance = binary_report(cases.labelled_truth, cases.prob_covid[labelled], threshold=cases.threshold,
-                                positive=POSITIVE, classes=CLASS_NAMES,
+                                positive=POSITIVE_CLASS, classes=CLASS_NAMES,
                                 bootstrap=BOOTSTRAP_RESAMPLES if bootstrap is None else bootstrap)
-    served = np.array([label == POSITIVE for label in cases.predicted_label], dtype=bool)
+    served = np.array([label == POSITIVE_CLASS for label in cases.predicted_label], dtype=bool)
     mismatches = int(np.sum(served != (cases.prob_covid >= cases.threshold)))
     conflicts = sum(1 for status in cases.label_status if status == "conflict")
     population = {

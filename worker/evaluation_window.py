@@ -15,6 +15,7 @@ import numpy as np
 from sqlalchemy import Row, Table, func, select
 from sqlalchemy.orm import Session
 
+from covid_cxr.constants import EVALUATION_WINDOWS
 from covid_cxr.errors import DatasetError
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion
@@ -22,12 +23,8 @@ from db.views import image_results, study_results
 from worker.evaluation_metrics import Cases
 
 #: Window names and their length; ``all`` has no start.
-WINDOWS: dict[str, timedelta | None] = {
-    "24h": timedelta(hours=24),
-    "7d": timedelta(days=7),
-    "30d": timedelta(days=30),
-    "all": None,
-}
+WINDOWS: dict[str, timedelta | None] = dict(zip(
+    EVALUATION_WINDOWS, (timedelta(hours=24), timedelta(days=7), timedelta(days=30), None), strict=True))
 
 
 @dataclass(frozen=True)
