@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import re
 
-#: C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides that
-#: reorder or break what a reader sees.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: C0 and C1 controls, DEL, the Unicode line separators and bidirectional overrides that reorder or
+#: break what a reader sees, and lone surrogates (bytes of a non-UTF-8 file name, which a UTF-8
+#: terminal or log file cannot even encode).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 #: Cells starting with one of these are formulas to Excel, LibreOffice and Google Sheets.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 

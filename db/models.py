@@ -35,6 +35,11 @@ NAMING_CONVENTION = {
 }
 
 
+#: Which instance rows are *primary* (the one row of a SOPInstanceUID that duplicates and conflicts point
+#: at): accepted rows only, so that a rejected copy (truncated mid-write) never blocks a complete one.
+PRIMARY_ROW_PREDICATE = "duplicate_of_id IS NULL AND sop_instance_uid IS NOT NULL AND state <> 'rejected'"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -119,12 +124,13 @@ class Instance(Base):
 
     __table_args__ = (
         # One primary row per SOPInstanceUID; duplicates/conflicts point at it. Guards concurrent ingesters.
+        # A file the reader rejected (cut short by its writer, say) is no primary: a good copy may follow.
         Index(
             "uq_instances_primary_sop_instance_uid",
             "sop_instance_uid",
             unique=True,
-            sqlite_where=text("duplicate_of_id IS NULL AND sop_instance_uid IS NOT NULL"),
-            postgresql_where=text("duplicate_of_id IS NULL AND sop_instance_uid IS NOT NULL"),
+            sqlite_where=text(PRIMARY_ROW_PREDICATE),
+            postgresql_where=text(PRIMARY_ROW_PREDICATE),
         ),
     )
 
@@ -255,3 +261,19 @@ class EvaluationReport(Base):
     __table_args__ = (
         UniqueConstraint("window", "period", "model_version", "level", name="uq_evaluation_reports_window_model"),
     )
+
+
+class StuckFile(Base):
+    """An inbox entry that cannot be processed yet (unreadable, not a regular file, a name the file system
+    refuses...), with its cause: what ``status`` lists so that nothing loops invisibly. Gone once resolved."""
+
+    __tablename__ = "stuck_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    file_name: Mapped[str] = mapped_column(Text, unique=True, doc="inbox-relative name, undecodable bytes escaped")
+    cause: Mapped[str] = mapped_column(String(64), doc="reason code, e.g. not_a_regular_file, unreadable")
+    message: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    ingester: Mapped[str] = mapped_column(String(255), doc="host:pid of the ingester that last tried")
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

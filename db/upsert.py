@@ -28,15 +28,17 @@ def insert_or_ignore(session: Session, table: type[Base], rows: Sequence[Mapping
 
 
 def insert_or_update(session: Session, table: type[Base], rows: Sequence[Mapping[str, Any]],
-                     key: Sequence[str]) -> None:
+                     key: Sequence[str], update: Sequence[str] | None = None) -> None:
     """Insert ``rows``; a row whose ``key`` columns match an existing one gets the other columns given here.
 
-    Every row names the same columns. A database other than SQLite or PostgreSQL raises
-    :class:`DatabaseError` (``unsupported_dialect``).
+    ``update`` narrows what an existing row takes (e.g. not its first-seen time). Every row names
+    the same columns. A database other than SQLite or PostgreSQL raises :class:`DatabaseError`
+    (``unsupported_dialect``).
     """
     if rows:
         statement = _insert(session, table, rows)
-        updated = {name: statement.excluded[name] for name in rows[0] if name not in key}
+        names = update if update is not None else [name for name in rows[0] if name not in key]
+        updated = {name: statement.excluded[name] for name in names}
         session.execute(statement.on_conflict_do_update(index_elements=list(key), set_=updated))
 
 

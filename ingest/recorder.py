@@ -9,6 +9,8 @@ Identity rules (the database is the source of truth):
   ``sop_instance_conflict`` (unless the reader rejected the file for its own reason first),
   ``conflict`` true, ``duplicate_of_id`` = the primary; the file goes to quarantine, so both
   versions are kept (the first one in the archive) and an operator decides.
+* Only an accepted row can be primary: a copy the reader rejected (a file still being written
+  when it was read, ``truncated``) never blocks the complete copy that is dropped later.
 * The same physical file is never recorded twice: the row, including where the file is
   about to go (``stored_path``), is committed *before* the file leaves the inbox, and
   :func:`find_recorded_file` recognises a file whose name and sha256 already have a row
@@ -187,15 +189,26 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
 
 
 def _earlier_instances(session: Session, sop_instance_uid: str | None, sha256: str) -> tuple[int | None, bool]:
-    """(primary instance id, whether any earlier row with this SOPInstanceUID has this sha256)."""
+    """(the row a new one points at, whether any earlier row with this SOPInstanceUID has this sha256).
+
+    The row pointed at is the primary (as PRIMARY_ROW_PREDICATE: an accepted row) if there is one.
+    Without one, an identical copy still points at the first row of its SOPInstanceUID (a duplicate
+    of a rejected file), while different content starts afresh: a copy the reader rejected (cut
+    short, say) never blocks a complete one.
+    """
     if not sop_instance_uid:
         return None, False
     rows = session.execute(
-        select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256)
+        select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256, Instance.state)
         .where(Instance.sop_instance_uid == sop_instance_uid)
+        .order_by(Instance.id)
     ).all()
-    primary = next((row.id for row in rows if row.duplicate_of_id is None), None)
-    return primary, any(row.file_sha256 == sha256 for row in rows)
+    same_content = any(row.file_sha256 == sha256 for row in rows)
+    originals = [row for row in rows if row.duplicate_of_id is None]
+    primary = next((row.id for row in originals if row.state != InstanceState.rejected), None)
+    if primary is None and same_content:
+        primary = originals[0].id if originals else None
+    return primary, same_content
 
 
 def _study_id(session: Session, fields: dict[str, Any]) -> int:

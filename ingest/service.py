@@ -19,17 +19,27 @@ never imports the queue.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState
-from ingest.inbox import carry_out, move_no_clobber, relative_name, write_reason
+from ingest.inbox import (
+    FileChanged,
+    InboxEntryError,
+    carry_out,
+    entry_error,
+    is_unchanged,
+    move_no_clobber,
+    read_inbox_file,
+    relative_name,
+    write_reason,
+)
 from ingest.recorder import (
     Outcome,
     counts_by_state,
@@ -37,14 +47,17 @@ from ingest.recorder import (
     record,
     set_stored_path,
 )
+from ingest.stuck import clear_stuck, mark_stuck
 from ingest.watcher import InboxWatcher
 
 log = logging.getLogger(__name__)
 
 #: Seconds between progress lines while something changes.
 PROGRESS_INTERVAL_SECONDS = 5.0
-#: A file whose processing failed (database down...) is retried after this long.
+#: A file whose processing failed (database down, unreadable...) is retried after this long, doubling
+#: with every failure up to MAX_RETRY_DELAY_SECONDS.
 RETRY_DELAY_SECONDS = 10.0
+MAX_RETRY_DELAY_SECONDS = 600.0
 #: Longest sleep of the loop, so that settling files are re-checked often enough.
 MAX_SLEEP_SECONDS = 0.5
 
@@ -134,6 +147,8 @@ class IngestService:
         self._progress_interval = progress_interval
         #: Outcomes of this run by state, plus ``already_recorded`` (files recognised after a restart).
         self.counts: Counter[str] = Counter()
+        #: Entries that failed, by path: their cause and how often, for the back-off and the stuck list.
+        self._stuck_entries: dict[Path, _Stuck] = {}
         self.started = threading.Event()
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -191,11 +206,51 @@ class IngestService:
     def _process_claimed(self, path: Path) -> None:
         try:
             self.process_file(path)
-        except Exception:
-            log.exception("could not ingest %s; retrying in %.0fs", path, RETRY_DELAY_SECONDS)
-            self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
+        except FileChanged as changed:  # its writer is still at it: not a problem, just not yet
+            log.debug("%s: %s; read again once it settles", self._name(path), changed)
+            self.watcher.retry_later(path, delay=self.settings.settle_seconds)
+        except InboxEntryError as entry:
+            self._stuck(path, entry.cause, entry.message)
+        except Exception as exc:
+            known = entry_error(exc) if isinstance(exc, OSError) else None
+            if known is not None:
+                self._stuck(path, known.cause, known.message)
+            else:
+                self._stuck(path, "ingest_error", f"{type(exc).__name__}: {exc}", traceback=True)
         else:
             self.watcher.release(path)
+            self._unstuck(path)
+
+    def _name(self, path: Path) -> str:
+        try:
+            return relative_name(path, self.settings.inbox)
+        except (OSError, ValueError):
+            return str(path)
+
+    def _stuck(self, path: Path, cause: str, message: str, *, traceback: bool = False) -> None:
+        """List ``path`` as stuck, log the cause once (traceback at DEBUG) and retry after a growing delay."""
+        previous = self._stuck_entries.get(path)
+        attempts = 1 if previous is None else previous.attempts + 1
+        delay = min(RETRY_DELAY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_DELAY_SECONDS)
+        name = self._name(path)
+        self._stuck_entries[path] = _Stuck(name, cause, attempts)
+        if previous is None or previous.cause != cause:
+            log.warning("%s: stuck (%s): %s; retrying with growing delays, see `covid-cxr status`", name, cause,
+                        message)
+        log.debug("%s: attempt %d failed (%s), next in %.0fs", name, attempts, cause, delay, exc_info=traceback)
+        try:
+            mark_stuck(self.settings, name, cause, message, attempts)
+        except Exception:  # the database may be the very cause: the entry is retried all the same
+            log.debug("could not list %s as stuck", name, exc_info=True)
+        self.watcher.retry_later(path, delay=delay)
+
+    def _unstuck(self, path: Path) -> None:
+        entry = self._stuck_entries.pop(path, None)
+        if entry is not None:
+            try:
+                clear_stuck(self.settings, [entry.file_name])
+            except Exception:
+                log.debug("could not clear the stuck entry of %s", entry.file_name, exc_info=True)
 
     def process_file(self, path: Path) -> Outcome | None:
         """Read, record and dispose of one complete file; ``None`` if it was gone or already recorded."""
@@ -203,10 +258,10 @@ class IngestService:
 
         rel_name = relative_name(path, self.settings.inbox)
         try:
-            data = path.read_bytes()
+            inbox_file = read_inbox_file(path)
         except FileNotFoundError:
             return None
-        sha256 = hashlib.sha256(data).hexdigest()
+        data, sha256 = inbox_file.data, inbox_file.sha256
         known = find_recorded_file(self.settings, path, rel_name, sha256)
         if known is not None:
             self._finish_disposal(known, path)
@@ -215,9 +270,11 @@ class IngestService:
             return None
 
         result = read_radiograph(data, self.policy, sha256=sha256)
+        if not is_unchanged(path, inbox_file.identity):  # written to (or swapped) since: judge the final file
+            raise FileChanged("changed after it was read")
         outcome = record(self.settings, path=path, rel_name=rel_name, file_size=len(data), result=result)
         reason = outcome.reason_record(rel_name, sha256) if outcome.disposal.action == "quarantine" else None
-        final = carry_out(outcome.disposal, path, reason)
+        final = carry_out(outcome.disposal, path, reason, data=data)
         if final != outcome.disposal.destination:
             set_stored_path(self.settings, outcome.instance_id, final)
         if outcome.enqueue:
@@ -259,12 +316,18 @@ class IngestService:
         found = self.watcher.scan()
         if found:
             log.debug("scan: %d new file(s) in the inbox", found)
+        self._forget_gone_stuck()
         try:
             return self._requeue(self.settings)
         except Exception:
             log.exception("reconciliation could not re-enqueue; trying again in %.0fs",
                           self.settings.reconcile_interval_seconds)
             return 0
+
+    def _forget_gone_stuck(self) -> None:
+        gone = [path for path in self._stuck_entries if not _exists(path)]
+        for path in gone:
+            self._unstuck(path)
 
     # --- progress ------------------------------------------------------------------------------
     def report_progress(self, last: tuple[object, ...] | None) -> tuple[object, ...] | None:
@@ -285,6 +348,23 @@ class IngestService:
         return now
 
 
+@dataclass(frozen=True)
+class _Stuck:
+    file_name: str
+    cause: str
+    attempts: int
+
+
 def _own_folders(settings: Settings) -> list[Path]:
     """Folders of this installation that may lie inside the inbox and must never be ingested."""
     return [settings.archive, settings.quarantine, settings.reports, settings.model_cache, settings.broker_dir]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError:  # a name too long to look at still exists
+        return True
+    return True

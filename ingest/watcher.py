@@ -135,7 +135,7 @@ class InboxWatcher:
     def notice(self, path: Path, *, atomic: bool = False) -> None:
         """Hint that ``path`` (a file or a folder) appeared or changed."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             if not self._ignored(path):
                 for child in self._walk(path):
                     self._note(child, atomic=atomic)
@@ -148,13 +148,34 @@ class InboxWatcher:
             self._candidates.pop(Path(path), None)
 
     def _walk(self, top: Path) -> Iterator[Path]:
-        for root, dirs, files in os.walk(top):
+        """Every entry below ``top`` that is not a folder, plus the folders that cannot be listed.
+
+        A link to a folder is an entry of its own (never followed), and so is a folder the
+        service may not read or whose path is too long to open: each is handed out, so that the
+        service lists it as stuck with its cause rather than skipping it in silence.
+        """
+        unlistable: list[Path] = []
+
+        def note_error(exc: OSError) -> None:
+            if exc.filename is not None and Path(exc.filename) != top:
+                unlistable.append(Path(os.fsdecode(exc.filename)))
+
+        for root, dirs, files in os.walk(top, onerror=note_error):
             root_path = Path(root)
-            dirs[:] = [d for d in dirs if not self._ignored(root_path / d)]
-            for name in files:
+            links = [d for d in dirs if _is_link(root_path / d)]
+            dirs[:] = [d for d in dirs if d not in links and not self._ignored(root_path / d)]
+            for name in [*files, *links]:
                 path = root_path / name
                 if not self._ignored(path):
                     yield path
+            yield from self._drain(unlistable)
+        yield from self._drain(unlistable)
+
+    def _drain(self, paths: list[Path]) -> Iterator[Path]:
+        while paths:
+            path = paths.pop()
+            if not self._ignored(path):
+                yield path
 
     def _ignored(self, path: Path) -> bool:
         try:
@@ -255,13 +276,28 @@ class InboxWatcher:
             return len(self._candidates)
 
 
-def _signature(path: Path) -> Signature | None:
+def _is_link(path: Path) -> bool:
     try:
-        info = path.stat()
+        return path.is_symlink()
     except OSError:
+        return False
+
+
+def _signature(path: Path) -> Signature | None:
+    """Size and mtime of the entry itself (a link is not followed); ``None`` once it is gone.
+
+    Entries that are not regular files, and entries that cannot even be looked at (a path past
+    PATH_MAX, say), get a signature too: they are handed out like files, so that the service
+    records them as stuck with their cause instead of skipping them in silence.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
         return None
-    if not stat.S_ISREG(info.st_mode):
-        return None
+    except OSError as exc:
+        return -1, -(exc.errno or 1)
+    if stat.S_ISDIR(info.st_mode) and os.access(path, os.R_OK | os.X_OK):
+        return None  # a folder is walked, not handed out (unless it cannot be read)
     return info.st_size, info.st_mtime_ns
 
 

@@ -94,10 +94,10 @@ def test_across_file_systems_the_file_is_copied_then_removed(settings, dicom_dir
     expected = _sha(path)
     real_link = os.link
 
-    def link(src, dst):
+    def link(src, dst, **kwargs):
         if Path(src) == path:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return real_link(src, dst)
+        return real_link(src, dst, **kwargs)
 
     monkeypatch.setattr(inbox.os, "link", link)
     (settings.archive).mkdir(parents=True)
@@ -112,7 +112,7 @@ def test_across_file_systems_the_file_is_copied_then_removed(settings, dicom_dir
 def test_without_hard_links_at_all_rename_still_never_overwrites(settings, dicom_dir, monkeypatch):
     path = _drop(settings, dicom_dir, "a.dcm")
 
-    def no_link(src, dst):
+    def no_link(src, dst, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(inbox.os, "link", no_link)

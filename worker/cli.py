@@ -16,6 +16,9 @@ from covid_cxr.safe_output import printable, printable_lines, spreadsheet_cell
 
 log = logging.getLogger(__name__)
 
+#: Stuck inbox entries listed one per line in the text ``status`` (``--json`` has them all).
+STUCK_LISTED = 10
+
 #: Columns of the ``results --format table`` image listing (CSV and JSON carry every column).
 _IMAGE_TABLE_COLUMNS = ("instance_id", "created_at", "state", "reason", "view_position", "prob_covid", "label",
                         "model_version", "study_label", "sop_instance_uid")
@@ -74,6 +77,12 @@ def format_status(report: dict[str, Any]) -> str:
         f"last error   {_problem_line(report['last_error'])}",
         f"last reject  {_problem_line(report['last_rejection'])}",
     ]
+    stuck = report.get("stuck_files") or []
+    lines.append(f"stuck files  {len(stuck) or 'none'}")
+    lines += [f"  {entry['file_name']}: {entry['cause']} for {entry['age_seconds']:.0f} s "
+              f"({entry['attempts']} attempt(s)): {entry['message']}" for entry in stuck[:STUCK_LISTED]]
+    if len(stuck) > STUCK_LISTED:
+        lines.append(f"  … and {len(stuck) - STUCK_LISTED} more (status --json lists them all)")
     pending = report["oldest_pending"]
     if pending:
         lines.append(f"oldest wait  instance {pending['instance_id']} {pending['state']} for "

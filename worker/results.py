@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, StudyResult
 from db.session import session_scope
+from ingest.stuck import stuck_files
 
 #: Column order of image rows (``results`` table and CSV).
 IMAGE_COLUMNS = (
@@ -42,6 +43,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
             "oldest_pending": oldest_pending(session),
         }
     report["queues"], report["queue_error"] = queue_depths(settings)
+    report["stuck_files"] = stuck_files(settings)
     return report
 
 
