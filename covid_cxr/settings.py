@@ -53,7 +53,7 @@ class Destination(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     ae_title: str | None = None
     host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
+    port: int | None = Field(default=None, ge=1, le=65535)
     folder: Path | None = None
 
     @field_validator("ae_title")
