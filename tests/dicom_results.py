@@ -7,6 +7,7 @@ worker's own :func:`worker.tasks.store_predictions`, so study results follow the
 from __future__ import annotations
 
 import socket
+import subprocess
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,3 +99,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def require_tools(*names: str) -> None:
+    """Skip (fail under CI) unless every tool in ``names`` is installed (scripts/setup.sh installs them)."""
+    import shutil
+
+    from conftest import _unavailable
+
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        _unavailable(f"{', '.join(missing)} (apt-get install dcmtk dicom3tools)")
+
+
+def run_tool(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a DICOM command-line tool; returns its exit status and output (stdout and stderr together)."""
+    return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)

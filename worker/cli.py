@@ -92,7 +92,7 @@ def _outbox_lines(outbox: dict[str, Any] | None) -> list[str]:
     dead = outbox["last_dead"]
     if dead:
         lines.append(f"dead letter  {dead['at']} {dead['document']} -> {dead['destination']} after "
-                     f"{dead['attempts']} attempt(s) {dead['reason']}: {dead['message']}")
+                     f"{dead['attempts']} attempt(s) {dead['reason']}: {printable(str(dead['message']))}")
     return lines
 
 
