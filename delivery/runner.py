@@ -81,17 +81,17 @@ class OutboxRunner:
             outcomes = send(self.settings, destination,
                             [(due.delivery_id, from_bytes(datasets[due.document_id])) for due in dues])
             for due in dues:
-                self._record(due, outcomes[due.delivery_id], destination.describe(), report)
+                self._record(due, outcomes[due.delivery_id], destination.describe(), report, now)
         return report
 
-    def _record(self, due: DueDelivery, outcome: Outcome, where: str, report: PassReport) -> None:
+    def _record(self, due: DueDelivery, outcome: Outcome, where: str, report: PassReport, now: datetime) -> None:
         if outcome.delivered:
-            record_delivered(self.settings, due.delivery_id)
+            record_delivered(self.settings, due.delivery_id, now)
             report.delivered += 1
             log.info("delivered document %d to %s", due.document_id, where)
             return
         reason = (outcome.reason or DeliveryReason.STORE_FAILED).value
-        state = record_failed(self.settings, due, reason, outcome.message or reason)
+        state = record_failed(self.settings, due, reason, outcome.message or reason, now)
         report.failed[reason] = report.failed.get(reason, 0) + 1
         if state is DeliveryState.dead:
             report.dead += 1

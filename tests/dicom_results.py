@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -116,3 +117,50 @@ def run_tool(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[s
     """Run a DICOM command-line tool; returns its exit status and output (stdout and stderr together)."""
     return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
+
+
+class StoreSCP:
+    """A pynetdicom storage SCP for SR documents on 127.0.0.1: a destination the test controls.
+
+    ``received`` holds every dataset stored (with its file meta); ``status`` is what C-STORE answers.
+    """
+
+    def __init__(self, port: int = 0, ae_title: str = "PACS", *, status: int = 0x0000,
+                 require_calling: str | None = None) -> None:
+        from pydicom.uid import (
+            ComprehensiveSRStorage,
+            EnhancedSRStorage,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+        )
+        from pynetdicom import AE, evt
+
+        self.received: list[pydicom.Dataset] = []
+        self.status = status
+        self.ae = AE(ae_title=ae_title)
+        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage):
+            self.ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if require_calling:
+            self.ae.require_calling_aet = [require_calling]
+        server = self.ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None
+        self.server = server
+        self.port = int(server.server_address[1])
+
+    def _on_store(self, event: Any) -> int:
+        if self.status == 0x0000:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            self.received.append(dataset)
+        return self.status
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.ae.shutdown()
+
+    def __enter__(self) -> StoreSCP:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
