@@ -7,6 +7,7 @@ worker's own ``store_predictions`` (no model runs here).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +202,21 @@ def test_a_missing_source_file_holds_the_report_back_until_it_is_readable(tmp_pa
 def test_reports_need_the_source_files(tmp_path):
     with pytest.raises(ConfigurationError, match="AFTER_INGEST"):
         OutboxRunner(embedded_settings(tmp_path, after_ingest="delete", dicom_destinations="a=folder:/tmp/x"))
+
+
+def test_the_docs_show_what_dsrdump_prints_for_a_report(tmp_path, dicom_dir):
+    """docs/dicom.md's example is this report's dsrdump output (UIDs and times aside)."""
+    require_tools("dsrdump")
+    study = make_study(tmp_path, dicom_dir)
+    OutboxRunner(study.settings).run_once()
+    [path] = delivered_files(tmp_path)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "dicom.md").read_text(encoding="utf-8")
+    example = page.split("$ dsrdump +Pc +Pu report.dcm\n", 1)[1].split("```", 1)[0]
+    printed = run_tool("dsrdump", "+Pc", "+Pu", str(path)).stdout
+    assert masked(example).strip() == masked(printed).strip()
+
+
+def masked(text: str) -> str:
+    """``text`` with UIDs and date-times replaced, so two reports of the same results compare equal."""
+    text = re.sub(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", "<time>", text)
+    return re.sub(r"\d+(?:\.\d+){2,}", "<uid>", text)
