@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -140,15 +140,14 @@ class DocumentMaker:
     def run_once(self, now: datetime | None = None) -> MakeReport:
         now = now or _utcnow()
         report = MakeReport()
+        clock = self._clock()
+        waiting = {key for key, (not_before, _) in self._waiting.items() if clock < not_before}
         with session_scope(self.settings) as session:
-            pending = stale_study_results(session, RESULTS_PER_PASS)
+            pending = stale_study_results(session, RESULTS_PER_PASS, waiting)
             if self.settings.dicom_sr_per_image:
-                pending += stale_image_results(session, RESULTS_PER_PASS)
+                pending += stale_image_results(session, RESULTS_PER_PASS, waiting)
         for result in pending:
             key = result.document_key
-            not_before, _ = self._waiting.get(key, (0.0, 0))
-            if self._clock() < not_before:
-                continue
             try:
                 made = self._make(result, now)
             except SourceUnavailable as exc:
@@ -231,17 +230,24 @@ class SourceUnavailable(Exception):
 # --- queries ---------------------------------------------------------------------------------------
 
 
-def stale_study_results(session: Session, limit: int) -> list[PendingResult]:
-    """Study results no document reflects yet (oldest first), with the images each was taken over."""
+def stale_study_results(session: Session, limit: int, waiting: Collection[str] = ()) -> list[PendingResult]:
+    """Up to ``limit`` study results no document reflects yet (oldest first), with the images each was taken over.
+
+    Results whose document key is in ``waiting`` (their source files failed a moment ago) are left
+    out before the limit applies, so they never crowd out the results behind them.
+    """
     rows = session.execute(
         select(StudyResult, Study.study_instance_uid)
         .join(Study, Study.id == StudyResult.study_id)
         .where(~study_result_reported())
         .order_by(StudyResult.updated_at, StudyResult.id)
-        .limit(limit)
     ).all()
-    pending = []
+    pending: list[PendingResult] = []
     for result, study_uid in rows:
+        if len(pending) == limit:
+            break
+        if f"study:{study_uid}" in waiting:
+            continue
         counts = _RULE_COUNTS.get(result.rule, _any_view)
         images = tuple(image for image in evaluated_images(session, result.study_id, result.model_version)
                        if counts(image.view_position))
@@ -253,8 +259,8 @@ def stale_study_results(session: Session, limit: int) -> list[PendingResult]:
     return pending
 
 
-def stale_image_results(session: Session, limit: int) -> list[PendingResult]:
-    """Predictions of accepted images no per-image document reflects yet."""
+def stale_image_results(session: Session, limit: int, waiting: Collection[str] = ()) -> list[PendingResult]:
+    """Up to ``limit`` predictions of accepted images that no per-image document reflects yet (oldest first)."""
     current = exists().where(ResultDocument.kind == "image", ResultDocument.instance_id == Prediction.instance_id,
                              ResultDocument.model_version == Prediction.model_version,
                              ResultDocument.result_updated_at >= Prediction.created_at)
@@ -264,15 +270,15 @@ def stale_image_results(session: Session, limit: int) -> list[PendingResult]:
         .join(Study, Study.id == Instance.study_id)
         .where(~current, Instance.state == InstanceState.predicted.value)
         .order_by(Prediction.created_at, Prediction.id)
-        .limit(limit)
     ).all()
-    return [
+    pending = [
         PendingResult(kind="image", study_id=study_id, study_instance_uid=study_uid,
                       instance_id=instance.id, model_version=prediction.model_version, rule=None,
                       prob_covid=prediction.prob_covid, label=prediction.label, threshold=prediction.threshold,
                       updated_at=prediction.created_at, images=(_evaluated(instance, prediction),))
         for prediction, instance, study_id, study_uid in rows
     ]
+    return [result for result in pending if result.document_key not in waiting][:limit]
 
 
 def evaluated_images(session: Session, study_id: int, model_version: str) -> list[EvaluatedImage]:

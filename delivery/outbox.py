@@ -124,8 +124,12 @@ def lease_seconds(settings: Settings) -> float:
     return 60.0 + settings.dicom_timeout_seconds * (DELIVERIES_PER_PASS + 2)
 
 
-def outbox_summary(session: Session) -> dict[str, Any]:
-    """Deliveries per state (and per destination), the latest dead letter, and results still without a report."""
+def outbox_summary(session: Session, *, count_unreported: bool = True) -> dict[str, Any]:
+    """Deliveries per state (and per destination), the latest dead letter, and results still without a report.
+
+    ``count_unreported`` is for installations that send reports; elsewhere every study result is
+    "without a report" and ``results_without_report`` is ``None``.
+    """
     counts = {state.value: 0 for state in DeliveryState}
     by_destination: dict[str, dict[str, int]] = {}
     for destination, state, n in session.execute(
@@ -149,7 +153,7 @@ def outbox_summary(session: Session) -> dict[str, Any]:
         "deliveries": counts,
         "by_destination": by_destination,
         "documents": session.scalar(select(func.count()).select_from(ResultDocument)) or 0,
-        "results_without_report": results_without_document(session),
+        "results_without_report": results_without_document(session) if count_unreported else None,
         "last_dead": last_dead,
     }
 

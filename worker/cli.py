@@ -87,8 +87,9 @@ def _outbox_lines(outbox: dict[str, Any] | None) -> list[str]:
     if not outbox or not (outbox["documents"] or outbox["results_without_report"]):
         return []
     states = " · ".join(f"{state} {count}" for state, count in outbox["deliveries"].items())
-    lines = [f"outbox       {states} · reports {outbox['documents']} · results without report "
-             f"{outbox['results_without_report']}"]
+    waiting = outbox["results_without_report"]
+    lines = [f"outbox       {states} · reports {outbox['documents']}"
+             + ("" if waiting is None else f" · results without report {waiting}")]
     dead = outbox["last_dead"]
     if dead:
         lines.append(f"dead letter  {dead['at']} {dead['document']} -> {dead['destination']} after "

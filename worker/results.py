@@ -41,7 +41,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
             "last_error": last_error(session),
             "last_rejection": last_rejection(session),
             "oldest_pending": oldest_pending(session),
-            "outbox": outbox_summary(session),
+            "outbox": outbox_summary(session, count_unreported=bool(settings.dicom_destinations)),
         }
     report["queues"], report["queue_error"] = queue_depths(settings)
     return report
