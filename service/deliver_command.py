@@ -32,14 +32,14 @@ def run_deliver(args: argparse.Namespace) -> int:
     from delivery.runner import OutboxRunner
 
     settings = settings_from_args(args)
+    if args.retry_dead is None and not settings.dicom_destinations:
+        raise ConfigurationError("no destination: set COVID_CXR_DICOM_DESTINATIONS (NAME=AE@HOST:PORT or "
+                                 "NAME=folder:/PATH)")
     prepare_database(settings)
     if args.retry_dead is not None:
         count = retry_dead(settings, args.retry_dead or None)
         print(f"{count} dead-lettered deliveries back in the queue")
         return 0
-    if not settings.dicom_destinations:
-        raise ConfigurationError("no destination: set COVID_CXR_DICOM_DESTINATIONS (NAME=AE@HOST:PORT or "
-                                 "NAME=folder:/PATH)")
     quiet_dicom_libraries()
     runner = OutboxRunner(settings)
     if args.once:

@@ -191,3 +191,21 @@ def test_destinations_are_validated_at_start_up(tmp_path, bad):
 
     with pytest.raises(ConfigurationError, match="COVID_CXR_DICOM_DESTINATIONS"):
         embedded_settings(tmp_path, dicom_destinations=bad)
+
+
+def test_deliver_once_from_the_command_line(tmp_path, dicom_dir, monkeypatch, capsys):
+    from service.cli import main
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("COVID_CXR_DICOM_DESTINATIONS", f"archive=folder:{out}")
+    settings = embedded_settings(tmp_path)
+    upgrade(settings)
+    [study_uid] = add_studies(settings, dicom_dir, [1])
+    assert main(["deliver", "--once", "--data-dir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (len(report["made"]), report["delivered"], report["failed"]) == (1, 1, {})
+    [path] = (out / study_uid).iterdir()
+    assert pydicom.dcmread(path).Modality == "SR"
+    monkeypatch.delenv("COVID_CXR_DICOM_DESTINATIONS")
+    assert main(["deliver", "--once", "--data-dir", str(tmp_path)]) == 1
+    assert "COVID_CXR_DICOM_DESTINATIONS" in capsys.readouterr().err
