@@ -2,11 +2,12 @@
 
 A result needs a report when no document of its ``document_key`` reflects its ``updated_at``
 yet. What the report would say (model, probability, Yes/No, threshold, the referenced images and
-theirs) is hashed; when the hash equals the latest version's, nothing new is made (a lateral view
-arriving in a study touches its result but changes nothing). Otherwise the next version is made,
-referencing the previous one, and stored with one ``deliveries`` row per configured destination,
-all in one transaction. Two makers racing for the same document collide on the unique
-``(document_key, version)``; the loser rolls back and moves on.
+theirs) is hashed; when the hash equals the latest version's, nothing new is made (an oblique
+film arriving in a study touches its result but changes nothing: only frontal views count).
+Otherwise the next version is made, referencing the previous one, and stored with one
+``deliveries`` row per configured destination, all in one transaction. Two makers racing for
+the same document collide on the unique ``(document_key, version)``; the loser rolls back and
+moves on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from covid_cxr import __version__
+from covid_cxr.errors import CovidCxrError
 from covid_cxr.settings import Settings
 from db.models import (
     Delivery,
@@ -151,8 +153,8 @@ class DocumentMaker:
             try:
                 made = self._make(result, now)
             except SourceUnavailable as exc:
-                report.failed[key] = str(exc)
-                self._back_off(key, str(exc))
+                report.failed[key] = exc.message
+                self._back_off(key, exc.message)
                 continue
             self._waiting.pop(key, None)
             if made:
@@ -223,8 +225,10 @@ class DocumentMaker:
             raise SourceUnavailable(f"instance {image.instance_id}: {image.stored_path}: {exc}") from exc
 
 
-class SourceUnavailable(Exception):
-    """An evaluated image's archived file cannot be read (reason ``source_unavailable``)."""
+class SourceUnavailable(CovidCxrError):
+    """An evaluated image's archived file cannot be read, so the report cannot copy its patient and study."""
+
+    default_reason = DeliveryReason.SOURCE_UNAVAILABLE.value
 
 
 # --- queries ---------------------------------------------------------------------------------------
