@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from covid_cxr import __version__
+from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.settings import Settings
 from db.models import (
@@ -58,9 +59,8 @@ from delivery.sr import (
 log = logging.getLogger(__name__)
 
 Kind = Literal["study", "image"]
-#: Frontal views and the study rules of :func:`worker.tasks.aggregate_study`: which images a study result's
+#: The study rules of :func:`worker.tasks.aggregate_study` (``study_results.rule``): which images a study result's
 #: maximum was taken over, and so which images its report references.
-FRONTAL_VIEWS = frozenset({"PA", "AP"})
 _RULE_COUNTS: dict[str, Callable[[str], bool]] = {
     "max_frontal": lambda view: view in FRONTAL_VIEWS,
     "max_view_unknown": lambda view: view == "",
