@@ -18,6 +18,7 @@ COPY worker worker
 COPY db db
 COPY model_store model_store
 COPY taskqueue taskqueue
+COPY delivery delivery
 COPY service service
 RUN pip install . \
  && useradd --create-home --uid 10001 covid \

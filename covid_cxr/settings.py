@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -18,6 +28,72 @@ from covid_cxr.errors import ConfigurationError
 ENV_PREFIX = "COVID_CXR_"
 #: Shortest accepted pseudonym key: 256 bits, the HMAC-SHA256 block of security.
 MIN_PSEUDONYM_KEY_BYTES = 32
+
+
+#: DICOM AE titles: 1 to 16 characters of the default repertoire, no backslash, no control characters.
+_AE_TITLE = re.compile(r"^[^\\\x00-\x1f]{1,16}$")
+
+
+def _ae_title(value: str) -> str:
+    title = value.strip()
+    if not _AE_TITLE.match(title):
+        raise ValueError(f"{value!r} is not a DICOM AE title (1 to 16 characters, no backslash or control characters)")
+    return title
+
+
+class Destination(BaseModel):
+    """Where results are sent: a DICOM storage SCP (``ae_title``, ``host``, ``port``) or a ``folder``.
+
+    Written in ``COVID_CXR_DICOM_DESTINATIONS`` as ``NAME=AE@HOST:PORT`` or ``NAME=folder:/PATH``,
+    several separated by commas.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    folder: Path | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        network = [v is not None for v in (self.ae_title, self.host, self.port)]
+        if self.folder is not None and any(network):
+            raise ValueError(f"destination {self.name}: either AE@HOST:PORT or folder:PATH, not both")
+        if self.folder is None and not all(network):
+            raise ValueError(f"destination {self.name}: needs AE@HOST:PORT or folder:PATH")
+        return self
+
+    @property
+    def kind(self) -> Literal["dicom", "folder"]:
+        return "folder" if self.folder is not None else "dicom"
+
+    def describe(self) -> str:
+        """The destination as it is written in the setting."""
+        if self.folder is not None:
+            return f"{self.name}=folder:{self.folder}"
+        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``NAME=AE@HOST:PORT`` or ``NAME=folder:/PATH``."""
+        name, equals, target = text.strip().partition("=")
+        if not equals:
+            raise ValueError(f"{text!r}: expected NAME=AE@HOST:PORT or NAME=folder:/PATH")
+        target = target.strip()
+        if target.startswith("folder:"):
+            return cls(name=name.strip(), folder=Path(target.removeprefix("folder:")).expanduser())
+        ae_title, at, address = target.rpartition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and host and port.isdigit()):
+            raise ValueError(f"{text!r}: expected NAME=AE@HOST:PORT or NAME=folder:/PATH")
+        return cls(name=name.strip(), ae_title=ae_title, host=host.strip("[]"), port=int(port))
 
 
 class Settings(BaseSettings):
@@ -77,6 +153,35 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Task attempts before an instance ends 'failed'")
     model_name: str = Field(MODEL_NAME, description="Registry name whose active version the workers serve")
 
+    # --- DICOM network: receiving images, sending results --------------------------------------
+    dicom_ae_title: str = Field("COVID_CXR", description="AE title of `covid-cxr receive` and of the results sender")
+    dicom_port: int | None = Field(None, ge=0, le=65535, description="Port of the C-STORE SCP; unset: `serve` "
+                                   "starts no receiver (`receive --port` still works)")
+    dicom_bind_address: str = Field("0.0.0.0", description="Address the C-STORE SCP listens on")
+    dicom_allowed_callers: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset(), description="Calling AE titles allowed to associate, comma-separated; AE@HOST also checks the "
+        "caller's address; * allows any AE title. Empty: the receiver does not start")
+    dicom_max_associations: int = Field(10, ge=1, description="Concurrent associations the receiver accepts")
+    dicom_min_free_mb: int = Field(1024, ge=0, description="Below this much free space in the inbox, C-STORE is "
+                                   "answered 0xA700 (out of resources) and nothing is written")
+    dicom_timeout_seconds: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout, both directions")
+    dicom_tls_cert: Path | None = Field(None, description="PEM certificate of the receiver; with dicom_tls_key, "
+                                        "the receiver speaks TLS only")
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of the receiver")
+    dicom_tls_ca: Path | None = Field(None, description="PEM CA bundle; when set, callers must present a "
+                                      "certificate it signed")
+    dicom_destinations: Annotated[tuple[Destination, ...], NoDecode] = Field(
+        (), description="Where results are sent, comma-separated: NAME=AE@HOST:PORT (C-STORE) or "
+        "NAME=folder:/PATH. Empty: no SR is made or sent")
+    dicom_sr_per_image: bool = Field(False, description="Besides one SR per study, one SR per image")
+    delivery_max_attempts: int = Field(10, ge=1, description="Attempts to send an object to a destination before "
+                                       "it is dead-lettered")
+    delivery_retry_seconds: float = Field(30.0, gt=0, description="Wait after the first failed attempt; doubles "
+                                          "each attempt, up to delivery_retry_max_seconds")
+    delivery_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest wait between two attempts")
+    delivery_poll_seconds: float = Field(2.0, gt=0, description="How often the outbox looks for new results and "
+                                         "due deliveries")
+
     # --- evaluation ------------------------------------------------------------------------------
     evaluation_cron: str = Field(
         "0 2 * * *", description="celery beat crontab (m h dom mon dow) of the nightly evaluation")
@@ -105,6 +210,39 @@ class Settings(BaseSettings):
     def _five_fields(cls, value: str) -> str:
         if len(value.split()) != 5:
             raise ValueError("must have five fields: minute hour day-of-month month day-of-week")
+        return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("dicom_allowed_callers", mode="before")
+    @classmethod
+    def _split_callers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        callers = frozenset(str(v).strip() for v in value)
+        for caller in callers - {"*"}:
+            _ae_title(caller.rpartition("@")[0] if "@" in caller else caller)
+        return callers
+
+    @field_validator("dicom_destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [Destination.parse(part) for part in value.split(",") if part.strip()]
+        destinations = tuple(v if isinstance(v, Destination) else Destination.model_validate(v) for v in value)
+        names = [d.name for d in destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique, got {names}")
+        return destinations
+
+    @field_validator("dicom_tls_key")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("dicom_tls_cert") is None):
+            raise ValueError("set both COVID_CXR_DICOM_TLS_CERT and COVID_CXR_DICOM_TLS_KEY, or neither")
         return value
 
     # --- derived values ----------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Instance(Base):
     file_name: Mapped[str] = mapped_column(Text, doc="path relative to the inbox when it was found")
     file_sha256: Mapped[str] = mapped_column(SHA256, index=True)
     file_size: Mapped[int | None] = mapped_column(Integer)
-    stored_path: Mapped[str | None] = mapped_column(Text, doc="where the file went: archive/quarantine path, or null if deleted")
+    stored_path: Mapped[str | None] = mapped_column(
+        Text, doc="where the file went: archive/quarantine path, or null if deleted")
 
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID)
@@ -109,8 +110,8 @@ class Instance(Base):
     bits_stored: Mapped[int | None] = mapped_column(Integer)
     flags: Mapped[list[Any] | None] = mapped_column(JSON, doc="e.g. ['view_unknown']")
 
-    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"),
-                                                         doc="the first instance with this SOPInstanceUID (duplicate or conflict)")
+    duplicate_of_id: Mapped[int | None] = mapped_column(
+        ForeignKey("instances.id"), doc="the first instance with this SOPInstanceUID (duplicate or conflict)")
     conflict: Mapped[bool] = mapped_column(Boolean, default=False, doc="same SOPInstanceUID, different content")
     batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
@@ -277,3 +278,67 @@ class StuckFile(Base):
     ingester: Mapped[str] = mapped_column(String(255), doc="host:pid of the ingester that last tried")
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeliveryState(enum.StrEnum):
+    """Life cycle of one object for one destination: pending -> delivered | dead (after the last attempt)."""
+
+    pending = "pending"
+    delivered = "delivered"
+    dead = "dead"
+
+
+class ResultDocument(Base):
+    """A DICOM object made from a result (a Structured Report), kept as sent; a changed result is a new version.
+
+    ``document_key`` names one document across its versions (``study:<StudyInstanceUID>``, or
+    ``image:<SOPInstanceUID>`` for per-image reports); each version references the one before it
+    (``predecessor_id``, and the Predecessor Documents Sequence in the object itself).
+    """
+
+    __tablename__ = "result_documents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_key: Mapped[str] = mapped_column(String(80), doc="study:<StudyInstanceUID> | image:<SOPInstanceUID>")
+    version: Mapped[int] = mapped_column(Integer, doc="1, 2, ... within the document_key")
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("result_documents.id"))
+    kind: Mapped[str] = mapped_column(String(16), doc="study | image")
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True,
+                                                    doc="the image of a per-image report")
+    model_version: Mapped[str] = mapped_column(String(64))
+    prob_covid: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
+    n_images: Mapped[int] = mapped_column(Integer, doc="images the finding was taken over (referenced)")
+    content_sha256: Mapped[str] = mapped_column(SHA256, doc="of what the report says; unchanged -> no new version")
+    result_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                        doc="the result's updated_at this document reflects")
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    dataset: Mapped[bytes] = deferred(mapped_column(LargeBinary, doc="the DICOM file (Part 10) as sent"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("document_key", "version", name="uq_result_documents_key_version"),)
+
+
+class Delivery(Base):
+    """The outbox: one row per document and destination, retried with backoff, dead-lettered after the last attempt."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("result_documents.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), doc="a name from COVID_CXR_DICOM_DESTINATIONS")
+    state: Mapped[str] = mapped_column(String(16), index=True, default=DeliveryState.pending.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True,
+                                                      doc="due time; also the claim of a sender at work")
+    reason: Mapped[str | None] = mapped_column(String(64), doc="reason code of the last failed attempt")
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("document_id", "destination", name="uq_deliveries_document_destination"),)

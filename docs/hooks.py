@@ -27,7 +27,7 @@ VERSION_SOURCE = "covid_cxr:__version__"
 PLACEHOLDER = re.compile(r"<!-- generated: ([a-z-]+) -->")
 
 _TYPE_NAMES = {"Path": "path", "str": "text", "SecretStr": "secret text", "int": "integer", "float": "number",
-               "bool": "`true` or `false`"}
+               "bool": "`true` or `false`", "Destination": "destination"}
 _BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
 
 
@@ -112,7 +112,7 @@ def default_text(value: Any) -> str:
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, frozenset | set | list | tuple):
-        return f"`{','.join(sorted(str(item) for item in value))}`"
+        return f"`{','.join(sorted(str(item) for item in value))}`" if value else "empty"
     return f"`{value}`"
 
 

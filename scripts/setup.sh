@@ -8,3 +8,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+
+# DICOM command-line tools the network tests drive (DCMTK: echoscu, storescu, storescp, dsrdump;
+# dicom3tools: dciodvfy). Installed only when missing and apt-get can run as root; never fails the
+# script: without them those tests skip locally with a message, and fail under CI=true.
+if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq dcmtk dicom3tools || { apt-get update -qq && apt-get install -y -qq dcmtk dicom3tools; }; } \
+      >/dev/null 2>&1 || echo "setup: could not install dcmtk and dicom3tools; the DICOM network tests will skip" >&2
+  else
+    echo "setup: dcmtk and dicom3tools are missing (apt-get install dcmtk dicom3tools); the DICOM network tests will skip" >&2
+  fi
+fi

@@ -16,15 +16,17 @@ import worker.evaluation_cli
 from covid_cxr.commandline import EXIT_ERROR, Subparsers, common_options
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter, printable
-from service import ingest_command, serve_command, worker_command
+from service import deliver_command, ingest_command, receive_command, serve_command, worker_command
 
 #: Functions that add subcommands, in the order they appear in ``--help``.
 REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
     ingest.cli.register,  # inspect
     ingest_command.register,  # ingest
+    receive_command.register,  # receive
     serve_command.register,  # serve
     worker_command.register,  # worker
     worker.cli.register,  # status, results
+    deliver_command.register,  # deliver
     model_store.cli.register,  # train, models
     worker.evaluation_cli.register,  # labels, evaluate, report
     db.cli.register,  # db upgrade|current

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.settings import Settings
+from service.dicom_services import start_dicom_services
 from service.startup import check_layout, describe, prepare_database, stop_on_signals
 
 
@@ -55,6 +56,10 @@ def run_ingest(args: argparse.Namespace) -> int:
     prepare_database(settings)
     describe(settings)
     service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)
-    with stop_on_signals(service.stop):
-        service.run()
+    network = start_dicom_services(settings)
+    try:
+        with stop_on_signals(service.stop):
+            service.run()
+    finally:
+        network.stop()
     return 0

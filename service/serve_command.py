@@ -11,6 +11,7 @@ import sys
 import threading
 
 from covid_cxr.commandline import Subparsers
+from service.dicom_services import start_dicom_services
 from service.ingest_command import inbox_options, inbox_settings
 from service.startup import check_layout, describe, prepare_database, require_active_model, stop_on_signals
 from service.worker_command import worker_command
@@ -52,6 +53,7 @@ def run_serve(args: argparse.Namespace) -> int:
         resent = requeue_stale(settings, queued_grace_seconds=0)
         if resent:
             log.info("re-sent %d instance(s) left queued or unsent by the previous run", resent)
+    network = start_dicom_services(settings)
     command, env = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
                              concurrency=args.concurrency, beat=True)
     # Own session: Ctrl-C reaches only this process, which then stops the worker in order
@@ -75,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
             service.run()
     finally:
         _stop_worker(worker)
+        network.stop()
     return 1 if failure else 0
 
 

@@ -20,9 +20,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ingest": frozenset({"covid_cxr", "db"}),
     "taskqueue": frozenset({"covid_cxr", "db"}),
     "model_store": frozenset({"covid_cxr", "db", "ingest"}),
-    "worker": frozenset({"covid_cxr", "db", "ingest", "model_store", "taskqueue"}),
+    "delivery": frozenset({"covid_cxr", "db", "model_store"}),
+    "worker": frozenset({"covid_cxr", "db", "ingest", "model_store", "taskqueue", "delivery"}),
     # The composition root: wires everything, imported by nothing.
-    "service": frozenset({"covid_cxr", "db", "ingest", "taskqueue", "model_store", "worker"}),
+    "service": frozenset({"covid_cxr", "db", "ingest", "taskqueue", "model_store", "delivery", "worker"}),
 }
 #: Entry-point shims, run as scripts and never imported: ``python -m covid_cxr`` starts the composition root.
 ENTRY_POINTS = frozenset({"covid_cxr/__main__.py"})

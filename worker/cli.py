@@ -87,7 +87,23 @@ def format_status(report: dict[str, Any]) -> str:
     if pending:
         lines.append(f"oldest wait  instance {pending['instance_id']} {pending['state']} for "
                      f"{pending['age_seconds']:.0f} s (attempts {pending['attempts']})")
+    lines += _outbox_lines(report.get("outbox"))
     return "\n".join(lines) + "\n"
+
+
+def _outbox_lines(outbox: dict[str, Any] | None) -> list[str]:
+    """The DICOM results outbox: deliveries per state, reports still to make, the latest dead letter."""
+    if not outbox or not (outbox["documents"] or outbox["results_without_report"]):
+        return []
+    states = " · ".join(f"{state} {count}" for state, count in outbox["deliveries"].items())
+    waiting = outbox["results_without_report"]
+    lines = [f"outbox       {states} · reports {outbox['documents']}"
+             + ("" if waiting is None else f" · results without report {waiting}")]
+    dead = outbox["last_dead"]
+    if dead:
+        lines.append(f"dead letter  {dead['at']} {dead['document']} -> {dead['destination']} after "
+                     f"{dead['attempts']} attempt(s) {dead['reason']}: {printable(str(dead['message']))}")
+    return lines
 
 
 def _problem_line(problem: dict[str, Any] | None) -> str:

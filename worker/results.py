@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, StudyResult
 from db.session import session_scope
+from delivery.outbox import outbox_summary
 from ingest.stuck import stuck_files
 
 #: Column order of image rows (``results`` table and CSV).
@@ -41,6 +42,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
             "last_error": last_error(session),
             "last_rejection": last_rejection(session),
             "oldest_pending": oldest_pending(session),
+            "outbox": outbox_summary(session, count_unreported=bool(settings.dicom_destinations)),
         }
     report["queues"], report["queue_error"] = queue_depths(settings)
     report["stuck_files"] = stuck_files(settings)
@@ -72,11 +74,12 @@ def active_model(session: Session, name: str) -> dict[str, Any] | None:
 
 
 def last_error(session: Session) -> dict[str, Any] | None:
-    """The most recent failure: an instance that ended ``failed``, or one whose last attempt failed and is being retried."""
+    """The most recent failure: an instance that ended ``failed``, or one whose last attempt failed (being retried)."""
     row = session.scalars(
         select(Instance)
         .where(Instance.reason.is_not(None),
-               Instance.state.in_([InstanceState.failed.value, InstanceState.queued.value, InstanceState.received.value]))
+               Instance.state.in_([InstanceState.failed.value, InstanceState.queued.value,
+                                   InstanceState.received.value]))
         .order_by(Instance.updated_at.desc(), Instance.id.desc())
         .limit(1)
     ).first()
@@ -129,7 +132,8 @@ def queue_depths(settings: Settings) -> tuple[dict[str, int], str | None]:
     return depths, None
 
 
-def recent_results(settings: Settings, limit: int = 20, study_uid: str | None = None) -> dict[str, list[dict[str, Any]]]:
+def recent_results(settings: Settings, limit: int = 20,
+                   study_uid: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """The ``limit`` most recent study results and image rows (newest first), optionally of one study.
 
     An image row is an instance in any state with its latest prediction (if any) and that
