@@ -13,6 +13,7 @@ import numpy as np
 
 from covid_cxr.constants import CLASS_NAMES, IMAGE_SIZE
 from covid_cxr.errors import ModelError
+from covid_cxr.reasons import Reason
 
 if TYPE_CHECKING:
     import keras
@@ -66,7 +67,7 @@ def resolve_trainable_from(trainable_from: str | None) -> str | None:
     name = str(trainable_from).lower()
     if name not in BLOCKS:
         raise ModelError(f"unknown block {trainable_from!r}: choose one of {', '.join(BLOCKS)} or 'none'",
-                         reason="bad_trainable_from")
+                         reason=Reason.BAD_TRAINABLE_FROM)
     return name
 
 
