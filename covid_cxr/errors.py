@@ -38,6 +38,12 @@ class InputRejected(CovidCxrError):
     default_reason = Reason.REJECTED
 
 
+class UsageError(CovidCxrError):
+    """Bad command-line input (a missing file, an option out of range); the command exits with code 2."""
+
+    default_reason = Reason.USAGE
+
+
 class DatasetError(CovidCxrError):
     """A training or evaluation dataset is unusable (empty, one class, unknown labels...)."""
 

@@ -16,6 +16,8 @@ class ReasonKind(StrEnum):
     FAILURE = "failure"
     #: a :class:`~covid_cxr.errors.CovidCxrError` a command prints; the worker stores model errors as failures.
     ERROR = "error"
+    #: bad command-line input; the command exits with code 2.
+    USAGE = "usage"
     #: one line of a ground-truth labels file that ``labels import`` skips or warns about.
     LABEL_PROBLEM = "label_problem"
 
@@ -273,20 +275,25 @@ class Reason(StrEnum):
         "The model version has no predictions in the evaluation window",
     )
 
+    # --- usage (bad command-line input, exit code 2) ---------------------------------------------
+    USAGE = (
+        "usage", ReasonKind.USAGE,
+        "Bad command-line input (a file that does not exist, an option out of range), without a more specific code",
+    )
     BAD_FILTER = (
-        "bad_filter", ReasonKind.ERROR,
+        "bad_filter", ReasonKind.USAGE,
         "A --where filter is not COLUMN=VALUE[,VALUE...], or is given with --folder",
     )
     BAD_MODEL_REFERENCE = (
-        "bad_model_reference", ReasonKind.ERROR,
+        "bad_model_reference", ReasonKind.USAGE,
         "The model is not given as NAME:VERSION where a version is needed",
     )
     BAD_TRAINING_OPTIONS = (
-        "bad_training_options", ReasonKind.ERROR,
+        "bad_training_options", ReasonKind.USAGE,
         "Training options out of range (epochs, batch size, learning rate, class weight, threshold...)",
     )
     BAD_TRAINABLE_FROM = (
-        "bad_trainable_from", ReasonKind.ERROR,
+        "bad_trainable_from", ReasonKind.USAGE,
         "--trainable-from names no VGG16 block (block1 to block5, none, or auto)",
     )
 

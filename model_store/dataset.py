@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covid_cxr.constants import IMAGE_SIZE
-from covid_cxr.errors import CovidCxrError, DatasetError
+from covid_cxr.errors import CovidCxrError, DatasetError, UsageError
 from covid_cxr.hashing import file_sha256
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
@@ -116,7 +116,7 @@ def parse_where(expressions: Sequence[str]) -> dict[str, frozenset[str]]:
     for expression in expressions:
         column, sep, values = expression.partition("=")
         if not sep or not column.strip() or not values.strip():
-            raise DatasetError(f"bad filter {expression!r}: expected COLUMN=VALUE[,VALUE...]", reason=Reason.BAD_FILTER)
+            raise UsageError(f"bad filter {expression!r}: expected COLUMN=VALUE[,VALUE...]", reason=Reason.BAD_FILTER)
         filters[column.strip()] = frozenset(value.strip() for value in values.split(","))
     return filters
 

@@ -12,6 +12,7 @@ import pytest
 from service_fixtures import embedded_settings, record_instances
 from sqlalchemy import update
 
+from covid_cxr.commandline import EXIT_USAGE
 from db.migrate import upgrade
 from db.models import Instance, ModelVersion
 from db.session import session_scope
@@ -88,6 +89,11 @@ def test_status_text_and_an_unreachable_broker(tmp_path, capsys):
     assert "queue depth  broker unreachable" in out
     assert "model        none active" in out and "covid-cxr models import" in out
     assert "instances    received 0" in out
+
+
+def test_a_bad_limit_is_a_usage_error(tmp_path, capsys):
+    assert main(["results", "--limit", "0", "--data-dir", str(tmp_path)]) == EXIT_USAGE
+    assert "--limit must be at least 1 [usage]" in capsys.readouterr().err
 
 
 def test_status_refuses_an_out_of_date_schema(tmp_path, capsys):

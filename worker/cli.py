@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
-from covid_cxr.errors import ConfigurationError
+from covid_cxr.errors import UsageError
 from covid_cxr.safe_output import printable, printable_lines, spreadsheet_cell
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _results(args: argparse.Namespace) -> int:
     from worker.results import IMAGE_COLUMNS, STUDY_COLUMNS, recent_results
 
     if args.limit < 1:
-        raise ConfigurationError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     settings = settings_from_args(args)
     check_schema(settings)
     results = recent_results(settings, limit=args.limit, study_uid=args.study)
