@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 #: Columns of the ``results --format table`` image listing (CSV and JSON carry every column).
 _IMAGE_TABLE_COLUMNS = ("instance_id", "created_at", "state", "reason", "view_position", "prob_covid", "label",
                         "model_version", "study_label", "sop_instance_uid")
+#: Where the values of the ``status`` lines start, so a continuation line lines up under them.
+_STATUS_INDENT = " " * len("last error   ")
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -84,8 +86,11 @@ def format_status(report: dict[str, Any]) -> str:
 def _problem_line(problem: dict[str, Any] | None) -> str:
     if problem is None:
         return "none"
-    return (f"{problem['at']} instance {problem['instance_id']} ({problem['state']}, attempts "
+    line = (f"{problem['at']} instance {problem['instance_id']} ({problem['state']}, attempts "
             f"{problem['attempts']}) {problem['reason']}: {problem['message']}")
+    if problem["reason_description"]:
+        line += f"\n{_STATUS_INDENT}{problem['reason']} means: {problem['reason_description']}"
+    return line
 
 
 def _results(args: argparse.Namespace) -> int:

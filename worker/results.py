@@ -9,6 +9,7 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, StudyResult
 from db.session import session_scope
@@ -179,12 +180,15 @@ def _recent_images(session: Session, limit: int, study_uid: str | None) -> list[
 
 
 def _problem(row: Instance | None) -> dict[str, Any] | None:
+    """An instance's problem; ``reason_description`` is ``None`` for a code this release does not know."""
     if row is None:
         return None
+    reason = Reason.lookup(row.reason)
     return {
         "instance_id": row.id,
         "state": row.state,
         "reason": row.reason,
+        "reason_description": None if reason is None else reason.description,
         "message": row.message,
         "attempts": row.attempts,
         "at": _iso(row.finished_at or row.updated_at),
