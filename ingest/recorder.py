@@ -145,7 +145,7 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
     disposal = plan_disposal(settings, path, rel_name, accepted=result.accepted and not conflict)
 
     instance = Instance(
-        state=state.value,
+        state=state,
         reason=reason,
         message=message,
         attempts=0,
@@ -231,7 +231,7 @@ def counts_by_state(settings: Settings) -> dict[str, int]:
     """Number of instances in each state (every state present, zero included)."""
     with session_scope(settings) as session:
         rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-    counts = {state.value: 0 for state in InstanceState}
+    counts: dict[str, int] = {state: 0 for state in InstanceState}
     counts.update({state: n for state, n in rows})
     return counts
 

@@ -150,7 +150,7 @@ def test_concurrent_ingesters_leave_one_primary_row(settings, dicom_dir):
         t.start()
     for t in threads:
         t.join()
-    states = sorted(o.state.value for o in outcomes)
+    states = sorted(o.state for o in outcomes)
     assert states == ["duplicate", "duplicate", "duplicate", "received"]
 
 

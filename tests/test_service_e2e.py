@@ -62,7 +62,7 @@ UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
 
 #: Short timings so a test waits seconds, not the production defaults.
 FAST = {"settle_seconds": 1.0, "reconcile_interval_seconds": 2.0, "batch_max_wait_seconds": 0.5, "batch_size": 4}
-TERMINAL = {s.value for s in InstanceState if s.terminal}
+TERMINAL = {s for s in InstanceState if s.terminal}
 
 
 # --- helpers -------------------------------------------------------------------------------------

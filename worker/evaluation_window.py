@@ -130,7 +130,7 @@ def reject_counts(session: Session, window: Window) -> dict[str, Any]:
     by_reason: dict[str, dict[str, int]] = {}
     for state, reason, count in session.execute(
         select(Instance.state, Instance.reason, func.count())
-        .where(Instance.state.in_([InstanceState.rejected.value, InstanceState.failed.value]),
+        .where(Instance.state.in_([InstanceState.rejected, InstanceState.failed]),
                *_in_window(Instance.created_at, window))
         .group_by(Instance.state, Instance.reason)
     ):

@@ -48,7 +48,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
 
 def state_counts(session: Session) -> dict[str, int]:
     """Instances per state, every state present (0 when none), plus ``total``."""
-    counts = {state.value: 0 for state in InstanceState}
+    counts: dict[str, int] = {state: 0 for state in InstanceState}
     for state, count in session.execute(select(Instance.state, func.count()).group_by(Instance.state)):
         counts[state] = count
     counts["total"] = sum(counts.values())
@@ -75,7 +75,7 @@ def last_error(session: Session) -> dict[str, Any] | None:
     row = session.scalars(
         select(Instance)
         .where(Instance.reason.is_not(None),
-               Instance.state.in_([InstanceState.failed.value, InstanceState.queued.value, InstanceState.received.value]))
+               Instance.state.in_([InstanceState.failed, InstanceState.queued, InstanceState.received]))
         .order_by(Instance.updated_at.desc(), Instance.id.desc())
         .limit(1)
     ).first()
@@ -84,7 +84,7 @@ def last_error(session: Session) -> dict[str, Any] | None:
 
 def last_rejection(session: Session) -> dict[str, Any] | None:
     row = session.scalars(
-        select(Instance).where(Instance.state == InstanceState.rejected.value)
+        select(Instance).where(Instance.state == InstanceState.rejected)
         .order_by(Instance.updated_at.desc(), Instance.id.desc()).limit(1)
     ).first()
     return _problem(row)
@@ -94,7 +94,7 @@ def oldest_pending(session: Session) -> dict[str, Any] | None:
     """The oldest instance still waiting for a prediction (``received`` or ``queued``) and its age."""
     row = session.scalars(
         select(Instance)
-        .where(Instance.state.in_([InstanceState.received.value, InstanceState.queued.value]))
+        .where(Instance.state.in_([InstanceState.received, InstanceState.queued]))
         .order_by(Instance.created_at, Instance.id).limit(1)
     ).first()
     if row is None:

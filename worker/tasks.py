@@ -35,7 +35,7 @@ from worker.inference import MODELS, ActiveModelCache, LoadedModel, decode_png, 
 log = logging.getLogger(__name__)
 
 #: States from which an instance may be predicted; every other state is final for the worker.
-PENDING_STATES = (InstanceState.received.value, InstanceState.queued.value)
+PENDING_STATES = (InstanceState.received, InstanceState.queued)
 #: Study rule names stored in ``study_results.rule``.
 RULE_MAX_FRONTAL = "max_frontal"
 RULE_MAX_VIEW_UNKNOWN = "max_view_unknown"
@@ -253,7 +253,7 @@ def store_predictions(settings: Settings, model: LoadedModel, batch_id: str, ite
         session.execute(
             update(Instance)
             .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
-            .values(state=InstanceState.predicted.value, finished_at=now, reason=None, message=None,
+            .values(state=InstanceState.predicted, finished_at=now, reason=None, message=None,
                     batch_id=batch_id)
         )
         update_study_results(session, model, {item.study_id for item in items if item.study_id is not None})
@@ -273,7 +273,7 @@ def update_study_results(session: Session, model: LoadedModel, study_ids: set[in
         select(Instance.study_id, Instance.view_position, Prediction.prob_covid)
         .join(Prediction, Prediction.instance_id == Instance.id)
         .where(Instance.study_id.in_(ordered), Prediction.model_version == model.version,
-               Instance.state == InstanceState.predicted.value)
+               Instance.state == InstanceState.predicted)
     ).all()
     by_study: dict[int, list[tuple[str | None, float]]] = {}
     for row in rows:
@@ -319,7 +319,7 @@ def _set_failed(session: Session, ids: list[int], reason: Reason, message: str) 
     session.execute(
         update(Instance)
         .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
-        .values(state=InstanceState.failed.value, reason=reason, message=message, finished_at=_utcnow())
+        .values(state=InstanceState.failed, reason=reason, message=message, finished_at=_utcnow())
     )
 
 
