@@ -86,7 +86,8 @@ class Instance(Base):
     file_name: Mapped[str] = mapped_column(Text, doc="path relative to the inbox when it was found")
     file_sha256: Mapped[str] = mapped_column(SHA256, index=True)
     file_size: Mapped[int | None] = mapped_column(Integer)
-    stored_path: Mapped[str | None] = mapped_column(Text, doc="where the file went: archive/quarantine path, or null if deleted")
+    stored_path: Mapped[str | None] = mapped_column(
+        Text, doc="where the file went: archive/quarantine path, or null if deleted")
 
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID)
@@ -104,8 +105,8 @@ class Instance(Base):
     bits_stored: Mapped[int | None] = mapped_column(Integer)
     flags: Mapped[list[Any] | None] = mapped_column(JSON, doc="e.g. ['view_unknown']")
 
-    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"),
-                                                         doc="the first instance with this SOPInstanceUID (duplicate or conflict)")
+    duplicate_of_id: Mapped[int | None] = mapped_column(
+        ForeignKey("instances.id"), doc="the first instance with this SOPInstanceUID (duplicate or conflict)")
     conflict: Mapped[bool] = mapped_column(Boolean, default=False, doc="same SOPInstanceUID, different content")
     batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
 

@@ -71,7 +71,7 @@ def active_model(session: Session, name: str) -> dict[str, Any] | None:
 
 
 def last_error(session: Session) -> dict[str, Any] | None:
-    """The most recent failure: an instance that ended ``failed``, or one whose last attempt failed and is being retried."""
+    """The latest failure: an instance that ended ``failed``, or one whose last attempt failed and is being retried."""
     row = session.scalars(
         select(Instance)
         .where(Instance.reason.is_not(None),
@@ -128,7 +128,8 @@ def queue_depths(settings: Settings) -> tuple[dict[str, int], str | None]:
     return depths, None
 
 
-def recent_results(settings: Settings, limit: int = 20, study_uid: str | None = None) -> dict[str, list[dict[str, Any]]]:
+def recent_results(settings: Settings, limit: int = 20,
+                   study_uid: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """The ``limit`` most recent study results and image rows (newest first), optionally of one study.
 
     An image row is an instance in any state with its latest prediction (if any) and that
