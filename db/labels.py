@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import LabelImportError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import GroundTruthLabel, Instance, LabelChange, Study
 from db.session import session_scope
@@ -55,7 +56,7 @@ class LineProblem:
     """Something wrong on one line of a labels file; errors skip the row, warnings do not."""
 
     line: int
-    reason: str
+    reason: Reason
     message: str
     severity: Severity = "error"
 
@@ -135,12 +136,13 @@ def decode_lines(data: bytes) -> tuple[list[tuple[int, str]], list[LineProblem]]
             try:
                 text = raw.decode("cp1252")
             except UnicodeDecodeError:
-                problems.append(LineProblem(number, "undecodable", "bytes are neither UTF-8 nor Windows-1252/Latin-1"))
+                problems.append(LineProblem(number, Reason.UNDECODABLE,
+                                            "bytes are neither UTF-8 nor Windows-1252/Latin-1"))
                 continue
-            problems.append(LineProblem(number, "not_utf8", "not valid UTF-8; decoded as Windows-1252/Latin-1",
+            problems.append(LineProblem(number, Reason.NOT_UTF8, "not valid UTF-8; decoded as Windows-1252/Latin-1",
                                         severity="warning"))
         if _CONTROL.search(text):
-            problems.append(LineProblem(number, "undecodable", "contains control bytes (not a text CSV line)"))
+            problems.append(LineProblem(number, Reason.UNDECODABLE, "contains control bytes (not a text CSV line)"))
             continue
         lines.append((number, text))
     return lines, problems
@@ -161,7 +163,7 @@ def _parse_header(number: int, text: str) -> tuple[str, list[str | None], list[L
     for original, name in zip(names, normalized, strict=False):
         target = KEY_COLUMNS.get(name) or VALUE_COLUMNS.get(name)
         if target is None:
-            problems.append(LineProblem(number, "ignored_column", f"column {original!r} is not used",
+            problems.append(LineProblem(number, Reason.IGNORED_COLUMN, f"column {original!r} is not used",
                                         severity="warning"))
         elif target in columns:
             raise LabelImportError(f"line {number}: wrong header: column {original!r} appears twice")
@@ -190,31 +192,32 @@ def _parse_date(value: str) -> str | None:
 
 def _parse_row(number: int, fields: list[str], columns: list[str | None]) -> LabelRow | LineProblem:
     if len(fields) != len(columns):
-        return LineProblem(number, "bad_row", f"expected {len(columns)} fields, found {len(fields)}")
+        return LineProblem(number, Reason.BAD_ROW, f"expected {len(columns)} fields, found {len(fields)}")
     values = {name: value.strip() for name, value in zip(columns, fields, strict=False) if name is not None}
     keys = [(k, values[k]) for k in KEY_COLUMNS.values() if values.get(k)]
     if not keys:
-        return LineProblem(number, "missing_key", "no key: give a StudyInstanceUID, SOPInstanceUID or AccessionNumber")
+        return LineProblem(number, Reason.MISSING_KEY,
+                           "no key: give a StudyInstanceUID, SOPInstanceUID or AccessionNumber")
     if len(keys) > 1:
         named = ", ".join(KEY_KEYWORDS[k] for k, _ in keys)
-        return LineProblem(number, "several_keys", f"several keys given ({named}): give exactly one per row")
+        return LineProblem(number, Reason.SEVERAL_KEYS, f"several keys given ({named}): give exactly one per row")
     key_type, key_value = keys[0]
     if len(key_value) > _MAX_KEY:
-        return LineProblem(number, "bad_key", f"{KEY_KEYWORDS[key_type]} longer than {_MAX_KEY} characters")
+        return LineProblem(number, Reason.BAD_KEY, f"{KEY_KEYWORDS[key_type]} longer than {_MAX_KEY} characters")
     if key_type != "accession_number" and not _UID.match(key_value):
-        return LineProblem(number, "bad_key",
+        return LineProblem(number, Reason.BAD_KEY,
                            f"{KEY_KEYWORDS[key_type]} {key_value!r} is not a DICOM UID (digits and dots)")
     label = values["label"].lower()
     if label not in CLASS_NAMES:
-        return LineProblem(number, "unknown_label",
+        return LineProblem(number, Reason.UNKNOWN_LABEL,
                            f"unknown label {values['label']!r} (expected one of {', '.join(CLASS_NAMES)})")
     source = values["source"].lower()
     if not source or len(source) > _MAX_SOURCE:
-        return LineProblem(number, "bad_source",
+        return LineProblem(number, Reason.BAD_SOURCE,
                            f"source must be 1 to {_MAX_SOURCE} characters (e.g. rt-pcr, radiologist)")
     label_date = _parse_date(values["date"])
     if label_date is None:
-        return LineProblem(number, "bad_date", f"date {values['date']!r} is not YYYY-MM-DD or YYYYMMDD")
+        return LineProblem(number, Reason.BAD_DATE, f"date {values['date']!r} is not YYYY-MM-DD or YYYYMMDD")
     return LabelRow(number, key_type, key_value, label, source, label_date)
 
 
@@ -234,13 +237,13 @@ def _drop_duplicates(rows: list[LabelRow]) -> tuple[list[LabelRow], list[LinePro
         if len({(r.label, r.label_date) for r in group}) == 1:
             kept.append(group[0])
             problems.extend(
-                LineProblem(r.line, "duplicate_key",
+                LineProblem(r.line, Reason.DUPLICATE_KEY,
                             f"{what} repeats line {group[0].line} with the same label; ignored", severity="warning")
                 for r in group[1:]
             )
         else:
             problems.extend(
-                LineProblem(r.line, "duplicate_key",
+                LineProblem(r.line, Reason.DUPLICATE_KEY,
                             f"{what} appears on lines {lines} with different labels; none loaded")
                 for r in group
             )
@@ -269,7 +272,7 @@ def _records(lines: list[tuple[int, str]], delimiter: str) -> Iterator[tuple[int
             return
         except csv.Error as exc:
             number = consumed[first]  # the reader took at least this line before it failed
-            yield number, LineProblem(number, "bad_row", f"not a CSV record: {exc}")
+            yield number, LineProblem(number, Reason.BAD_ROW, f"not a CSV record: {exc}")
             continue
         yield consumed[first], fields
 
@@ -295,7 +298,7 @@ def parse_labels(data: bytes) -> tuple[list[LabelRow], list[LineProblem], int]:
     header_number, header_text = lines[0]
     delimiter, columns, header_problems = _parse_header(header_number, header_text)
     problems.extend(header_problems)
-    data_lines = len({p.line for p in problems if p.reason == "undecodable" and p.line > header_number})
+    data_lines = len({p.line for p in problems if p.reason is Reason.UNDECODABLE and p.line > header_number})
     rows: list[LabelRow] = []
     for number, fields in _records(lines[1:], delimiter):
         if isinstance(fields, LineProblem):
@@ -359,7 +362,7 @@ def store_labels(session: Session, rows: list[LabelRow], result: LabelImportResu
         else:
             noun = "instance" if row.key_type == "sop_instance_uid" else "study"
             result.problems.append(LineProblem(
-                row.line, "unknown_key",
+                row.line, Reason.UNKNOWN_KEY,
                 f"unknown {KEY_KEYWORDS[row.key_type]} {row.key_value}: no received {noun} has it"))
     existing = _existing_labels(session, usable)
     for row in usable:

@@ -83,7 +83,7 @@ class Instance(Base):
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True, default=InstanceState.received.value)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=InstanceState.received)
     reason: Mapped[str | None] = mapped_column(String(64), index=True, doc="stable reason code when rejected/failed")
     message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from covid_cxr.errors import DatabaseError
+from covid_cxr.reasons import Reason
 from db.models import Base
 
 
@@ -50,4 +51,4 @@ def _insert(session: Session, table: type[Base],
     if dialect == "sqlite":
         return sqlite.insert(table).values(list(rows))
     raise DatabaseError(f"no upsert for database dialect {dialect!r}: use SQLite or PostgreSQL",
-                        reason="unsupported_dialect")
+                        reason=Reason.UNSUPPORTED_DIALECT)

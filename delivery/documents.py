@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from covid_cxr import __version__
 from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import (
     Delivery,
@@ -46,7 +47,6 @@ from db.models import (
 from db.session import session_scope
 from delivery.content import Finding, Provenance
 from delivery.outbox import study_result_reported
-from delivery.reasons import DeliveryReason
 from delivery.sr import (
     IMAGE_SERIES_NUMBER,
     STUDY_SERIES_NUMBER,
@@ -169,7 +169,7 @@ class DocumentMaker:
                     self.settings.delivery_retry_seconds * 2 ** (failures - 1))
         self._waiting[key] = (self._clock() + delay, failures)
         log.warning("no report for %s yet (%s: %s); trying again in %.0f s", key,
-                    DeliveryReason.SOURCE_UNAVAILABLE.value, message, delay)
+                    Reason.SOURCE_UNAVAILABLE, message, delay)
 
     def _make(self, result: PendingResult, now: datetime) -> str | None:
         """Make the next version of ``result``'s document, or mark the latest one current; returns what was made."""
@@ -228,7 +228,7 @@ class DocumentMaker:
 class SourceUnavailable(CovidCxrError):
     """An evaluated image's archived file cannot be read, so the report cannot copy its patient and study."""
 
-    default_reason = DeliveryReason.SOURCE_UNAVAILABLE.value
+    default_reason = Reason.SOURCE_UNAVAILABLE
 
 
 # --- queries ---------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from covid_cxr.errors import ConfigurationError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import DeliveryState
 from delivery.documents import DocumentMaker
 from delivery.outbox import DueDelivery, claim_due, document_bytes, record_delivered, record_failed
-from delivery.reasons import DeliveryReason
 from delivery.senders import Outcome, send
 from delivery.sr import from_bytes
 
@@ -73,7 +73,7 @@ class OutboxRunner:
             destination = destinations.get(name)
             if destination is None:
                 for due in dues:
-                    record_failed(self.settings, due, DeliveryReason.UNKNOWN_DESTINATION.value,
+                    record_failed(self.settings, due, Reason.UNKNOWN_DESTINATION,
                                   f"destination {name!r} is not in COVID_CXR_DICOM_DESTINATIONS", now, final=True)
                 report.dead += len(dues)
                 continue
@@ -90,7 +90,7 @@ class OutboxRunner:
             report.delivered += 1
             log.info("delivered document %d to %s", due.document_id, where)
             return
-        reason = (outcome.reason or DeliveryReason.STORE_FAILED).value
+        reason = (outcome.reason or Reason.STORE_FAILED).value
         state = record_failed(self.settings, due, reason, outcome.message or reason, now)
         report.failed[reason] = report.failed.get(reason, 0) + 1
         if state is DeliveryState.dead:

@@ -1,7 +1,7 @@
 """Senders: put documents at a destination, a DICOM storage SCP (C-STORE) or a folder, and say how each went.
 
 A sender never raises for a failed delivery; it returns one :class:`Outcome` per document, with
-a reason code from :class:`~delivery.reasons.DeliveryReason`, which the outbox stores and counts.
+a reason code from :class:`~covid_cxr.reasons.Reason` (kind ``delivery``), which the outbox stores and counts.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pydicom.uid import ComprehensiveSRStorage, EnhancedSRStorage, ExplicitVRLit
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Destination, Settings
-from delivery.reasons import DeliveryReason
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,11 @@ class Outcome:
     """How one document went: delivered, or the reason code and message of the failure."""
 
     delivered: bool
-    reason: DeliveryReason | None = None
+    reason: Reason | None = None
     message: str | None = None
 
     @classmethod
-    def failed(cls, reason: DeliveryReason, message: str) -> Outcome:
+    def failed(cls, reason: Reason, message: str) -> Outcome:
         return cls(False, reason, message)
 
 
@@ -65,7 +65,7 @@ def write_to_folder(destination: Destination, document: Dataset) -> Outcome:
         os.replace(partial, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        return Outcome.failed(DeliveryReason.WRITE_FAILED, f"{target}: {exc}")
+        return Outcome.failed(Reason.WRITE_FAILED, f"{target}: {exc}")
     return Outcome(True)
 
 
@@ -84,11 +84,11 @@ def store_over_network(settings: Settings, destination: Destination,
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             primitive = assoc.acceptor.primitive
             failure = Outcome.failed(
-                DeliveryReason.ASSOCIATION_REJECTED,
+                Reason.ASSOCIATION_REJECTED,
                 f"{where} rejected the association (result 0x{primitive.result:02X}, source "
                 f"0x{primitive.result_source:02X}, diagnostic 0x{primitive.diagnostic:02X})")
         else:
-            failure = Outcome.failed(DeliveryReason.DESTINATION_UNREACHABLE,
+            failure = Outcome.failed(Reason.DESTINATION_UNREACHABLE,
                                      f"no association with {where} (connection refused, timed out or aborted)")
         return {key: failure for key, _ in documents}
     try:
@@ -102,16 +102,16 @@ def _store(assoc: Association, where: str, document: Dataset) -> Outcome:
     try:
         status = assoc.send_c_store(document)
     except ValueError as exc:  # no accepted presentation context for this SOP class and transfer syntax
-        return Outcome.failed(DeliveryReason.SR_NOT_ACCEPTED, f"{where}: {exc}")
+        return Outcome.failed(Reason.SR_NOT_ACCEPTED, f"{where}: {exc}")
     except RuntimeError as exc:  # the association ended under us
-        return Outcome.failed(DeliveryReason.NO_RESPONSE, f"{where}: {exc}")
+        return Outcome.failed(Reason.NO_RESPONSE, f"{where}: {exc}")
     if not status or "Status" not in status:
-        return Outcome.failed(DeliveryReason.NO_RESPONSE,
+        return Outcome.failed(Reason.NO_RESPONSE,
                               f"{where} sent no C-STORE response (association aborted or timed out)")
     code = int(status.Status)
     if code not in STORED_STATUSES:
         comment = f" ({status.ErrorComment})" if "ErrorComment" in status else ""
-        return Outcome.failed(DeliveryReason.STORE_FAILED, f"{where} answered C-STORE with 0x{code:04X}{comment}")
+        return Outcome.failed(Reason.STORE_FAILED, f"{where} answered C-STORE with 0x{code:04X}{comment}")
     if code != 0x0000:
         log.warning("%s stored %s with warning status 0x%04X", where, document.SOPInstanceUID, code)
     return Outcome(True)

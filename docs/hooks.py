@@ -19,8 +19,10 @@ from mkdocs.structure.pages import Page
 #: Where each generated part comes from, as ``module:attribute``.
 SETTINGS_SOURCE = "covid_cxr.settings:Settings"
 ENV_PREFIX_SOURCE = "covid_cxr.settings:ENV_PREFIX"
-#: The reason-code catalogue: an enum whose members have a ``description``.
-REASONS_SOURCE = "ingest.reasons:RejectReason"
+#: The reason-code catalogue: an enum whose members have a ``kind`` and a ``description``.
+REASONS_SOURCE = "covid_cxr.reasons:Reason"
+#: The kind of code the reason table lists: why ingest refused a file.
+REASON_TABLE_KIND = "rejection"
 VERSION_SOURCE = "covid_cxr:__version__"
 
 #: ``<!-- generated: NAME -->`` in a page is replaced by the output of ``GENERATORS[NAME]``.
@@ -80,10 +82,15 @@ def reason_source() -> str:
     return f"`{REASONS_SOURCE.replace(':', '.')}`"
 
 
+def table_reasons() -> list[Any]:
+    """The catalogue's codes the reason table lists, in the catalogue's order."""
+    return [reason for reason in load(REASONS_SOURCE) if reason.kind == REASON_TABLE_KIND]
+
+
 def reason_table() -> str:
-    """One row per reason code of the catalogue, in its order: the code and its description."""
+    """One row per rejection code of the catalogue: the code and its description."""
     rows = ["| code | meaning |", "|---|---|"]
-    rows += [f"| `{reason.value}` | {cell(reason.description)} |" for reason in load(REASONS_SOURCE)]
+    rows += [f"| `{reason.value}` | {cell(reason.description)} |" for reason in table_reasons()]
     return "\n".join(rows)
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from covid_cxr.commandline import EXIT_USAGE, Subparsers, settings_from_args
-from covid_cxr.safe_output import printable
+from covid_cxr.commandline import Subparsers, settings_from_args
+from covid_cxr.errors import UsageError
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -35,8 +34,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     path: Path = args.file
     if not path.is_file():
-        print(f"covid-cxr inspect: error: {printable(str(path))}: no such file", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"{path}: no such file")
     settings = settings_from_args(args)
     key = "configured" if settings.pseudonym_key is not None else "key file"
     if settings.pseudonym_key is None and not settings.pseudonym_key_file.exists():
@@ -46,8 +44,7 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         report = inspect_file(path, policy, png=args.png)
     except OSError as exc:
-        print(f"covid-cxr inspect: error: {printable(str(path))}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"{path}: {exc.strerror or exc}") from exc
     report["pseudonym_key"] = key
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

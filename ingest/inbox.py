@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 
 Action = Literal["archive", "keep", "delete", "quarantine"]
@@ -36,7 +37,7 @@ class InboxEntryError(Exception):
     It is listed as stuck (``status``) and tried again later, with a growing delay.
     """
 
-    def __init__(self, cause: str, message: str) -> None:
+    def __init__(self, cause: Reason, message: str) -> None:
         super().__init__(message)
         self.cause = cause
         self.message = message
@@ -69,11 +70,11 @@ def _describe_mode(mode: int) -> str:
 def entry_error(exc: OSError) -> InboxEntryError | None:
     """The stable cause of an ``OSError`` met while opening an inbox entry, if it is the entry's own."""
     if exc.errno == errno.ELOOP:
-        return InboxEntryError("not_a_regular_file", "a symbolic link: links are never followed")
+        return InboxEntryError(Reason.NOT_A_REGULAR_FILE, "a symbolic link: links are never followed")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return InboxEntryError("unreadable", "permission denied: the service's user cannot read it")
+        return InboxEntryError(Reason.UNREADABLE, "permission denied: the service's user cannot read it")
     if exc.errno == errno.ENAMETOOLONG:
-        return InboxEntryError("name_too_long", "its path is longer than the file system allows")
+        return InboxEntryError(Reason.NAME_TOO_LONG, "its path is longer than the file system allows")
     return None
 
 
@@ -92,7 +93,7 @@ def read_inbox_file(path: Path) -> InboxFile:
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):  # decided before opening: opening a device or a pipe can act
-            raise InboxEntryError("not_a_regular_file", f"a {_describe_mode(info.st_mode)}, not a regular file; "
+            raise InboxEntryError(Reason.NOT_A_REGULAR_FILE, f"a {_describe_mode(info.st_mode)}, not a regular file; "
                                                         "left where it is, its target untouched")
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

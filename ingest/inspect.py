@@ -8,11 +8,9 @@ from typing import Any
 import cv2
 
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.reasons import Reason
 from ingest.metadata import sop_class_name
 from ingest.reader import ReaderPolicy, ReadResult, read_radiograph
-from ingest.reasons import RejectReason
-
-_KNOWN_REASONS = frozenset(reason.value for reason in RejectReason)
 
 
 def inspect_file(path: Path, policy: ReaderPolicy, *, png: Path | None = None) -> dict[str, Any]:
@@ -35,10 +33,10 @@ def format_report(report: dict[str, Any]) -> str:
     if report["accepted"]:
         lines.append(("decision", "ACCEPTED"))
     else:
-        reason = report["reason"]
-        lines.append(("decision", f"REJECTED {reason}: {report['message']}"))
-        if reason in _KNOWN_REASONS:
-            lines.append(("", RejectReason(reason).description))
+        reason = Reason.lookup(report["reason"])
+        lines.append(("decision", f"REJECTED {report['reason']}: {report['message']}"))
+        if reason is not None:
+            lines.append(("", reason.description))
     if meta:
         sop_class = meta.get("sop_class_uid")
         lines += [
@@ -77,11 +75,11 @@ def _write_png(result: ReadResult, png: Path) -> Path | None:
         return None
     ok, encoded = cv2.imencode(".png", result.image)
     if not ok:
-        raise CovidCxrError(f"cannot encode the image as PNG for {png}", reason="png_not_written")
+        raise CovidCxrError(f"cannot encode the image as PNG for {png}", reason=Reason.PNG_NOT_WRITTEN)
     try:
         png.write_bytes(encoded.tobytes())
     except OSError as exc:
-        raise CovidCxrError(f"cannot write {png}: {exc.strerror or exc}", reason="png_not_written") from exc
+        raise CovidCxrError(f"cannot write {png}: {exc.strerror or exc}", reason=Reason.PNG_NOT_WRITTEN) from exc
     return png
 
 

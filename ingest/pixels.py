@@ -23,8 +23,8 @@ from pydicom.uid import UID
 
 from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
+from covid_cxr.reasons import Reason
 from ingest.metadata import transfer_syntax_of
-from ingest.reasons import RejectReason
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
 PREPROCESSING_VERSION = "cxr-norm-3"
@@ -71,13 +71,13 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
         raise InputRejected(
             f"PhotometricInterpretation {shown} with SamplesPerPixel {samples}: only single-sample "
             "MONOCHROME1/MONOCHROME2 radiographs are accepted",
-            reason=RejectReason.UNSUPPORTED_PHOTOMETRIC,
+            reason=Reason.UNSUPPORTED_PHOTOMETRIC,
         )
     syntax = transfer_syntax_of(ds)
     if syntax is None:
         raise InputRejected(
             "no Transfer Syntax UID (file without file meta) and the encoding cannot be inferred",
-            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX,
         )
     uid = UID(syntax)
     try:
@@ -85,13 +85,13 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
     except NotImplementedError:
         raise InputRejected(
             f"no pixel data decoder exists for transfer syntax {uid.name} ({uid})",
-            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX,
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)  # "<plugin> - requires <packages>" each
         raise InputRejected(
             f"the decoder for {uid.name} ({uid}) is not installed ({missing})",
-            reason=RejectReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX,
         )
     if not uid.is_compressed and "PixelData" in ds:
         try:
@@ -99,12 +99,12 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
             actual = len(ds.PixelData)
         except Exception as exc:  # missing Rows/BitsAllocated etc.: the decoder reports it properly
             raise InputRejected(
-                f"the Image Pixel module is incomplete or invalid: {exc}", reason=RejectReason.DECODE_FAILED
+                f"the Image Pixel module is incomplete or invalid: {exc}", reason=Reason.DECODE_FAILED
             ) from exc
         if actual < expected:
             raise InputRejected(
                 f"pixel data has {actual} bytes, the header needs {expected}",
-                reason=RejectReason.TRUNCATED,
+                reason=Reason.TRUNCATED,
             )
     return uid
 
@@ -125,12 +125,12 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     except Exception as exc:  # the plugins raise anything from ValueError to RuntimeError
         raise InputRejected(
             f"{uid.name} pixel data could not be decoded: {type(exc).__name__}: {exc}",
-            reason=RejectReason.DECODE_FAILED,
+            reason=Reason.DECODE_FAILED,
         ) from exc
     if arr.ndim != 2:
         raise InputRejected(
             f"decoded pixel data has shape {arr.shape}, expected one 2-D frame",
-            reason=RejectReason.DECODE_FAILED,
+            reason=Reason.DECODE_FAILED,
         )
     return arr
 
@@ -152,12 +152,12 @@ def _check_end_of_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> None:
     except Exception as exc:  # malformed items: the file lost bytes or was damaged
         raise InputRejected(
             f"the encapsulated {uid.name} pixel data is incomplete: {type(exc).__name__}: {exc}",
-            reason=RejectReason.TRUNCATED,
+            reason=Reason.TRUNCATED,
         ) from exc
     if _END_OF_IMAGE not in codestream[-16:]:
         raise InputRejected(
             f"the {uid.name} codestream of frame {frame} has no end marker (FFD9): it was cut",
-            reason=RejectReason.TRUNCATED,
+            reason=Reason.TRUNCATED,
         )
 
 
@@ -196,7 +196,7 @@ def apply_modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray,
     except Exception as exc:
         raise InputRejected(
             f"the modality LUT / rescale could not be applied: {type(exc).__name__}: {exc}",
-            reason=RejectReason.DECODE_FAILED,
+            reason=Reason.DECODE_FAILED,
         ) from exc
     return values, (step,)
 
@@ -446,11 +446,11 @@ def load_image_file(path: Path) -> np.ndarray:
     try:
         encoded = np.fromfile(Path(path), dtype=np.uint8)
     except OSError as exc:
-        raise InputRejected(f"cannot read {path}: {exc}", reason=RejectReason.DECODE_FAILED) from exc
+        raise InputRejected(f"cannot read {path}: {exc}", reason=Reason.DECODE_FAILED) from exc
     flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imdecode(encoded, flags) if encoded.size else None
     if image is None or image.ndim != 2 or image.size == 0:
-        raise InputRejected(f"{path} is not a decodable PNG/JPEG image", reason=RejectReason.DECODE_FAILED)
+        raise InputRejected(f"{path} is not a decodable PNG/JPEG image", reason=Reason.DECODE_FAILED)
     return to_uint8(image)
 
 

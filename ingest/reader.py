@@ -18,9 +18,9 @@ from pydicom.errors import BytesLengthException
 
 from covid_cxr.constants import FRONTAL_VIEWS, IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
+from covid_cxr.reasons import Reason
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
-from ingest.reasons import RejectReason
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class RejectedResult:
     accepted: ClassVar[Literal[False]] = False
 
     @property
-    def reason(self) -> str:
+    def reason(self) -> Reason:
         """The rejection's reason code."""
         return self.rejection.reason
 
@@ -166,7 +166,7 @@ def read_radiograph(source: Path | bytes, policy: ReaderPolicy, *, sha256: str |
     """Read a DICOM file (path or bytes) into an :class:`AcceptedResult` or a :class:`RejectedResult`.
 
     Never raises for any input bytes: every problem becomes a rejection with a
-    :class:`~ingest.reasons.RejectReason` code. Only reading a path can raise ``OSError``
+    :class:`~covid_cxr.reasons.Reason` of kind rejection. Only reading a path can raise ``OSError``
     (missing file, permissions): that is a problem of the file system, not of the input,
     and the caller may retry. ``sha256``: the hex digest of the bytes, when the caller has
     already computed it (the ingest service has, to recognise files it recorded before).
@@ -179,7 +179,7 @@ def read_radiograph(source: Path | bytes, policy: ReaderPolicy, *, sha256: str |
         result = _read(data, sha256, policy)
     except Exception as exc:  # a bug in covid-cxr; the file still gets a typed answer
         logger.error("internal error reading sha256=%s", sha256, exc_info=True)
-        rejection = InputRejected(f"internal error: {type(exc).__name__}", reason=RejectReason.INTERNAL_ERROR)
+        rejection = InputRejected(f"internal error: {type(exc).__name__}", reason=Reason.INTERNAL_ERROR)
         result = RejectedResult(sha256, None, rejection)
     _log(result)
     return result
@@ -196,7 +196,7 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
         frame, flags = check_acceptance(ds, metadata, policy)
         image, steps = normalize_pixels(ds, metadata, frame)
     except InputRejected as rejection:
-        if metadata is None and rejection.reason == RejectReason.TRUNCATED:
+        if metadata is None and rejection.reason == Reason.TRUNCATED:
             metadata = _salvage_metadata(data, policy)
         return RejectedResult(sha256, metadata, rejection, flags)
     if "voi_fallback_percentile" in steps:
@@ -211,34 +211,34 @@ def parse_dataset(data: bytes) -> tuple[pydicom.Dataset, str | None]:
     ends inside the header, or inside an undefined-length element).
     """
     if not data:
-        raise InputRejected("the file is empty (0 bytes)", reason=RejectReason.NOT_DICOM)
+        raise InputRejected("the file is empty (0 bytes)", reason=Reason.NOT_DICOM)
     part10 = len(data) >= 132 and data[128:132] == b"DICM"
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not part10)
     except _END_OF_DATA as exc:
         if part10:
             raise InputRejected(f"the file ends inside its header ({type(exc).__name__}: {exc})",
-                                reason=RejectReason.TRUNCATED) from exc
-        raise InputRejected("no DICM prefix and not parseable as DICOM", reason=RejectReason.NOT_DICOM) from exc
+                                reason=Reason.TRUNCATED) from exc
+        raise InputRejected("no DICM prefix and not parseable as DICOM", reason=Reason.NOT_DICOM) from exc
     except Exception as exc:  # unknown VR, bad characters...: a corrupt header, not a cut one
         prefix = "has the DICM prefix but its header" if part10 else "no DICM prefix, and the bytes"
         raise InputRejected(f"{prefix} cannot be parsed as DICOM ({type(exc).__name__})",
-                            reason=RejectReason.NOT_DICOM) from exc
+                            reason=Reason.NOT_DICOM) from exc
     cut = _cut_element(ds, len(data))  # first: reading a value converts its element and hides its raw length
     if not part10 and not _looks_like_dicom(ds):
-        raise InputRejected("no DICM prefix and no plausible DICOM elements", reason=RejectReason.NOT_DICOM)
+        raise InputRejected("no DICM prefix and no plausible DICOM elements", reason=Reason.NOT_DICOM)
     if len(ds) == 0:
         # pydicom drops the whole dataset when the file ends inside an undefined-length
         # element (encapsulated pixel data or a sequence without its delimiter).
         raise InputRejected("the file ends before the dataset does (no delimiter for an undefined-length element)",
-                            reason=RejectReason.TRUNCATED)
+                            reason=Reason.TRUNCATED)
     return ds, cut
 
 
 def check_complete(cut: str | None) -> None:
     """Rejects a file that ends inside element ``cut`` (from :func:`parse_dataset`)."""
     if cut is not None:
-        raise InputRejected(f"the file ends inside element {cut}", reason=RejectReason.TRUNCATED)
+        raise InputRejected(f"the file ends inside element {cut}", reason=Reason.TRUNCATED)
 
 
 def check_acceptance(ds: pydicom.Dataset, metadata: InstanceMetadata,
@@ -258,9 +258,9 @@ def check_is_image(ds: pydicom.Dataset, metadata: InstanceMetadata) -> None:
     """Rejects a non-image SOP class, and an image object without Pixel Data."""
     sop_name = sop_class_name(metadata.sop_class_uid)
     if sop_name is not None and "Image Storage" not in sop_name:
-        raise InputRejected(f"SOP class {sop_name} is not an image", reason=RejectReason.NOT_AN_IMAGE)
+        raise InputRejected(f"SOP class {sop_name} is not an image", reason=Reason.NOT_AN_IMAGE)
     if "PixelData" not in ds:
-        raise InputRejected(f"{sop_name or 'the object'} has no Pixel Data element", reason=RejectReason.NO_PIXEL_DATA)
+        raise InputRejected(f"{sop_name or 'the object'} has no Pixel Data element", reason=Reason.NO_PIXEL_DATA)
 
 
 def check_modality(metadata: InstanceMetadata, policy: ReaderPolicy) -> None:
@@ -269,7 +269,7 @@ def check_modality(metadata: InstanceMetadata, policy: ReaderPolicy) -> None:
     if modality not in policy.allowed_modalities:
         allowed = ", ".join(sorted(policy.allowed_modalities))
         raise InputRejected(f"Modality {modality or 'missing'} is not accepted (accepted: {allowed})",
-                            reason=RejectReason.WRONG_MODALITY)
+                            reason=Reason.WRONG_MODALITY)
 
 
 def check_body_part(ds: pydicom.Dataset, metadata: InstanceMetadata) -> tuple[str, ...]:
@@ -277,12 +277,12 @@ def check_body_part(ds: pydicom.Dataset, metadata: InstanceMetadata) -> tuple[st
     body_part = metadata.body_part_examined
     if body_part is not None:
         if not CHEST_WORDS.intersection(_words(body_part)):
-            raise InputRejected(f"BodyPartExamined is {body_part}, not the chest", reason=RejectReason.WRONG_BODY_PART)
+            raise InputRejected(f"BodyPartExamined is {body_part}, not the chest", reason=Reason.WRONG_BODY_PART)
         return ()
     described = _described_region(ds)
     if described is not None:
         raise InputRejected(f"BodyPartExamined is absent and {described[0]} names {described[1]}, not the chest",
-                            reason=RejectReason.WRONG_BODY_PART)
+                            reason=Reason.WRONG_BODY_PART)
     return ("body_part_unknown",)
 
 
@@ -291,7 +291,7 @@ def check_view(metadata: InstanceMetadata) -> tuple[str, ...]:
     view = (metadata.view_position or "").upper()
     if view in LATERAL_VIEWS:
         raise InputRejected(f"ViewPosition {view} is a lateral view; only frontal views are accepted",
-                            reason=RejectReason.LATERAL_VIEW)
+                            reason=Reason.LATERAL_VIEW)
     if not view:
         return ("view_unknown",)
     return () if view in FRONTAL_VIEWS else ("view_not_frontal",)
@@ -303,7 +303,7 @@ def frame_to_read(metadata: InstanceMetadata, policy: ReaderPolicy) -> int | Non
     if frames <= 1:
         return None
     if policy.multi_frame_policy == "reject":
-        raise InputRejected(f"{frames} frames; the multi-frame policy is 'reject'", reason=RejectReason.MULTI_FRAME)
+        raise InputRejected(f"{frames} frames; the multi-frame policy is 'reject'", reason=Reason.MULTI_FRAME)
     return 0
 
 
@@ -313,7 +313,7 @@ def check_pixel_count(metadata: InstanceMetadata, policy: ReaderPolicy) -> None:
     pixels = (metadata.rows or 0) * (metadata.columns or 0) * frames
     if pixels > policy.max_pixels:
         raise InputRejected(f"{metadata.rows} x {metadata.columns} x {frames} frames = {pixels} pixels exceeds "
-                            f"the limit of {policy.max_pixels}", reason=RejectReason.TOO_LARGE)
+                            f"the limit of {policy.max_pixels}", reason=Reason.TOO_LARGE)
 
 
 def normalize_pixels(ds: pydicom.Dataset, metadata: InstanceMetadata,
@@ -326,7 +326,7 @@ def normalize_pixels(ds: pydicom.Dataset, metadata: InstanceMetadata,
     except Exception as exc:  # corrupt header values surface as anything from TypeError to IndexError
         logger.warning("pixel pipeline failed for sop_instance_uid=%s", metadata.sop_instance_uid, exc_info=True)
         raise InputRejected(f"the pixel pipeline failed: {type(exc).__name__}: {exc}",
-                            reason=RejectReason.DECODE_FAILED) from exc
+                            reason=Reason.DECODE_FAILED) from exc
 
 
 def _words(text: str) -> set[str]:

@@ -31,6 +31,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, Study
 from db.session import session_scope
@@ -39,11 +40,6 @@ from ingest.inbox import Disposal, plan_disposal
 if TYPE_CHECKING:
     from ingest.reader import ReadResult
 
-#: Reason code of a file whose SOPInstanceUID was already recorded with different content.
-SOP_INSTANCE_CONFLICT = "sop_instance_conflict"
-#: Reason code of a byte-identical copy of an instance already recorded.
-DUPLICATE_INSTANCE = "duplicate_instance"
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -51,7 +47,7 @@ class Outcome:
 
     instance_id: int
     state: InstanceState
-    reason: str | None
+    reason: Reason | None
     message: str | None
     disposal: Disposal
     duplicate_of_id: int | None = None
@@ -136,13 +132,13 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         else:
             state, reason, message = InstanceState.rejected, rejection.reason, rejection.message
     elif same_content:
-        state, reason = InstanceState.duplicate, DUPLICATE_INSTANCE
+        state, reason = InstanceState.duplicate, Reason.DUPLICATE_INSTANCE
         message = f"identical copy (same SOPInstanceUID and sha256) of instance {primary_id}"
     else:
         conflict = True
         state = InstanceState.rejected
         if rejection is None:
-            reason = SOP_INSTANCE_CONFLICT
+            reason = Reason.SOP_INSTANCE_CONFLICT
             message = (f"SOPInstanceUID {sop_instance_uid} was already recorded (instance {primary_id}) with "
                        "different content; both files are kept, this one in quarantine")
         else:
@@ -151,7 +147,7 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
     disposal = plan_disposal(settings, path, rel_name, accepted=result.accepted and not conflict)
 
     instance = Instance(
-        state=state.value,
+        state=state,
         reason=reason,
         message=message,
         attempts=0,
@@ -248,7 +244,7 @@ def counts_by_state(settings: Settings) -> dict[str, int]:
     """Number of instances in each state (every state present, zero included)."""
     with session_scope(settings) as session:
         rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-    counts = {state.value: 0 for state in InstanceState}
+    counts: dict[str, int] = {state: 0 for state in InstanceState}
     counts.update({state: n for state, n in rows})
     return counts
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState
 from ingest.inbox import (
@@ -216,7 +217,7 @@ class IngestService:
             if known is not None:
                 self._stuck(path, known.cause, known.message)
             else:
-                self._stuck(path, "ingest_error", f"{type(exc).__name__}: {exc}", traceback=True)
+                self._stuck(path, Reason.INGEST_ERROR, f"{type(exc).__name__}: {exc}", traceback=True)
         else:
             self.watcher.release(path)
             self._unstuck(path)
@@ -227,7 +228,7 @@ class IngestService:
         except (OSError, ValueError):
             return str(path)
 
-    def _stuck(self, path: Path, cause: str, message: str, *, traceback: bool = False) -> None:
+    def _stuck(self, path: Path, cause: Reason, message: str, *, traceback: bool = False) -> None:
         """List ``path`` as stuck, log the cause once (traceback at DEBUG) and retry after a growing delay."""
         previous = self._stuck_entries.get(path)
         attempts = 1 if previous is None else previous.attempts + 1
@@ -279,8 +280,8 @@ class IngestService:
             set_stored_path(self.settings, outcome.instance_id, final)
         if outcome.enqueue:
             self.batcher.add(outcome.instance_id)
-        self.counts[outcome.state.value] += 1
-        log.info("%s -> instance %d %s%s", rel_name, outcome.instance_id, outcome.state.value,
+        self.counts[outcome.state] += 1
+        log.info("%s -> instance %d %s%s", rel_name, outcome.instance_id, outcome.state,
                  f" ({outcome.reason})" if outcome.reason else "")
         return outcome
 
@@ -296,7 +297,7 @@ class IngestService:
             here.unlink(missing_ok=True)
             return
         final = move_no_clobber(here, stored)
-        if row.state == InstanceState.rejected.value:
+        if row.state == InstanceState.rejected:
             write_reason(final, {"reason": row.reason, "message": row.message, "instance_id": row.id,
                                  "file_name": row.file_name, "sha256": row.file_sha256,
                                  "sop_instance_uid": row.sop_instance_uid, "duplicate_of_id": row.duplicate_of_id,
@@ -351,7 +352,7 @@ class IngestService:
 @dataclass(frozen=True)
 class _Stuck:
     file_name: str
-    cause: str
+    cause: Reason
     attempts: int
 
 

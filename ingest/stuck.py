@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import StuckFile
 from db.session import session_scope
@@ -22,7 +23,7 @@ from db.upsert import insert_or_update
 INGESTER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def mark_stuck(settings: Settings, file_name: str, cause: str, message: str, attempts: int) -> None:
+def mark_stuck(settings: Settings, file_name: str, cause: Reason, message: str, attempts: int) -> None:
     """Record (or refresh) ``file_name`` as stuck with its ``cause``; the first sighting keeps its time."""
     now = datetime.now(UTC)
     with session_scope(settings) as session:

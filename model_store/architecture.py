@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from covid_cxr.constants import CLASS_NAMES, IMAGE_SIZE
-from covid_cxr.errors import ModelError
+from covid_cxr.errors import UsageError
+from covid_cxr.reasons import Reason
 
 if TYPE_CHECKING:
     import keras
@@ -65,8 +66,8 @@ def resolve_trainable_from(trainable_from: str | None) -> str | None:
         return None
     name = str(trainable_from).lower()
     if name not in BLOCKS:
-        raise ModelError(f"unknown block {trainable_from!r}: choose one of {', '.join(BLOCKS)} or 'none'",
-                         reason="bad_trainable_from")
+        raise UsageError(f"unknown block {trainable_from!r}: choose one of {', '.join(BLOCKS)} or 'none'",
+                         reason=Reason.BAD_TRAINABLE_FROM)
     return name
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import ModelError, ModelIntegrityError
 from covid_cxr.hashing import file_sha256
+from covid_cxr.reasons import Reason
 
 if TYPE_CHECKING:
     import keras
@@ -51,7 +52,8 @@ def save_artifact(model: keras.Model, metadata: dict[str, Any], out_dir: Path) -
     model_path = out_dir / MODEL_FILE
     metadata_path = out_dir / METADATA_FILE
     if model_path.exists() or metadata_path.exists():
-        raise ModelError(f"{out_dir} already holds an artifact; choose another output folder", reason="artifact_exists")
+        raise ModelError(f"{out_dir} already holds an artifact; choose another output folder",
+                         reason=Reason.ARTIFACT_EXISTS)
     created_at = datetime.now(UTC)
     partial = out_dir / (MODEL_FILE + ".partial.keras")
     model.save(partial, include_optimizer=False)
@@ -86,16 +88,16 @@ def read_metadata(directory_or_model: Path) -> dict[str, Any]:
     path = Path(directory_or_model)
     metadata_path = path / METADATA_FILE if path.is_dir() else path.with_name(METADATA_FILE)
     if not metadata_path.is_file():
-        raise ModelError(f"no {METADATA_FILE} found at {metadata_path}", reason="artifact_incomplete")
+        raise ModelError(f"no {METADATA_FILE} found at {metadata_path}", reason=Reason.ARTIFACT_INCOMPLETE)
     try:
         metadata = json.loads(metadata_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{metadata_path} is not valid JSON: {exc}", reason="artifact_incomplete") from exc
+        raise ModelError(f"{metadata_path} is not valid JSON: {exc}", reason=Reason.ARTIFACT_INCOMPLETE) from exc
     if not isinstance(metadata, dict):
-        raise ModelError(f"{metadata_path} is not a JSON object", reason="artifact_incomplete")
+        raise ModelError(f"{metadata_path} is not a JSON object", reason=Reason.ARTIFACT_INCOMPLETE)
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
-        raise ModelError(f"{metadata_path} lacks {', '.join(missing)}", reason="artifact_incomplete")
+        raise ModelError(f"{metadata_path} lacks {', '.join(missing)}", reason=Reason.ARTIFACT_INCOMPLETE)
     return metadata
 
 
@@ -108,12 +110,12 @@ def verify_sha256(path: Path, expected_sha256: str) -> None:
     """Raise :class:`ModelIntegrityError` unless the file's sha256 equals ``expected_sha256``."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file {path} does not exist", reason="artifact_missing")
+        raise ModelError(f"model file {path} does not exist", reason=Reason.ARTIFACT_MISSING)
     actual = file_sha256(path)
     if not hmac.compare_digest(actual, expected_sha256.lower()):
         raise ModelIntegrityError(
             f"{path} has sha256 {actual}, but its record says {expected_sha256}: the file was changed or "
-            "corrupted after it was registered; refusing to load it", reason="sha256_mismatch")
+            "corrupted after it was registered; refusing to load it", reason=Reason.SHA256_MISMATCH)
 
 
 def load_verified_model(path: Path, expected_sha256: str) -> keras.Model:
@@ -148,11 +150,11 @@ def load_model_file(path: Path) -> keras.Model:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises ValueError/TypeError/zip errors; all mean "do not serve this"
         raise ModelIntegrityError(f"{path} cannot be loaded in Keras safe mode: {type(exc).__name__}: {exc}",
-                                  reason="unsafe_or_invalid") from exc
+                                  reason=Reason.UNSAFE_OR_INVALID) from exc
     input_shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
     output_shape = tuple(model.output_shape[1:]) if not isinstance(model.output_shape, list) else None
     if input_shape != INPUT_SHAPE or output_shape != (len(CLASS_NAMES),):
         raise ModelIntegrityError(f"{path} maps {model.input_shape} to {model.output_shape}; expected "
                                   f"(None, {', '.join(map(str, INPUT_SHAPE))}) to (None, {len(CLASS_NAMES)})",
-                                  reason="wrong_io")
+                                  reason=Reason.WRONG_IO)
     return model

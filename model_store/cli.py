@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from covid_cxr import constants
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.constants import CLASS_NAMES
-from covid_cxr.errors import DatasetError
+from covid_cxr.errors import UsageError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def _dataset(args: argparse.Namespace) -> Dataset:
 
     if args.folder is not None:
         if args.where:
-            raise DatasetError("--where filters CSV rows; it cannot be used with --folder", reason="bad_filter")
+            raise UsageError("--where filters CSV rows; it cannot be used with --folder", reason=Reason.BAD_FILTER)
         return from_folder(args.folder, CLASS_NAMES)
     return from_csv(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
                     patient_column=args.patient_column, where=parse_where(args.where))
@@ -167,8 +168,8 @@ def _parse_model_version(text: str, settings: Settings) -> tuple[str, str]:
     """``[NAME]:VERSION`` as (name, version); the name defaults to ``settings.model_name``."""
     name, version = _parse_model(text, settings)
     if version is None:
-        raise DatasetError(f"give NAME:VERSION (got {text!r}); `covid-cxr models list` shows them",
-                           reason="bad_model_reference")
+        raise UsageError(f"give NAME:VERSION (got {text!r}); `covid-cxr models list` shows them",
+                         reason=Reason.BAD_MODEL_REFERENCE)
     return name, version
 
 

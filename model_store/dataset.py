@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covid_cxr.constants import IMAGE_SIZE
-from covid_cxr.errors import CovidCxrError, DatasetError
+from covid_cxr.errors import CovidCxrError, DatasetError, UsageError
 from covid_cxr.hashing import file_sha256
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def from_folder(folder: Path, classes: Sequence[str]) -> Dataset:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"{folder} is not a folder", reason="dataset_not_found")
+        raise DatasetError(f"{folder} is not a folder", reason=Reason.DATASET_NOT_FOUND)
     items: list[Item] = []
     ignored: list[str] = []
     for entry in sorted(folder.iterdir()):
@@ -115,7 +116,7 @@ def parse_where(expressions: Sequence[str]) -> dict[str, frozenset[str]]:
     for expression in expressions:
         column, sep, values = expression.partition("=")
         if not sep or not column.strip() or not values.strip():
-            raise DatasetError(f"bad filter {expression!r}: expected COLUMN=VALUE[,VALUE...]", reason="bad_filter")
+            raise UsageError(f"bad filter {expression!r}: expected COLUMN=VALUE[,VALUE...]", reason=Reason.BAD_FILTER)
         filters[column.strip()] = frozenset(value.strip() for value in values.split(","))
     return filters
 
@@ -137,7 +138,7 @@ def from_csv(
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise DatasetError(f"{csv_path} does not exist", reason="dataset_not_found")
+        raise DatasetError(f"{csv_path} does not exist", reason=Reason.DATASET_NOT_FOUND)
     where = dict(where or {})
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -148,7 +149,7 @@ def from_csv(
     for needed in (path_column, label_column, *where):
         if needed not in columns:
             raise DatasetError(f"{csv_path} has no column {needed!r} (columns: {', '.join(columns) or 'none'})",
-                               reason="bad_csv")
+                               reason=Reason.BAD_CSV)
     has_patients = patient_column in columns
     root = csv_path.parent
     items: list[Item] = []
@@ -173,10 +174,10 @@ def from_csv(
         raise DatasetError(_with_problems(
             f"{csv_path}: {len(unknown)} rows have labels other than {', '.join(classes)} "
             f"({', '.join(f'{k} x{v}' for k, v in labels.items())}); drop them with --where "
-            f"{label_column}={','.join(classes)}", unknown), reason="unknown_labels")
+            f"{label_column}={','.join(classes)}", unknown), reason=Reason.UNKNOWN_LABELS)
     if missing:
         raise DatasetError(_with_problems(f"{csv_path}: {len(missing)} rows name files that do not exist", missing),
-                           reason="missing_files")
+                           reason=Reason.MISSING_FILES)
     source = {"kind": "csv", "path": str(csv_path), "label_column": label_column, "path_column": path_column,
               "patient_column": patient_column if has_patients else None,
               "where": {column: sorted(values) for column, values in where.items()}}
@@ -190,12 +191,12 @@ def check_dataset(dataset: Dataset) -> None:
     where = dataset.source.get("path", "the dataset")
     if not dataset.items:
         raise DatasetError(f"no labelled images found in {where} (expected {'/, '.join(dataset.classes)}/ "
-                           "subfolders of PNG/JPEG/DICOM files, or CSV rows)", reason="empty_dataset")
+                           "subfolders of PNG/JPEG/DICOM files, or CSV rows)", reason=Reason.EMPTY_DATASET)
     counts = dataset.counts()
     absent = [name for name, count in counts.items() if count == 0]
     if absent:
         raise DatasetError(f"{where} has no images of class {', '.join(absent)} "
-                           f"(counts: {counts}); a two-class model needs both", reason="one_class_only")
+                           f"(counts: {counts}); a two-class model needs both", reason=Reason.ONE_CLASS_ONLY)
 
 
 def load_images(dataset: Dataset, settings: Settings | None = None, progress: bool = True) -> np.ndarray:
@@ -230,7 +231,7 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
             problems.append(f"{item.key}: {exc.reason} ({exc.message})")
     if problems:
         raise DatasetError(_with_problems(f"{len(problems)} of {len(dataset.items)} images cannot be used", problems),
-                           reason="unreadable_images")
+                           reason=Reason.UNREADABLE_IMAGES)
     return images
 
 
@@ -273,7 +274,7 @@ def _group_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     if min(patients.values()) < n_splits:
         raise DatasetError(f"too few patients for a stratified split: holding out {fraction:g} needs at least "
                            f"{n_splits} patients per class, there are {patients}; add images or change "
-                           "--test-fraction/--validation-fraction", reason="bad_split")
+                           "--test-fraction/--validation-fraction", reason=Reason.BAD_SPLIT)
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held_out = next(folds.split(np.zeros(len(labels)), labels, groups))
     return rest, held_out
@@ -288,7 +289,7 @@ def split_dataset(dataset: Dataset, test_fraction: float = 0.2, validation_fract
     """
     if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1:
         raise DatasetError(f"fractions must be in (0, 1): test={test_fraction}, validation={validation_fraction}",
-                           reason="bad_split")
+                           reason=Reason.BAD_SPLIT)
     labels, groups = dataset.labels, dataset.groups
     _check_groups_have_one_label(dataset)
     rest, test = _group_fold(labels, groups, test_fraction, seed)
@@ -307,7 +308,7 @@ def split_dataset(dataset: Dataset, test_fraction: float = 0.2, validation_fract
         counts = dataset.counts(indices)
         if min(counts.values()) == 0:
             raise DatasetError(f"too few patients for a stratified split: the {part} part would have {counts}; "
-                               f"add images or change --test-fraction/--validation-fraction", reason="bad_split")
+                               f"add images or change --test-fraction/--validation-fraction", reason=Reason.BAD_SPLIT)
     return split
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from covid_cxr.constants import POSITIVE_CLASS
 from covid_cxr.errors import DatasetError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from model_store import baseline
 from model_store.architecture import to_model_input
@@ -52,7 +53,7 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     from ingest.pixels import PREPROCESSING_VERSION
 
     if part not in PARTS:
-        raise DatasetError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}", reason="bad_split")
+        raise DatasetError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}", reason=Reason.BAD_SPLIT)
     threshold = float(metadata.get("decision_threshold", 0.5) if threshold is None else threshold)
     recorded = (metadata.get("data") or {}).get("split") or {}
     notes: list[str] = []
@@ -60,11 +61,12 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     trained_on = (metadata.get("data") or {}).get("sha256")
     if part != "all":
         if part not in recorded:
-            raise DatasetError(f"the model's metadata records no {part!r} part", reason="bad_split")
+            raise DatasetError(f"the model's metadata records no {part!r} part", reason=Reason.BAD_SPLIT)
         selected = indices_of_patients(dataset, recorded[part]["patient_ids"])
         if not len(selected):
             raise DatasetError(f"none of this dataset's patients are in the model's {part} part: is it the "
-                               "dataset the model was trained on (same CSV, same patient ids)?", reason="bad_split")
+                               "dataset the model was trained on (same CSV, same patient ids)?",
+                               reason=Reason.BAD_SPLIT)
         fit_patients = set(recorded.get("train", {}).get("patient_ids", [])) | set(
             recorded.get("validation", {}).get("patient_ids", []))
         fit_indices = indices_of_patients(dataset, fit_patients)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
 from covid_cxr.hashing import file_sha256
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.migrate import check_schema
 from db.models import ModelVersion
@@ -60,14 +61,14 @@ def import_artifact(settings: Settings, path: Path, activate: bool = False, name
     load_verified_model(model_path, metadata["sha256"])
     artifact = model_path.read_bytes()
     if file_sha256(model_path) != metadata["sha256"]:
-        raise ModelIntegrityError(f"{model_path} changed while it was being imported", reason="sha256_mismatch")
+        raise ModelIntegrityError(f"{model_path} changed while it was being imported", reason=Reason.SHA256_MISMATCH)
     with _session(settings) as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name,
                                                              ModelVersion.version == metadata["version"]))
         if existing is not None:
             if existing.sha256 != metadata["sha256"]:
                 raise ModelError(f"{name} {metadata['version']} is already registered with different bytes "
-                                 f"(sha256 {existing.sha256})", reason="version_conflict")
+                                 f"(sha256 {existing.sha256})", reason=Reason.VERSION_CONFLICT)
             record = existing
         else:
             record = ModelVersion(name=name, version=metadata["version"], sha256=metadata["sha256"],
@@ -103,7 +104,7 @@ def find(settings: Settings, name: str, version: str | None = None) -> ModelVers
         if record is None:
             known = session.scalars(select(ModelVersion.version).where(ModelVersion.name == name)).all()
             raise ModelError(f"no model {name} version {version} is registered"
-                             + (f" (versions: {', '.join(known)})" if known else ""), reason="model_not_found")
+                             + (f" (versions: {', '.join(known)})" if known else ""), reason=Reason.MODEL_NOT_FOUND)
         return record
 
 
@@ -112,7 +113,7 @@ def activate(settings: Settings, name: str, version: str) -> ModelVersion:
     with _session(settings) as session:
         record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
         if record is None:
-            raise ModelError(f"no model {name} version {version} is registered", reason="model_not_found")
+            raise ModelError(f"no model {name} version {version} is registered", reason=Reason.MODEL_NOT_FOUND)
         _activate(session, record)
         return record
 
@@ -151,7 +152,7 @@ def fetch_artifact(settings: Settings, record: ModelVersion) -> Path:
     artifact, metadata = row if row is not None else (None, None)
     if artifact is None:
         raise ModelError(f"model {record.name} {record.version} has no artifact bytes in the database",
-                         reason="artifact_missing")
+                         reason=Reason.ARTIFACT_MISSING)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{MODEL_FILE}.{os.getpid()}.partial"
     partial.write_bytes(artifact)
@@ -178,7 +179,7 @@ def export(settings: Settings, record: ModelVersion, out_dir: Path) -> Path:
     """Write ``record`` as an artifact folder (``model.keras`` + ``metadata.json``) that ``import`` accepts."""
     out_dir = Path(out_dir)
     if (out_dir / MODEL_FILE).exists():
-        raise ModelError(f"{out_dir} already holds a {MODEL_FILE}", reason="artifact_exists")
+        raise ModelError(f"{out_dir} already holds a {MODEL_FILE}", reason=Reason.ARTIFACT_EXISTS)
     cached = fetch_artifact(settings, record)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, out_dir / MODEL_FILE)

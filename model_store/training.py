@@ -19,7 +19,8 @@ import numpy as np
 
 from covid_cxr import constants
 from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
-from covid_cxr.errors import DatasetError
+from covid_cxr.errors import UsageError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from model_store import baseline
 from model_store.architecture import (
@@ -91,7 +92,7 @@ class TrainingConfig:
         if not 0 < self.threshold < 1:
             problems.append(f"threshold must be in (0, 1) (got {self.threshold})")
         if problems:
-            raise DatasetError("bad training options: " + "; ".join(problems), reason="bad_training_options")
+            raise UsageError("bad training options: " + "; ".join(problems), reason=Reason.BAD_TRAINING_OPTIONS)
 
 
 @dataclass(frozen=True)

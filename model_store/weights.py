@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from covid_cxr.errors import ModelError
 from covid_cxr.hashing import file_sha256
+from covid_cxr.reasons import Reason
 
 if TYPE_CHECKING:
     import keras
@@ -56,7 +57,7 @@ def _load_imagenet(base: keras.Model) -> None:
             "could not obtain Keras's ImageNet VGG16 weights (no internet access?): "
             f"{type(exc).__name__}: {exc}. On an air-gapped machine copy {KERAS_NOTOP_FILE} from a machine that "
             "has it (~/.keras/models/) and pass --base-weights PATH, or train with --base-weights none",
-            reason="imagenet_weights_unavailable",
+            reason=Reason.IMAGENET_WEIGHTS_UNAVAILABLE,
         ) from exc
     base.set_weights(reference.get_weights())
 
@@ -66,35 +67,36 @@ def _check_weights_file(path: Path, base: keras.Model) -> None:
     import h5py
 
     if not path.is_file():
-        raise ModelError(f"base weights file {path} does not exist", reason="weights_file_missing")
+        raise ModelError(f"base weights file {path} does not exist", reason=Reason.WEIGHTS_FILE_MISSING)
     if path.suffix.lower() not in {".h5", ".hdf5"}:
         raise ModelError(f"base weights file {path} must be an HDF5 file named *.h5 or *.hdf5 "
-                         f"(the layout of Keras's {KERAS_NOTOP_FILE})", reason="weights_file_invalid")
+                         f"(the layout of Keras's {KERAS_NOTOP_FILE})", reason=Reason.WEIGHTS_FILE_INVALID)
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise ModelError(f"base weights file {path} is not a readable HDF5 file: {exc}",
-                         reason="weights_file_invalid") from exc
+                         reason=Reason.WEIGHTS_FILE_INVALID) from exc
     with handle:
         group: Any = handle
         if "layer_names" not in group.attrs and "model_weights" in group:
             group = group["model_weights"]
         if "layer_names" not in group.attrs:
             raise ModelError(f"{path} is not in the Keras HDF5 weights layout (no 'layer_names' attribute); "
-                             f"expected the layout of {KERAS_NOTOP_FILE}", reason="weights_file_invalid")
+                             f"expected the layout of {KERAS_NOTOP_FILE}", reason=Reason.WEIGHTS_FILE_INVALID)
         stored = {_text(name) for name in group.attrs["layer_names"]}
         for layer in base.layers:
             if not layer.weights:
                 continue
             if layer.name not in stored:
-                raise ModelError(f"{path} has no weights for VGG16 layer {layer.name}", reason="weights_file_invalid")
+                raise ModelError(f"{path} has no weights for VGG16 layer {layer.name}",
+                                 reason=Reason.WEIGHTS_FILE_INVALID)
             layer_group = group[layer.name]
             names = [_text(name) for name in layer_group.attrs.get("weight_names", [])]
             shapes = [tuple(layer_group[name].shape) for name in names]
             expected = [tuple(weight.shape) for weight in layer.weights]
             if shapes != expected:
                 raise ModelError(f"{path}: layer {layer.name} has weight shapes {shapes}, VGG16 needs {expected}",
-                                 reason="weights_file_invalid")
+                                 reason=Reason.WEIGHTS_FILE_INVALID)
 
 
 def _text(value: Any) -> str:

@@ -13,8 +13,8 @@ import ingest.cli
 import model_store.cli
 import worker.cli
 import worker.evaluation_cli
-from covid_cxr.commandline import EXIT_ERROR, Subparsers, common_options
-from covid_cxr.errors import CovidCxrError
+from covid_cxr.commandline import EXIT_ERROR, EXIT_USAGE, Subparsers, common_options
+from covid_cxr.errors import CovidCxrError, UsageError
 from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter, printable
 from service import deliver_command, ingest_command, receive_command, serve_command, worker_command
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CovidCxrError as exc:
         print(f"covid-cxr {args.command}: error: {printable(exc.message)} [{exc.reason}]", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
     except BrokenPipeError:
         # Python would print a traceback while flushing stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

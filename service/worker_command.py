@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
-from covid_cxr.errors import ConfigurationError
+from covid_cxr.errors import UsageError
 from covid_cxr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def run_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in (args.queues or f"{settings.inference_queue},{settings.cpu_queue}").split(",")
               if q.strip()]
     if not queues:
-        raise ConfigurationError("--queues names no queue")
+        raise UsageError("--queues names no queue")
     if args.concurrency < 1:
-        raise ConfigurationError("--concurrency must be at least 1")
+        raise UsageError("--concurrency must be at least 1")
     check_schema(settings)
     # The parent forks the pool: it must hold no database connection (and never TensorFlow).
     dispose_engines()

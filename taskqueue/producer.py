@@ -70,8 +70,8 @@ def enqueue_batch(settings: Settings, instance_ids: list[int]) -> bool:
         session.execute(
             update(Instance)
             .where(Instance.id.in_(ids),
-                   Instance.state.in_([InstanceState.received.value, InstanceState.queued.value]))
-            .values(state=InstanceState.queued.value, queued_at=_utcnow(), batch_id=batch_id)
+                   Instance.state.in_([InstanceState.received, InstanceState.queued]))
+            .values(state=InstanceState.queued, queued_at=_utcnow(), batch_id=batch_id)
         )
     log.debug("batch %s: %d instance(s) sent to queue %s", batch_id, len(ids), settings.inference_queue)
     return True
@@ -102,8 +102,8 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
         ids = session.scalars(
             select(Instance.id)
             .where(or_(
-                (Instance.state == InstanceState.received.value) & (Instance.created_at <= received_before),
-                (Instance.state == InstanceState.queued.value) & (Instance.queued_at <= queued_before),
+                (Instance.state == InstanceState.received) & (Instance.created_at <= received_before),
+                (Instance.state == InstanceState.queued) & (Instance.queued_at <= queued_before),
             ))
             .order_by(Instance.id)
         ).all()

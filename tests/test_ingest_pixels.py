@@ -14,6 +14,7 @@ from pydicom.encaps import encapsulate, generate_frames
 
 from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
+from covid_cxr.reasons import Reason
 from ingest import pixels
 from ingest.pixels import (
     GRAYSCALE_STEPS,
@@ -29,7 +30,6 @@ from ingest.pixels import (
     to_uint8,
     weighted_percentiles,
 )
-from ingest.reasons import RejectReason
 
 CHEST_FILES = (
     "pydicom-data__RG1_J2KI.dcm",
@@ -261,7 +261,7 @@ def test_colour_image_is_unsupported_photometric(dicom_dir: Path) -> None:
     ds.PhotometricInterpretation = "RGB"
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
-    assert caught.value.reason == RejectReason.UNSUPPORTED_PHOTOMETRIC
+    assert caught.value.reason == Reason.UNSUPPORTED_PHOTOMETRIC
 
 
 def test_transfer_syntax_without_any_decoder_is_unsupported(dicom_dir: Path) -> None:
@@ -269,7 +269,7 @@ def test_transfer_syntax_without_any_decoder_is_unsupported(dicom_dir: Path) -> 
     ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
-    assert caught.value.reason == RejectReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert caught.value.reason == Reason.UNSUPPORTED_TRANSFER_SYNTAX
     assert "MPEG2" in caught.value.message
 
 
@@ -281,7 +281,7 @@ def test_missing_decoder_plugin_is_named(dicom_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(pixels, "get_decoder", lambda uid: Uninstalled())
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(pydicom.dcmread(dicom_dir / "pydicom-data__RG1_J2KI.dcm"))
-    assert caught.value.reason == RejectReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert caught.value.reason == Reason.UNSUPPORTED_TRANSFER_SYNTAX
     assert "pylibjpeg-openjpeg" in caught.value.message and "JPEG 2000" in caught.value.message
 
 
@@ -290,7 +290,7 @@ def test_short_native_pixel_data_is_truncated(dicom_dir: Path) -> None:
     ds.PixelData = ds.PixelData[:1000]
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
-    assert caught.value.reason == RejectReason.TRUNCATED
+    assert caught.value.reason == Reason.TRUNCATED
 
 
 def test_codestream_cut_short_inside_intact_dicom_is_truncated(dicom_dir: Path) -> None:
@@ -300,7 +300,7 @@ def test_codestream_cut_short_inside_intact_dicom_is_truncated(dicom_dir: Path) 
     ds.PixelData = encapsulate([frame[: len(frame) // 2]])
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
-    assert caught.value.reason == RejectReason.TRUNCATED
+    assert caught.value.reason == Reason.TRUNCATED
 
 
 @pytest.mark.parametrize("name", ["pylibjpeg-data__RG2_JPLY_fixed.dcm", "pydicom-data__RG1_J2KI.dcm"])
@@ -310,7 +310,7 @@ def test_corrupt_codestream_is_decode_failed(dicom_dir: Path, name: str) -> None
     ds.PixelData = encapsulate([frame[:2] + bytes(range(256)) * 20 + b"\xff\xd9"])
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
-    assert caught.value.reason == RejectReason.DECODE_FAILED
+    assert caught.value.reason == Reason.DECODE_FAILED
     assert "could not be decoded" in caught.value.message
 
 
@@ -395,10 +395,10 @@ def test_load_image_file_rejects_undecodable_files(tmp_path: Path, content: byte
     path.write_bytes(content)
     with pytest.raises(InputRejected) as caught:
         load_image_file(path)
-    assert caught.value.reason == RejectReason.DECODE_FAILED
+    assert caught.value.reason == Reason.DECODE_FAILED
 
 
 def test_load_image_file_rejects_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputRejected) as caught:
         load_image_file(tmp_path / "nowhere.jpg")
-    assert caught.value.reason == RejectReason.DECODE_FAILED
+    assert caught.value.reason == Reason.DECODE_FAILED

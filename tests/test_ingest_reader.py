@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
+from covid_cxr.reasons import Reason, ReasonKind
 from covid_cxr.settings import Settings
 from ingest.metadata import InstanceMetadata, pseudonymize
 from ingest.reader import (
@@ -33,7 +34,6 @@ from ingest.reader import (
     frame_to_read,
     read_radiograph,
 )
-from ingest.reasons import RejectReason
 
 SECRET = b"test-secret"
 POLICY = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "reject", SECRET)
@@ -56,16 +56,16 @@ EXPECTED: dict[str, tuple[str | None, tuple[str, ...]]] = {
     SMALL_CHEST: (None, ()),  # CR chest PA, uncompressed MONOCHROME1
     SIIM: (None, ()),  # secondary capture of a CR chest PA, no window
     "orthanc-tests__Monochrome1-Jpeg.dcm": (None, ("body_part_unknown", "view_unknown")),  # chest, tags empty
-    "pylibjpeg-data__RG2_JPLL.dcm": (RejectReason.WRONG_BODY_PART, ()),  # hip
-    "pylibjpeg-data__RG2_JLSL.dcm": (RejectReason.WRONG_BODY_PART, ()),  # hip
-    "pylibjpeg-data__RG2_JPLY_fixed.dcm": (RejectReason.WRONG_BODY_PART, ()),  # hip
-    "pydicom-data__RG3_J2KR.dcm": (RejectReason.WRONG_BODY_PART, ()),  # lower leg
-    "pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm": (RejectReason.WRONG_BODY_PART, ()),  # hand
+    "pylibjpeg-data__RG2_JPLL.dcm": (Reason.WRONG_BODY_PART, ()),  # hip
+    "pylibjpeg-data__RG2_JLSL.dcm": (Reason.WRONG_BODY_PART, ()),  # hip
+    "pylibjpeg-data__RG2_JPLY_fixed.dcm": (Reason.WRONG_BODY_PART, ()),  # hip
+    "pydicom-data__RG3_J2KR.dcm": (Reason.WRONG_BODY_PART, ()),  # lower leg
+    "pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm": (Reason.WRONG_BODY_PART, ()),  # hand
     # Dental panoramic: no BodyPartExamined, but StudyDescription says TEETH.
-    "fo-dicom__CR-ModalitySequenceLUT.dcm": (RejectReason.WRONG_BODY_PART, ()),
-    "fo-dicom__GH133.dcm": (RejectReason.WRONG_MODALITY, ()),  # mammogram
-    "orthanc-tests__KarstenHilbertRF.dcm": (RejectReason.WRONG_MODALITY, ()),  # shoulder fluoroscopy
-    "dcmfx-pydicom__MR_small_RLE.dcm": (RejectReason.WRONG_MODALITY, ()),  # MR
+    "fo-dicom__CR-ModalitySequenceLUT.dcm": (Reason.WRONG_BODY_PART, ()),
+    "fo-dicom__GH133.dcm": (Reason.WRONG_MODALITY, ()),  # mammogram
+    "orthanc-tests__KarstenHilbertRF.dcm": (Reason.WRONG_MODALITY, ()),  # shoulder fluoroscopy
+    "dcmfx-pydicom__MR_small_RLE.dcm": (Reason.WRONG_MODALITY, ()),  # MR
 }
 
 
@@ -83,7 +83,7 @@ def _assert_well_formed(result: ReadResult, data: bytes) -> None:
         assert result.steps[0] == "decode"
     else:
         assert isinstance(result.rejection, InputRejected) and not hasattr(result, "image")
-        assert result.rejection.reason in {reason.value for reason in RejectReason}
+        assert result.rejection.reason.kind is ReasonKind.REJECTION
         assert result.rejection.message
 
 
@@ -137,20 +137,20 @@ def test_file_without_preamble_and_file_meta_is_read(dicom_dir: Path) -> None:
 @pytest.mark.parametrize(
     "name, reason",
     [
-        ("test-SR.dcm", RejectReason.NOT_AN_IMAGE),
-        ("reportsi.dcm", RejectReason.NOT_AN_IMAGE),
-        ("dicomdirtests/DICOMDIR", RejectReason.NOT_AN_IMAGE),
-        ("rtplan.dcm", RejectReason.NOT_AN_IMAGE),
-        ("waveform_ecg.dcm", RejectReason.NOT_AN_IMAGE),
-        ("ExplVR_LitEndNoMeta.dcm", RejectReason.NOT_AN_IMAGE),  # no preamble, no meta: still read
-        ("MR_truncated.dcm", RejectReason.TRUNCATED),
-        ("rtplan_truncated.dcm", RejectReason.TRUNCATED),
-        ("CT_small.dcm", RejectReason.WRONG_MODALITY),
-        ("SC_rgb_jpeg_dcmtk.dcm", RejectReason.WRONG_MODALITY),
-        ("README.txt", RejectReason.NOT_DICOM),
+        ("test-SR.dcm", Reason.NOT_AN_IMAGE),
+        ("reportsi.dcm", Reason.NOT_AN_IMAGE),
+        ("dicomdirtests/DICOMDIR", Reason.NOT_AN_IMAGE),
+        ("rtplan.dcm", Reason.NOT_AN_IMAGE),
+        ("waveform_ecg.dcm", Reason.NOT_AN_IMAGE),
+        ("ExplVR_LitEndNoMeta.dcm", Reason.NOT_AN_IMAGE),  # no preamble, no meta: still read
+        ("MR_truncated.dcm", Reason.TRUNCATED),
+        ("rtplan_truncated.dcm", Reason.TRUNCATED),
+        ("CT_small.dcm", Reason.WRONG_MODALITY),
+        ("SC_rgb_jpeg_dcmtk.dcm", Reason.WRONG_MODALITY),
+        ("README.txt", Reason.NOT_DICOM),
     ],
 )
-def test_pydicom_test_files_under_the_default_policy(name: str, reason: RejectReason) -> None:
+def test_pydicom_test_files_under_the_default_policy(name: str, reason: Reason) -> None:
     path = PYDICOM_TEST_FILES / name
     if not path.exists():
         pytest.skip(f"{name} is not bundled with this pydicom")
@@ -160,18 +160,18 @@ def test_pydicom_test_files_under_the_default_policy(name: str, reason: RejectRe
 @pytest.mark.parametrize(
     "name, reason",
     [
-        ("SC_rgb_rle.dcm", RejectReason.UNSUPPORTED_PHOTOMETRIC),
-        ("SC_ybr_full_422_uncompressed.dcm", RejectReason.UNSUPPORTED_PHOTOMETRIC),
-        ("examples_palette.dcm", RejectReason.UNSUPPORTED_PHOTOMETRIC),
-        ("examples_ybr_color.dcm", RejectReason.UNSUPPORTED_PHOTOMETRIC),
+        ("SC_rgb_rle.dcm", Reason.UNSUPPORTED_PHOTOMETRIC),
+        ("SC_ybr_full_422_uncompressed.dcm", Reason.UNSUPPORTED_PHOTOMETRIC),
+        ("examples_palette.dcm", Reason.UNSUPPORTED_PHOTOMETRIC),
+        ("examples_ybr_color.dcm", Reason.UNSUPPORTED_PHOTOMETRIC),
         ("MR_small_bigendian.dcm", None),
         ("MR_small_jpeg_ls_lossless.dcm", None),
         ("image_dfl.dcm", None),  # deflated explicit VR little endian
-        ("liver_1frame.dcm", RejectReason.NOT_AN_IMAGE),  # segmentation
-        ("rtdose.dcm", RejectReason.NOT_AN_IMAGE),
+        ("liver_1frame.dcm", Reason.NOT_AN_IMAGE),  # segmentation
+        ("rtdose.dcm", Reason.NOT_AN_IMAGE),
     ],
 )
-def test_pydicom_test_files_reaching_the_pixel_pipeline(name: str, reason: RejectReason | None) -> None:
+def test_pydicom_test_files_reaching_the_pixel_pipeline(name: str, reason: Reason | None) -> None:
     path = PYDICOM_TEST_FILES / name
     if not path.exists():
         pytest.skip(f"{name} is not bundled with this pydicom")
@@ -187,7 +187,7 @@ def test_every_bundled_pydicom_test_file_gets_a_typed_answer() -> None:
         for policy in (POLICY, PERMISSIVE):
             result = read_radiograph(data, policy)
             _assert_well_formed(result, data)
-            assert result.reason != RejectReason.INTERNAL_ERROR, f"{path.name}: {result.rejection}"
+            assert result.reason != Reason.INTERNAL_ERROR, f"{path.name}: {result.rejection}"
 
 
 # --- policy checks on real files ------------------------------------------------------------------
@@ -205,7 +205,7 @@ def _chest(dicom_dir: Path, **changes: object) -> bytes:
 
 @pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "lat"])
 def test_lateral_view_is_rejected(dicom_dir: Path, view: str) -> None:
-    assert read_radiograph(_chest(dicom_dir, ViewPosition=view), POLICY).reason == RejectReason.LATERAL_VIEW
+    assert read_radiograph(_chest(dicom_dir, ViewPosition=view), POLICY).reason == Reason.LATERAL_VIEW
 
 
 def test_unknown_view_is_accepted_and_flagged(dicom_dir: Path) -> None:
@@ -216,8 +216,8 @@ def test_unknown_view_is_accepted_and_flagged(dicom_dir: Path) -> None:
     assert oblique.accepted and "view_not_frontal" in oblique.flags
 
 
-@pytest.mark.parametrize("body_part, reason", [("SKULL", RejectReason.WRONG_BODY_PART), ("PORT CHEST", None),
-                                               ("THORAX", None), ("TSPINE", RejectReason.WRONG_BODY_PART)])
+@pytest.mark.parametrize("body_part, reason", [("SKULL", Reason.WRONG_BODY_PART), ("PORT CHEST", None),
+                                               ("THORAX", None), ("TSPINE", Reason.WRONG_BODY_PART)])
 def test_body_part_examined_decides_when_present(dicom_dir: Path, body_part: str, reason: str | None) -> None:
     assert read_radiograph(_chest(dicom_dir, BodyPartExamined=body_part), POLICY).reason == reason
 
@@ -226,17 +226,17 @@ def test_absent_body_part_is_accepted_unless_a_description_names_another_region(
     plain = read_radiograph(_chest(dicom_dir, BodyPartExamined=None), POLICY)
     assert plain.accepted and "body_part_unknown" in plain.flags
     knee = _chest(dicom_dir, BodyPartExamined=None, SeriesDescription="KNEE AP")
-    assert read_radiograph(knee, POLICY).reason == RejectReason.WRONG_BODY_PART
+    assert read_radiograph(knee, POLICY).reason == Reason.WRONG_BODY_PART
     both = _chest(dicom_dir, BodyPartExamined=None, StudyDescription="CHEST ABDOMEN")
     assert read_radiograph(both, POLICY).accepted
 
 
 def test_allowed_modalities_are_configurable(dicom_dir: Path) -> None:
     ct = _chest(dicom_dir, Modality="CT")
-    assert read_radiograph(ct, POLICY).reason == RejectReason.WRONG_MODALITY
+    assert read_radiograph(ct, POLICY).reason == Reason.WRONG_MODALITY
     with_ct = ReaderPolicy(frozenset({"ct"}), 60_000_000, "reject", SECRET)
     assert read_radiograph(ct, with_ct).accepted
-    assert read_radiograph(_chest(dicom_dir, Modality=None), POLICY).reason == RejectReason.WRONG_MODALITY
+    assert read_radiograph(_chest(dicom_dir, Modality=None), POLICY).reason == Reason.WRONG_MODALITY
 
 
 def _two_frames(dicom_dir: Path) -> bytes:
@@ -248,7 +248,7 @@ def _two_frames(dicom_dir: Path) -> bytes:
 
 def test_multi_frame_is_rejected_by_default_and_first_frame_policy_reads_frame_one(dicom_dir: Path) -> None:
     data = _two_frames(dicom_dir)
-    assert read_radiograph(data, POLICY).reason == RejectReason.MULTI_FRAME
+    assert read_radiograph(data, POLICY).reason == Reason.MULTI_FRAME
     first = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "first_frame", SECRET)
     result = read_radiograph(data, first)
     assert result.accepted and "first_frame_only" in result.flags
@@ -259,11 +259,11 @@ def test_huge_declared_size_is_rejected_before_any_decoding(dicom_dir: Path) -> 
     data = _chest(dicom_dir, Rows=65535, Columns=65535)
     started = time.perf_counter()
     result = read_radiograph(data, POLICY)
-    assert result.reason == RejectReason.TOO_LARGE
+    assert result.reason == Reason.TOO_LARGE
     assert time.perf_counter() - started < 1.0
     assert "4294836225" in result.rejection.message
     small_limit = ReaderPolicy(frozenset({"CR"}), 440 * 440 - 1, "reject", SECRET)
-    assert read_radiograph(dicom_dir / SMALL_CHEST, small_limit).reason == RejectReason.TOO_LARGE
+    assert read_radiograph(dicom_dir / SMALL_CHEST, small_limit).reason == Reason.TOO_LARGE
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -271,20 +271,20 @@ def test_huge_declared_size_is_rejected_before_any_decoding(dicom_dir: Path) -> 
 
 def test_empty_file_is_not_dicom() -> None:
     result = read_radiograph(b"", POLICY)
-    assert result.reason == RejectReason.NOT_DICOM and result.metadata is None
+    assert result.reason == Reason.NOT_DICOM and result.metadata is None
     assert result.sha256 == hashlib.sha256(b"").hexdigest()
 
 
 @pytest.mark.parametrize("seed, size", [(0, 1), (1, 131), (2, 132), (3, 4096), (4, 300_000)])
 def test_random_bytes_are_not_dicom(seed: int, size: int) -> None:
     data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-    assert read_radiograph(data, POLICY).reason == RejectReason.NOT_DICOM
+    assert read_radiograph(data, POLICY).reason == Reason.NOT_DICOM
 
 
 def test_random_bytes_behind_a_dicm_prefix_are_not_accepted() -> None:
     noise = np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     result = read_radiograph(b"\0" * 128 + b"DICM" + noise, POLICY)
-    assert result.reason in {RejectReason.NOT_DICOM, RejectReason.TRUNCATED}
+    assert result.reason in {Reason.NOT_DICOM, Reason.TRUNCATED}
 
 
 @pytest.mark.parametrize("name", [SMALL_CHEST, SIIM, "pydicom-data__RG1_J2KI.dcm"])
@@ -294,7 +294,7 @@ def test_file_cut_inside_its_pixel_data_is_truncated_and_keeps_its_metadata(
 ) -> None:
     data = (dicom_dir / name).read_bytes()
     result = read_radiograph(data[: int(len(data) * fraction)], POLICY)
-    assert result.reason == RejectReason.TRUNCATED
+    assert result.reason == Reason.TRUNCATED
     assert result.metadata is not None and result.metadata.sop_instance_uid, "UIDs are needed for duplicates"
 
 
@@ -302,7 +302,7 @@ def test_file_cut_inside_its_pixel_data_is_truncated_and_keeps_its_metadata(
 def test_file_missing_only_its_last_bytes_is_truncated(dicom_dir: Path, name: str) -> None:
     data = (dicom_dir / name).read_bytes()
     for cut in (1, 2, 7):
-        assert read_radiograph(data[:-cut], POLICY).reason == RejectReason.TRUNCATED
+        assert read_radiograph(data[:-cut], POLICY).reason == Reason.TRUNCATED
 
 
 @pytest.mark.parametrize("keyword, into_value", [("Rows", 1), ("StudyInstanceUID", 5), ("Modality", 1)])
@@ -310,21 +310,21 @@ def test_file_cut_inside_a_header_element_is_truncated(dicom_dir: Path, keyword:
     ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
     element = ds.get_item(keyword, keep_deferred=True)
     data = (dicom_dir / SMALL_CHEST).read_bytes()
-    assert read_radiograph(data[: element.value_tell + into_value], POLICY).reason == RejectReason.TRUNCATED
+    assert read_radiograph(data[: element.value_tell + into_value], POLICY).reason == Reason.TRUNCATED
 
 
 def test_file_cut_inside_its_file_meta_is_truncated(dicom_dir: Path) -> None:
     data = (dicom_dir / SMALL_CHEST).read_bytes()
     for size in (140, 200, 300):
-        assert read_radiograph(data[:size], POLICY).reason == RejectReason.TRUNCATED
-    assert read_radiograph(data[:100], POLICY).reason == RejectReason.NOT_DICOM  # not even the DICM prefix
+        assert read_radiograph(data[:size], POLICY).reason == Reason.TRUNCATED
+    assert read_radiograph(data[:100], POLICY).reason == Reason.NOT_DICOM  # not even the DICM prefix
 
 
 def test_file_with_pixel_data_removed_is_no_pixel_data(dicom_dir: Path) -> None:
     ds = pydicom.dcmread(dicom_dir / SIIM)
     del ds.PixelData
     result = read_radiograph(_to_bytes(ds), POLICY)
-    assert result.reason == RejectReason.NO_PIXEL_DATA
+    assert result.reason == Reason.NO_PIXEL_DATA
     assert result.metadata.sop_instance_uid == ds.SOPInstanceUID
 
 
@@ -355,7 +355,7 @@ def test_mutated_real_files_always_get_a_result_or_a_typed_rejection(
     data = _mutate((dicom_dir / name).read_bytes(), edits, cut, header_bias)
     result = read_radiograph(data, PERMISSIVE if permissive else POLICY)
     _assert_well_formed(result, data)
-    assert result.reason != RejectReason.INTERNAL_ERROR, result.rejection
+    assert result.reason != Reason.INTERNAL_ERROR, result.rejection
 
 
 # --- privacy ------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def test_patient_id_is_kept_only_as_a_keyed_hash_and_never_logged(
         rejected = read_radiograph(_to_bytes(ds), POLICY)
         read_radiograph(accepted, POLICY)
         read_radiograph(_to_bytes(ds)[:-1000], POLICY)
-    assert rejected.reason == RejectReason.WRONG_BODY_PART
+    assert rejected.reason == Reason.WRONG_BODY_PART
     assert rejected.metadata.patient_pseudonym == pseudonymize(clear_id, SECRET)
     text = caplog.text + " ".join(str(w.message) for w in caught)
     assert "sop_instance_uid=" + ds.SOPInstanceUID in caplog.text
@@ -415,7 +415,7 @@ def test_view_step_rejects_lateral_and_flags_unknown_or_unusual_views() -> None:
     assert check_view(InstanceMetadata(view_position="LLO")) == ("view_not_frontal",)
     with pytest.raises(InputRejected) as rejected:
         check_view(InstanceMetadata(view_position="LL"))
-    assert rejected.value.reason == RejectReason.LATERAL_VIEW
+    assert rejected.value.reason == Reason.LATERAL_VIEW
 
 
 def test_body_part_step_flags_a_header_that_names_no_region() -> None:
@@ -434,7 +434,7 @@ def test_frame_and_size_steps_follow_the_policy() -> None:
     check_pixel_count(InstanceMetadata(rows=10, columns=100), first_frame)
     with pytest.raises(InputRejected) as rejected:
         check_pixel_count(InstanceMetadata(rows=10, columns=100, number_of_frames=2), first_frame)
-    assert rejected.value.reason == RejectReason.TOO_LARGE
+    assert rejected.value.reason == Reason.TOO_LARGE
 
 
 # --- the policy object ------------------------------------------------------------------------------

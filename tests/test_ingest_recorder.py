@@ -13,6 +13,7 @@ import pytest
 from service_fixtures import changed_pixel_copy
 from sqlalchemy import func, select
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
 from db.models import Instance, InstanceState, NormalizedImage, Study
@@ -20,7 +21,7 @@ from db.session import session_scope
 from ingest.inbox import carry_out, relative_name
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
-from ingest.recorder import DUPLICATE_INSTANCE, SOP_INSTANCE_CONFLICT, find_recorded_file, record, set_stored_path
+from ingest.recorder import find_recorded_file, record, set_stored_path
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
@@ -104,7 +105,7 @@ def test_the_same_instance_again_is_a_duplicate(settings, dicom_dir):
     again, _ = _record(settings, _drop(settings, dicom_dir / SIIM, "copy-of-a.dcm"))
     assert again.state is InstanceState.duplicate and not again.enqueue
     assert again.duplicate_of_id == first.instance_id and not again.conflict
-    assert again.reason == DUPLICATE_INSTANCE and again.disposal.action == "archive"
+    assert again.reason is Reason.DUPLICATE_INSTANCE and again.disposal.action == "archive"
     with session_scope(settings) as session:
         assert session.get(NormalizedImage, again.instance_id) is None
         assert session.scalar(select(func.count()).select_from(Study)) == 1
@@ -123,7 +124,7 @@ def test_changed_content_under_the_same_sop_instance_uid_is_a_conflict(settings,
     changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, changed)
     conflict, result = _record(settings, changed)
     assert result.accepted  # a perfectly readable file...
-    assert conflict.state is InstanceState.rejected and conflict.reason == SOP_INSTANCE_CONFLICT  # ...held back
+    assert conflict.state is InstanceState.rejected and conflict.reason is Reason.SOP_INSTANCE_CONFLICT  # ...held back
     assert conflict.conflict and conflict.duplicate_of_id == first.instance_id
     assert conflict.disposal.action == "quarantine"
     assert _instance(settings, first.instance_id).state == "received"  # the first version is untouched
@@ -149,7 +150,7 @@ def test_concurrent_ingesters_leave_one_primary_row(settings, dicom_dir):
         t.start()
     for t in threads:
         t.join()
-    states = sorted(o.state.value for o in outcomes)
+    states = sorted(o.state for o in outcomes)
     assert states == ["duplicate", "duplicate", "duplicate", "received"]
 
 

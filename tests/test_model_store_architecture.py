@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.constants import CLASS_NAMES
-from covid_cxr.errors import ModelError
+from covid_cxr.errors import ModelError, UsageError
 from model_store.architecture import build_model, split_point, to_model_input
 
 # Keras 2's VGG16(include_top=False, input_shape=(224, 224, 3)) as the origin built it: name -> output shape.
@@ -66,7 +66,7 @@ def test_trainable_from_block5_unfreezes_block5_only() -> None:
 
 
 def test_unknown_block_is_refused() -> None:
-    with pytest.raises(ModelError, match="block6"):
+    with pytest.raises(UsageError, match="block6"):
         build_model(None, "block6")
 
 

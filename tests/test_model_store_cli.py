@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.commandline import EXIT_ERROR
+from covid_cxr.commandline import EXIT_ERROR, EXIT_USAGE
 from covid_cxr.constants import CLASS_NAMES
 from service.cli import main
 
@@ -35,12 +35,12 @@ def test_train_on_a_csv_with_unknown_labels_fails_clearly(cxr_dir: Path, tmp_pat
 
 def test_train_with_bad_options_fails_before_reading_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "train", "--folder", str(tmp_path / "absent"), "--epochs", "0")
-    assert code == EXIT_ERROR and "epochs must be >= 1" in err
+    assert code == EXIT_USAGE and "epochs must be >= 1" in err and "[bad_training_options]" in err
 
 
 def test_where_needs_a_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "train", "--folder", str(tmp_path), "--where", "label=covid")
-    assert code == EXIT_ERROR and "--where filters CSV rows" in err
+    assert code == EXIT_USAGE and "--where filters CSV rows" in err and "[bad_filter]" in err
 
 
 def test_models_list_and_activate_on_an_empty_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,7 +51,7 @@ def test_models_list_and_activate_on_an_empty_registry(tmp_path: Path, capsys: p
     code, out, _ = run(capsys, "models", "list", *data)
     assert code == 0 and "no models registered" in out
     code, _, err = run(capsys, "models", "activate", "covid-cxr", *data)
-    assert code == EXIT_ERROR and "NAME:VERSION" in err
+    assert code == EXIT_USAGE and "NAME:VERSION" in err and "[bad_model_reference]" in err
     code, _, err = run(capsys, "models", "show", *data)
     assert code == EXIT_ERROR and "[no_active_model]" in err
 

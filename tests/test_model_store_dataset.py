@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.constants import CLASS_NAMES
-from covid_cxr.errors import DatasetError
+from covid_cxr.errors import DatasetError, UsageError
 from model_store.dataset import (
     IMAGE_AS_PATIENT,
     Dataset,
@@ -106,7 +106,7 @@ def test_csv_missing_files_and_columns_are_refused(tmp_path: Path) -> None:
     (tmp_path / "other.csv").write_text("image,diagnosis\n")
     with pytest.raises(DatasetError, match="no column 'path'"):
         from_csv(tmp_path / "other.csv", CLASS_NAMES)
-    with pytest.raises(DatasetError, match="COLUMN=VALUE"):
+    with pytest.raises(UsageError, match="COLUMN=VALUE"):
         parse_where(["subset"])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.constants import CLASS_NAMES
-from covid_cxr.errors import DatasetError, ModelIntegrityError
+from covid_cxr.errors import DatasetError, ModelIntegrityError, UsageError
 from covid_cxr.hashing import file_sha256
 from model_store.architecture import build_model, to_model_input
 from model_store.artifact import REQUIRED_METADATA, load_verified_model, read_metadata, save_artifact
@@ -183,9 +183,9 @@ def test_too_few_patients_stop_training_before_decoding(tmp_path: Path, monkeypa
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(DatasetError, match="epochs must be >= 1"):
+    with pytest.raises(UsageError, match="epochs must be >= 1"):
         TrainingConfig(epochs=0).check()
-    with pytest.raises(DatasetError, match="class weight"):
+    with pytest.raises(UsageError, match="class weight"):
         TrainingConfig(class_weight="inverse").check()
 
 

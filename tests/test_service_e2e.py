@@ -36,10 +36,10 @@ from service_fixtures import (
 )
 from sqlalchemy import func, select
 
+from covid_cxr.reasons import Reason
 from db.models import Instance, InstanceState, Prediction
 from db.session import session_scope
 from ingest.inbox import read_reason
-from ingest.recorder import SOP_INSTANCE_CONFLICT
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
 
 #: Short timings so a test waits seconds, not the production defaults.
 FAST = {"settle_seconds": 1.0, "reconcile_interval_seconds": 2.0, "batch_max_wait_seconds": 0.5, "batch_size": 4}
-TERMINAL = {s.value for s in InstanceState if s.terminal}
+TERMINAL = {s for s in InstanceState if s.terminal}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dico
     shutil.copyfile(dicom_dir / SIIM, settings.inbox / "resent" / "siim.dcm")
     changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, settings.inbox / "resent" / "edited-chest.dcm")
     fresh_uid_copy(dicom_dir / SIIM, settings.inbox / "new-study" / "siim-new-uids.dcm")
-    later = {"resent/siim.dcm": "duplicate", "resent/edited-chest.dcm": f"rejected:{SOP_INSTANCE_CONFLICT}",
+    later = {"resent/siim.dcm": "duplicate", "resent/edited-chest.dcm": f"rejected:{Reason.SOP_INSTANCE_CONFLICT}",
              "new-study/siim-new-uids.dcm": "predicted"}
     later_sources = {name: settings.inbox / name for name in later}
     later_hashes = {name: _sha(path) for name, path in later_sources.items()}

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from covid_cxr.commandline import EXIT_USAGE
 from covid_cxr.settings import load_settings
 from service.cli import build_parser, main
 from service.worker_command import worker_command
@@ -37,3 +38,10 @@ def test_worker_refuses_an_out_of_date_schema(tmp_path, capsys):
     assert main(["worker", "--data-dir", str(tmp_path)]) == 1
     error = capsys.readouterr().err
     assert "covid-cxr db upgrade" in error and "schema_out_of_date" in error
+
+
+def test_bad_queue_and_concurrency_options_are_usage_errors(tmp_path, capsys):
+    assert main(["worker", "--concurrency", "0", "--data-dir", str(tmp_path)]) == EXIT_USAGE
+    assert main(["worker", "--queues", " , ", "--data-dir", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--concurrency must be at least 1 [usage]" in err and "--queues names no queue [usage]" in err

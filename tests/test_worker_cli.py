@@ -12,11 +12,14 @@ import pytest
 from service_fixtures import embedded_settings, record_instances
 from sqlalchemy import update
 
+from covid_cxr.commandline import EXIT_USAGE
+from covid_cxr.reasons import Reason
 from db.migrate import upgrade
 from db.models import Instance, ModelVersion
 from db.session import session_scope
 from service.cli import main
 from taskqueue.producer import enqueue_batch
+from worker.cli import format_status
 from worker.inference import LoadedModel
 from worker.results import IMAGE_COLUMNS
 from worker.tasks import claim_instances, fail_instances, store_predictions
@@ -73,7 +76,9 @@ def test_status_json_reports_counts_queue_model_and_errors(settings, capsys):
     assert status["active_model"]["version"] == "v-test" and status["active_model"]["decision_threshold"] == 0.4
     assert status["last_error"]["instance_id"] == ids["failed"][0]
     assert status["last_error"]["reason"] == "corrupt_image" and "PNG" in status["last_error"]["message"]
+    assert status["last_error"]["reason_description"] == Reason.CORRUPT_IMAGE.description
     assert status["last_rejection"]["reason"] == "not_chest"
+    assert status["last_rejection"]["reason_description"] is None  # not a code of this release
     assert status["oldest_pending"]["instance_id"] == ids["waiting"][0]
 
 
@@ -88,6 +93,25 @@ def test_status_text_and_an_unreachable_broker(tmp_path, capsys):
     assert "queue depth  broker unreachable" in out
     assert "model        none active" in out and "covid-cxr models import" in out
     assert "instances    received 0" in out
+
+
+def test_status_text_describes_each_reason_code_it_shows():
+    problem = {"at": "2026-01-02T03:04:05+00:00", "instance_id": 7, "state": "failed", "attempts": 3,
+               "reason": "worker_lost", "reason_description": Reason.WORKER_LOST.description, "message": "gave up"}
+    report = {"database": "sqlite://", "broker": "redis://", "instances": {"failed": 1, "total": 1},
+              "predictions": 0, "studies": 0, "queue_error": None, "queues": {"gpu": 0}, "active_model": None,
+              "last_error": problem, "last_rejection": {**problem, "reason": "not_chest", "reason_description": None},
+              "oldest_pending": None}
+    lines = format_status(report).splitlines()
+    error = lines.index("last error   2026-01-02T03:04:05+00:00 instance 7 (failed, attempts 3) worker_lost: gave up")
+    assert lines[error + 1] == f"             worker_lost means: {Reason.WORKER_LOST.description}"
+    assert lines[error + 2].endswith("not_chest: gave up") and lines[error + 2].startswith("last reject  ")
+    assert len(lines) == error + 3
+
+
+def test_a_bad_limit_is_a_usage_error(tmp_path, capsys):
+    assert main(["results", "--limit", "0", "--data-dir", str(tmp_path)]) == EXIT_USAGE
+    assert "--limit must be at least 1 [usage]" in capsys.readouterr().err
 
 
 def test_status_refuses_an_out_of_date_schema(tmp_path, capsys):

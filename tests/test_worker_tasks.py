@@ -14,6 +14,7 @@ from service_fixtures import (
 )
 from sqlalchemy import select, update
 
+from covid_cxr.reasons import Reason
 from db.migrate import upgrade
 from db.models import Instance, Prediction, StudyResult
 from db.session import session_scope
@@ -23,7 +24,6 @@ from worker.tasks import (
     RULE_MAX_FRONTAL,
     RULE_MAX_VIEW_UNKNOWN,
     AttemptFailed,
-    Reason,
     aggregate_study,
     claim_instances,
     record_attempt_failure,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
-from covid_cxr.errors import ConfigurationError
+from covid_cxr.errors import UsageError
 from covid_cxr.safe_output import printable, printable_lines, spreadsheet_cell
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,8 @@ STUCK_LISTED = 10
 #: Columns of the ``results --format table`` image listing (CSV and JSON carry every column).
 _IMAGE_TABLE_COLUMNS = ("instance_id", "created_at", "state", "reason", "view_position", "prob_covid", "label",
                         "model_version", "study_label", "sop_instance_uid")
+#: Where the values of the ``status`` lines start, so a continuation line lines up under them.
+_STATUS_INDENT = " " * len("last error   ")
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -109,8 +111,11 @@ def _outbox_lines(outbox: dict[str, Any] | None) -> list[str]:
 def _problem_line(problem: dict[str, Any] | None) -> str:
     if problem is None:
         return "none"
-    return (f"{problem['at']} instance {problem['instance_id']} ({problem['state']}, attempts "
+    line = (f"{problem['at']} instance {problem['instance_id']} ({problem['state']}, attempts "
             f"{problem['attempts']}) {problem['reason']}: {problem['message']}")
+    if problem["reason_description"]:
+        line += f"\n{_STATUS_INDENT}{problem['reason']} means: {problem['reason_description']}"
+    return line
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -118,7 +123,7 @@ def _results(args: argparse.Namespace) -> int:
     from worker.results import IMAGE_COLUMNS, STUDY_COLUMNS, recent_results
 
     if args.limit < 1:
-        raise ConfigurationError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     settings = settings_from_args(args)
     check_schema(settings)
     results = recent_results(settings, limit=args.limit, study_uid=args.study)

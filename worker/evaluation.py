@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.constants import DEFAULT_EVALUATION_WINDOW
 from covid_cxr.errors import DatasetError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.session import session_scope
 from model_store.report_render import render_html_page, render_window_text
@@ -79,7 +80,7 @@ def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, 
         if model_version is not None:
             if model_version not in versions:
                 raise DatasetError(f"model version {model_version!r} has no predictions in window "
-                                   f"{resolved.describe()}", reason="no_predictions")
+                                   f"{resolved.describe()}", reason=Reason.NO_PREDICTIONS)
             versions = [model_version]
         rejects = reject_counts(session, resolved)
         for version in versions:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.constants import EVALUATION_WINDOWS
 from covid_cxr.errors import DatasetError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion
 from db.views import image_results, study_results
@@ -47,7 +48,7 @@ class Window:
 def resolve_window(name: str, now: datetime | None = None) -> Window:
     """The window ``name`` ending at ``now`` (default: the current time)."""
     if name not in WINDOWS:
-        raise DatasetError(f"unknown window {name!r}: use one of {', '.join(WINDOWS)}", reason="unknown_window")
+        raise DatasetError(f"unknown window {name!r}: use one of {', '.join(WINDOWS)}", reason=Reason.UNKNOWN_WINDOW)
     end = (now or datetime.now(UTC)).astimezone(UTC)
     length = WINDOWS[name]
     return Window(name, None if length is None else end - length, end)
@@ -129,7 +130,7 @@ def reject_counts(session: Session, window: Window) -> dict[str, Any]:
     by_reason: dict[str, dict[str, int]] = {}
     for state, reason, count in session.execute(
         select(Instance.state, Instance.reason, func.count())
-        .where(Instance.state.in_([InstanceState.rejected.value, InstanceState.failed.value]),
+        .where(Instance.state.in_([InstanceState.rejected, InstanceState.failed]),
                *_in_window(Instance.created_at, window))
         .group_by(Instance.state, Instance.reason)
     ):

@@ -124,7 +124,7 @@ def describe(model: Any, record: Any) -> LoadedModel:
         from covid_cxr.errors import ModelError
 
         raise ModelError(f"model {record.name} {record.version} has classes {class_names!r}: "
-                         f"expected two classes including {positive!r}", reason="model_error")
+                         f"expected two classes including {positive!r}")
     return LoadedModel(
         model=model,
         model_id=getattr(record, "id", None),

@@ -9,6 +9,7 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, StudyResult
 from db.session import session_scope
@@ -51,7 +52,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
 
 def state_counts(session: Session) -> dict[str, int]:
     """Instances per state, every state present (0 when none), plus ``total``."""
-    counts = {state.value: 0 for state in InstanceState}
+    counts: dict[str, int] = {state: 0 for state in InstanceState}
     for state, count in session.execute(select(Instance.state, func.count()).group_by(Instance.state)):
         counts[state] = count
     counts["total"] = sum(counts.values())
@@ -74,12 +75,11 @@ def active_model(session: Session, name: str) -> dict[str, Any] | None:
 
 
 def last_error(session: Session) -> dict[str, Any] | None:
-    """The most recent failure: an instance that ended ``failed``, or one whose last attempt failed (being retried)."""
+    """The latest failure: an instance that ended ``failed``, or one whose last attempt failed and is being retried."""
     row = session.scalars(
         select(Instance)
         .where(Instance.reason.is_not(None),
-               Instance.state.in_([InstanceState.failed.value, InstanceState.queued.value,
-                                   InstanceState.received.value]))
+               Instance.state.in_([InstanceState.failed, InstanceState.queued, InstanceState.received]))
         .order_by(Instance.updated_at.desc(), Instance.id.desc())
         .limit(1)
     ).first()
@@ -88,7 +88,7 @@ def last_error(session: Session) -> dict[str, Any] | None:
 
 def last_rejection(session: Session) -> dict[str, Any] | None:
     row = session.scalars(
-        select(Instance).where(Instance.state == InstanceState.rejected.value)
+        select(Instance).where(Instance.state == InstanceState.rejected)
         .order_by(Instance.updated_at.desc(), Instance.id.desc()).limit(1)
     ).first()
     return _problem(row)
@@ -98,7 +98,7 @@ def oldest_pending(session: Session) -> dict[str, Any] | None:
     """The oldest instance still waiting for a prediction (``received`` or ``queued``) and its age."""
     row = session.scalars(
         select(Instance)
-        .where(Instance.state.in_([InstanceState.received.value, InstanceState.queued.value]))
+        .where(Instance.state.in_([InstanceState.received, InstanceState.queued]))
         .order_by(Instance.created_at, Instance.id).limit(1)
     ).first()
     if row is None:
@@ -185,12 +185,15 @@ def _recent_images(session: Session, limit: int, study_uid: str | None) -> list[
 
 
 def _problem(row: Instance | None) -> dict[str, Any] | None:
+    """An instance's problem; ``reason_description`` is ``None`` for a code this release does not know."""
     if row is None:
         return None
+    reason = Reason.lookup(row.reason)
     return {
         "instance_id": row.id,
         "state": row.state,
         "reason": row.reason,
+        "reason_description": None if reason is None else reason.description,
         "message": row.message,
         "attempts": row.attempts,
         "at": _iso(row.finished_at or row.updated_at),

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import CovidCxrError
+from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, Prediction, Study, StudyResult
 from db.session import dispose_engines, session_scope
@@ -34,7 +35,7 @@ from worker.inference import MODELS, ActiveModelCache, LoadedModel, decode_png, 
 log = logging.getLogger(__name__)
 
 #: States from which an instance may be predicted; every other state is final for the worker.
-PENDING_STATES = (InstanceState.received.value, InstanceState.queued.value)
+PENDING_STATES = (InstanceState.received, InstanceState.queued)
 #: Study rule names stored in ``study_results.rule``.
 RULE_MAX_FRONTAL = "max_frontal"
 RULE_MAX_VIEW_UNKNOWN = "max_view_unknown"
@@ -42,16 +43,6 @@ RULE_MAX_VIEW_UNKNOWN = "max_view_unknown"
 MAX_BACKOFF_SECONDS = 60
 #: Stored messages are cut to this length.
 MAX_MESSAGE_CHARS = 2000
-
-
-class Reason:
-    """Reason codes a worker stores on instances it fails (besides the model errors' own codes)."""
-
-    CORRUPT_IMAGE = "corrupt_image"
-    MISSING_IMAGE = "missing_image"
-    PREPROCESSING_MISMATCH = "preprocessing_mismatch"
-    INFERENCE_ERROR = "inference_error"
-    WORKER_LOST = "worker_lost"
 
 
 @dataclass
@@ -85,7 +76,7 @@ class BatchReport:
 class AttemptFailed(Exception):
     """An attempt failed for the whole batch; carries the claimed instances so the task can retry or fail them."""
 
-    def __init__(self, claimed: list[ClaimedInstance], reason: str, message: str) -> None:
+    def __init__(self, claimed: list[ClaimedInstance], reason: Reason, message: str) -> None:
         super().__init__(f"{message} [{reason}]")
         self.claimed = claimed
         self.reason = reason
@@ -206,10 +197,10 @@ def claim_instances(settings: Settings, instance_ids: Sequence[int]) -> tuple[li
 
 
 def _decode(claimed: list[ClaimedInstance], model: LoadedModel
-            ) -> tuple[list[tuple[ClaimedInstance, np.ndarray]], dict[int, tuple[str, str]]]:
+            ) -> tuple[list[tuple[ClaimedInstance, np.ndarray]], dict[int, tuple[Reason, str]]]:
     """Split the batch into decodable images and per-image permanent problems ``{id: (reason, message)}``."""
     ready: list[tuple[ClaimedInstance, np.ndarray]] = []
-    problems: dict[int, tuple[str, str]] = {}
+    problems: dict[int, tuple[Reason, str]] = {}
     for item in claimed:
         if item.png is None:
             problems[item.instance_id] = (Reason.MISSING_IMAGE, "no normalized image was stored for this instance")
@@ -262,7 +253,7 @@ def store_predictions(settings: Settings, model: LoadedModel, batch_id: str, ite
         session.execute(
             update(Instance)
             .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
-            .values(state=InstanceState.predicted.value, finished_at=now, reason=None, message=None,
+            .values(state=InstanceState.predicted, finished_at=now, reason=None, message=None,
                     batch_id=batch_id)
         )
         update_study_results(session, model, {item.study_id for item in items if item.study_id is not None})
@@ -282,7 +273,7 @@ def update_study_results(session: Session, model: LoadedModel, study_ids: set[in
         select(Instance.study_id, Instance.view_position, Prediction.prob_covid)
         .join(Prediction, Prediction.instance_id == Instance.id)
         .where(Instance.study_id.in_(ordered), Prediction.model_version == model.version,
-               Instance.state == InstanceState.predicted.value)
+               Instance.state == InstanceState.predicted)
     ).all()
     by_study: dict[int, list[tuple[str | None, float]]] = {}
     for row in rows:
@@ -298,7 +289,7 @@ def update_study_results(session: Session, model: LoadedModel, study_ids: set[in
                          key=("study_id", "model_version"))
 
 
-def fail_instances(settings: Settings, problems: dict[int, tuple[str, str]]) -> None:
+def fail_instances(settings: Settings, problems: dict[int, tuple[Reason, str]]) -> None:
     """End instances ``failed`` with their own ``(reason, message)``."""
     with session_scope(settings) as session:
         for instance_id, (reason, message) in problems.items():
@@ -324,11 +315,11 @@ def record_attempt_failure(settings: Settings, failure: AttemptFailed) -> list[i
     return again
 
 
-def _set_failed(session: Session, ids: list[int], reason: str, message: str) -> None:
+def _set_failed(session: Session, ids: list[int], reason: Reason, message: str) -> None:
     session.execute(
         update(Instance)
         .where(Instance.id.in_(ids), Instance.state.in_(PENDING_STATES))
-        .values(state=InstanceState.failed.value, reason=reason, message=message, finished_at=_utcnow())
+        .values(state=InstanceState.failed, reason=reason, message=message, finished_at=_utcnow())
     )
 
 
