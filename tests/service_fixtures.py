@@ -289,14 +289,34 @@ def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings
     return settings
 
 
-class RunningIngester:
-    """The ingest loop of ``covid-cxr ingest`` in a thread of the test process."""
+class RecordingPublisher:
+    """Stands in for the broker where a test needs no worker: records batches, or refuses them while ``down``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.requeues = 0
+        self.down = False
+
+    def enqueue(self, settings: Settings, ids: Sequence[int]) -> bool:
+        if self.down:
+            return False
+        self.batches.append(list(ids))
+        return True
+
+    def requeue(self, settings: Settings) -> int:
+        self.requeues += 1
+        return 0
+
+
+class RunningIngester:
+    """The ingest loop of ``covid-cxr ingest`` in a thread of the test process (or the ``service`` given)."""
+
+    def __init__(self, settings: Settings, service: Any = None) -> None:
         from ingest.service import IngestService
         from taskqueue.producer import enqueue_batch, requeue_stale
 
-        self.service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale, progress_interval=1.0)
+        self.service = service or IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale,
+                                                progress_interval=1.0)
         self.thread = threading.Thread(target=self.service.run, name="ingester")
 
     def __enter__(self) -> Any:

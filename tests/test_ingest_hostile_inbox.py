@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from service_fixtures import wait_until
+from service_fixtures import RecordingPublisher as Publisher
+from service_fixtures import RunningIngester, wait_until
 from sqlalchemy import select
 
 import ingest.reader
@@ -28,18 +28,6 @@ from ingest.stuck import stuck_files
 
 CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
 HIP = "pylibjpeg-data__RG2_JPLY_fixed.dcm"
-
-
-class Publisher:
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def enqueue(self, settings, ids) -> bool:
-        self.batches.append(list(ids))
-        return True
-
-    def requeue(self, settings) -> int:
-        return 0
 
 
 @pytest.fixture
@@ -56,19 +44,8 @@ def service(settings):
     return IngestService(settings, enqueue=Publisher().enqueue, requeue=Publisher().requeue)
 
 
-class Running:
-    def __init__(self, service: IngestService) -> None:
-        self.service = service
-        self.thread = threading.Thread(target=service.run)
-
-    def __enter__(self) -> IngestService:
-        self.thread.start()
-        assert self.service.started.wait(10)
-        return self.service
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.service.stop()
-        self.thread.join(30)
+def running(service: IngestService) -> RunningIngester:
+    return RunningIngester(service.settings, service)
 
 
 def _rows(settings) -> list[Instance]:
@@ -86,7 +63,7 @@ def test_a_link_is_never_followed_and_is_listed_as_stuck(settings, service, dico
     before = outside.read_bytes()
     (settings.inbox / "link.dcm").symlink_to(outside)
     (settings.inbox / "folder-link").symlink_to(tmp_path, target_is_directory=True)
-    with caplog.at_level(logging.WARNING, logger="ingest.service"), Running(service):
+    with caplog.at_level(logging.WARNING, logger="ingest.service"), running(service):
         wait_until(lambda: _stuck(settings) == {"link.dcm": "not_a_regular_file",
                                                 "folder-link": "not_a_regular_file"}, timeout=20,
                    what="both links listed as stuck")
@@ -128,7 +105,7 @@ def test_special_files_and_odd_names_each_end_in_a_visible_state(settings, servi
     shutil.copyfile(dicom_dir / HIP, settings.inbox / long_name)
     odd = os.fsencode(settings.inbox) + b"/caf\xe9 \x1b[2J\nforged.dcm"  # not UTF-8, escapes, a newline
     shutil.copyfile(dicom_dir / CHEST, odd)
-    with Running(service):
+    with running(service):
         wait_until(lambda: len(_rows(settings)) == 2 and _stuck(settings), timeout=20, what="two rows, one stuck")
     assert _stuck(settings) == {"pipe.dcm": "not_a_regular_file"}
     names = {row.file_name: row for row in _rows(settings)}
@@ -151,7 +128,7 @@ def test_a_path_past_path_max_is_listed_not_dropped(settings, service, dicom_dir
             handle.write((dicom_dir / CHEST).read_bytes())
     finally:
         os.close(fd)
-    with Running(service):
+    with running(service):
         wait_until(lambda: _stuck(settings), timeout=20, what="the deep file listed as stuck")
     [(name, cause)] = _stuck(settings).items()
     assert cause == "name_too_long" and name.startswith("d" * 250)  # the deepest folder it can name
@@ -165,7 +142,7 @@ def test_a_writer_that_pauses_cannot_change_the_quarantined_copy_nor_block_the_c
     with open(path, "wb") as writer:
         writer.write(data[: len(data) // 2])
         writer.flush()
-        with Running(service):
+        with running(service):
             wait_until(lambda: _rows(settings), timeout=20, what="the half-written file judged")
             writer.write(data[len(data) // 2:])  # the writer wakes up and finishes its inode
             writer.flush()
@@ -175,7 +152,7 @@ def test_a_writer_that_pauses_cannot_change_the_quarantined_copy_nor_block_the_c
     assert quarantined.read_bytes() == data[: len(data) // 2], "the quarantined copy is what was judged"
     assert read_reason(quarantined)["sha256"] == truncated.file_sha256
     shutil.copyfile(dicom_dir / CHEST, settings.inbox / "complete.dcm")  # the sender sends it again
-    with Running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)):
+    with running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)):
         wait_until(lambda: len(_rows(settings)) == 2, timeout=20, what="the complete copy")
     complete = _rows(settings)[1]
     assert (complete.state, complete.reason, complete.conflict) == ("received", None, False)
@@ -187,7 +164,7 @@ def test_stored_files_are_private(settings, service, dicom_dir):
     shutil.copyfile(dicom_dir / CHEST, source)
     os.chmod(source, 0o644)  # as a sender's umask left it
     shutil.copyfile(dicom_dir / HIP, settings.inbox / "hip.dcm")
-    with Running(service):
+    with running(service):
         wait_until(lambda: len(_rows(settings)) == 2, timeout=20, what="both files")
     for row in _rows(settings):
         assert Path(row.stored_path).stat().st_mode & 0o077 == 0, row.file_name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
-from service_fixtures import wait_until
+from service_fixtures import RecordingPublisher as Publisher
+from service_fixtures import RunningIngester, wait_until
 from sqlalchemy import func, select
 
 from covid_cxr.settings import load_settings
@@ -32,25 +32,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Publisher:
-    """Stands in for the broker: records batches, or refuses them while ``down``."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-        self.requeues = 0
-        self.down = False
-
-    def enqueue(self, settings, ids) -> bool:
-        if self.down:
-            return False
-        self.batches.append(list(ids))
-        return True
-
-    def requeue(self, settings) -> int:
-        self.requeues += 1
-        return 0
 
 
 def test_batcher_sends_full_batches_at_once_and_partial_ones_after_the_wait():
@@ -96,22 +77,9 @@ def _rows(settings) -> list[Instance]:
         return list(session.scalars(select(Instance).order_by(Instance.id)).all())
 
 
-class Running:
+def running(service: IngestService) -> RunningIngester:
     """The service in a thread, stopped on exit."""
-
-    def __init__(self, service: IngestService) -> None:
-        self.service = service
-        self.thread = threading.Thread(target=service.run)
-
-    def __enter__(self) -> IngestService:
-        self.thread.start()
-        assert self.service.started.wait(10)
-        return self.service
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.service.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
+    return RunningIngester(service.settings, service)
 
 
 def _wait_for_rows(settings, count: int, timeout: float = 60.0) -> list[Instance]:
@@ -122,7 +90,7 @@ def _wait_for_rows(settings, count: int, timeout: float = 60.0) -> list[Instance
 def test_files_are_recorded_batched_and_disposed_of(settings, dicom_dir):
     publisher = Publisher()
     service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue, progress_interval=0.2)
-    with Running(service):
+    with running(service):
         for rel, name in [("s1/a.dcm", SIIM), ("s1/b.dcm", SMALL_CHEST), ("hip.dcm", HIP), ("mr", MR)]:
             _drop(settings, dicom_dir / name, rel)
         _wait_for_rows(settings, 4)
@@ -170,12 +138,12 @@ def test_kept_files_are_not_processed_again_after_a_restart(tmp_path, dicom_dir)
     upgrade(settings)
     publisher = Publisher()
     _drop(settings, dicom_dir / SIIM, "a.dcm")
-    with Running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)):
+    with running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)):
         _wait_for_rows(settings, 1)
     assert (settings.inbox / "a.dcm").exists()
     restarted = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
     _drop(settings, dicom_dir / SMALL_CHEST, "b.dcm")
-    with Running(restarted):
+    with running(restarted):
         _wait_for_rows(settings, 2)
         wait_until(lambda: restarted.counts["already_recorded"] == 1, timeout=10, what="a.dcm recognised")
     assert [row.file_name for row in _rows(settings)] == ["a.dcm", "b.dcm"]
