@@ -246,6 +246,11 @@ class Reason(StrEnum):
         "artifact_exists", ReasonKind.ERROR,
         "The output folder already holds a model artifact; choose another folder",
     )
+    INVALID_MODEL_NAME = (
+        "invalid_model_name", ReasonKind.ERROR,
+        "A model name or version is not made of letters, digits, '.', '_' and '-' alone (or contains '..'); "
+        "they name folders, so nothing else is accepted",
+    )
     ARTIFACT_INCOMPLETE = (
         "artifact_incomplete", ReasonKind.ERROR,
         "A model artifact's metadata.json is missing, not valid JSON, or lacks a required field",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -65,3 +66,17 @@ def check_schema(settings: Settings) -> None:
             f"the database {state}, this code needs {head}: run `covid-cxr db upgrade` first"
         )
     _checked.add(settings.database)
+
+
+def prepare_database(settings: Settings) -> None:
+    """Create the embedded database on first use; otherwise refuse a schema that is not at head.
+
+    Only the embedded default (no ``database_url``) is ever created here: a configured server
+    database is migrated on purpose, by ``covid-cxr db upgrade``.
+    """
+    embedded_file = settings.data_dir.expanduser() / "covid-cxr.sqlite3"
+    if settings.database_url is None and not embedded_file.exists():
+        revision = upgrade(settings)
+        logging.getLogger(__name__).info("created the database %s (schema %s)", embedded_file.resolve(), revision)
+        return
+    check_schema(settings)

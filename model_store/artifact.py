@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import ModelError, ModelIntegrityError
 from covid_cxr.hashing import file_sha256
 from covid_cxr.reasons import Reason
+from covid_cxr.safe_output import printable
 
 if TYPE_CHECKING:
     import keras
@@ -83,8 +85,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+#: What a model name or version may be: they become folder names (the model cache, exports).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_identifier(value: object, what: str) -> str:
+    """``value`` if it is a safe model name or version; :class:`ModelError` (``invalid_model_name``) otherwise."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value) or ".." in value or len(value) > 64:
+        raise ModelError(f"model {what} {printable(repr(value))} is not allowed: use 1 to 64 letters, digits, "
+                         f"'.', '_' and '-' (and no '..')", reason=Reason.INVALID_MODEL_NAME)
+    return value
+
+
 def read_metadata(directory_or_model: Path) -> dict[str, Any]:
-    """The ``metadata.json`` beside a ``model.keras`` (or inside an artifact folder), checked for required keys."""
+    """The ``metadata.json`` beside a ``model.keras`` (or inside an artifact folder), checked for required keys.
+
+    Its name and version must be safe identifiers (:func:`check_identifier`): they name folders.
+    """
     path = Path(directory_or_model)
     metadata_path = path / METADATA_FILE if path.is_dir() else path.with_name(METADATA_FILE)
     if not metadata_path.is_file():
@@ -98,6 +115,8 @@ def read_metadata(directory_or_model: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ModelError(f"{metadata_path} lacks {', '.join(missing)}", reason=Reason.ARTIFACT_INCOMPLETE)
+    check_identifier(metadata["name"], "name")
+    check_identifier(metadata["version"], "version")
     return metadata
 
 

@@ -133,10 +133,11 @@ def _utc_stamp() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from model_store.artifact import check_identifier
     from model_store.training import TrainingConfig, train
 
     settings = settings_from_args(args)
-    name = args.name or settings.model_name
+    name = check_identifier(args.name or settings.model_name, "name")
     config = TrainingConfig(
         base_weights=args.base_weights, trainable_from=args.trainable_from, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, test_fraction=args.test_fraction,

@@ -21,12 +21,13 @@ from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
 from covid_cxr.hashing import file_sha256
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
-from db.migrate import check_schema
+from db.migrate import prepare_database
 from db.models import ModelVersion
 from db.session import session_scope
 from model_store.artifact import (
     METADATA_FILE,
     MODEL_FILE,
+    check_identifier,
     load_model_file,
     load_verified_model,
     model_path_of,
@@ -43,8 +44,12 @@ HOW_TO_GET_A_MODEL = ("train one with `covid-cxr train ... --register --activate
 
 
 def _session(settings: Settings) -> AbstractContextManager[Session]:
-    """A session, once the schema is known to be at the code's revision."""
-    check_schema(settings)
+    """A session, once the schema is known to be at the code's revision.
+
+    An embedded database is created on first use, as ``serve`` does, so that ``train --activate`` or
+    ``models import`` work on a fresh data dir; a server database is only ever checked.
+    """
+    prepare_database(settings)
     return session_scope(settings)
 
 
@@ -57,7 +62,7 @@ def import_artifact(settings: Settings, path: Path, activate: bool = False, name
     """
     model_path = model_path_of(path)
     metadata = read_metadata(path)
-    name = name or metadata["name"]
+    name = check_identifier(name or metadata["name"], "name")
     load_verified_model(model_path, metadata["sha256"])
     artifact = model_path.read_bytes()
     if file_sha256(model_path) != metadata["sha256"]:
@@ -142,7 +147,8 @@ def fetch_artifact(settings: Settings, record: ModelVersion) -> Path:
     from the database are hashed before they are put in place, so a corrupted row raises
     :class:`ModelIntegrityError` and never reaches Keras.
     """
-    folder = settings.model_cache / record.name / record.version
+    cache = settings.model_cache.resolve()
+    folder = cache / check_identifier(record.name, "name") / check_identifier(record.version, "version")
     model_path = folder / MODEL_FILE
     if model_path.is_file() and file_sha256(model_path) == record.sha256:
         return model_path

@@ -9,8 +9,9 @@ import threading
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import ConfigurationError
+from db.migrate import prepare_database
 from service.dicom_services import quiet_dicom_libraries
-from service.startup import prepare_database, stop_on_signals
+from service.startup import stop_on_signals
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.settings import Settings
+from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
-from service.startup import check_layout, describe, prepare_database, stop_on_signals
+from service.startup import check_layout, describe, stop_on_signals
 
 
 def inbox_options() -> argparse.ArgumentParser:

@@ -11,9 +11,10 @@ import sys
 import threading
 
 from covid_cxr.commandline import Subparsers
+from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
 from service.ingest_command import inbox_options, inbox_settings
-from service.startup import check_layout, describe, prepare_database, require_active_model, stop_on_signals
+from service.startup import check_layout, describe, require_active_model, stop_on_signals
 from service.worker_command import worker_command
 
 log = logging.getLogger(__name__)

@@ -16,25 +16,10 @@ from kombu.utils.url import maybe_sanitize_url
 
 from covid_cxr.errors import ConfigurationError, NoActiveModel
 from covid_cxr.settings import Settings
-from db.migrate import check_schema, upgrade
 from db.models import ModelVersion
 from model_store.registry import get_active
 
 log = logging.getLogger(__name__)
-
-
-def prepare_database(settings: Settings) -> None:
-    """Create the embedded database on first use; otherwise refuse a schema that is not at head.
-
-    Only the embedded default (no ``database_url``) is ever created here: a configured server
-    database is migrated on purpose, by ``covid-cxr db upgrade``.
-    """
-    embedded_file = settings.data_dir.expanduser() / "covid-cxr.sqlite3"
-    if settings.database_url is None and not embedded_file.exists():
-        revision = upgrade(settings)
-        log.info("created the database %s (schema %s)", embedded_file.resolve(), revision)
-        return
-    check_schema(settings)
 
 
 def require_active_model(settings: Settings) -> ModelVersion:

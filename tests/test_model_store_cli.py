@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,9 @@ def test_where_needs_a_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_models_list_and_activate_on_an_empty_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
-    code, _, err = run(capsys, "models", "list", *data)
-    assert code == EXIT_ERROR and "covid-cxr db upgrade" in err
-    assert run(capsys, "db", "upgrade", *data)[0] == 0
+    code, out, _ = run(capsys, "models", "list", *data)  # the embedded database is created on first use
+    assert code == 0 and "no models registered" in out
+    assert (tmp_path / "data" / "covid-cxr.sqlite3").is_file()
     code, out, _ = run(capsys, "models", "list", *data)
     assert code == 0 and "no models registered" in out
     code, _, err = run(capsys, "models", "activate", "covid-cxr", *data)
@@ -129,3 +130,39 @@ def test_train_register_list_evaluate_export(cxr_dir: Path, tmp_path: Path, caps
     code, _, _ = run(capsys, "models", "export", "covid-cxr", str(tmp_path / "exported"), *data)
     assert code == 0
     assert json.loads((tmp_path / "exported" / "metadata.json").read_text())["sha256"] == metadata["sha256"]
+
+
+def test_a_server_database_is_never_migrated_by_the_models_commands(postgres_url: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "models", "list", "--data-dir", str(tmp_path), "--database-url", postgres_url)
+    assert code == EXIT_ERROR and "covid-cxr db upgrade" in err and "[schema_out_of_date]" in err
+
+
+def test_models_import_activate_works_on_a_fresh_embedded_data_dir(model_artifact, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "fresh")]
+    code, out, err = run(capsys, "models", "import", str(model_artifact.directory), "--activate", *data)
+    assert code == 0, err
+    code, out, _ = run(capsys, "models", "show", *data)
+    assert code == 0 and model_artifact.version in out
+
+
+@pytest.mark.parametrize("version", ["../../../../escaped", "a/b", "..", "v1;rm -rf", ""])
+def test_an_artifact_whose_version_would_leave_the_model_folders_is_refused(
+        model_artifact, tmp_path: Path, capsys: pytest.CaptureFixture[str], version: str) -> None:
+    hostile = tmp_path / "hostile"
+    shutil.copytree(model_artifact.directory, hostile)
+    metadata = json.loads((hostile / "metadata.json").read_text())
+    metadata["version"] = version
+    (hostile / "metadata.json").write_text(json.dumps(metadata))
+    data_dir = tmp_path / "a" / "b" / "data"
+    code, _, err = run(capsys, "models", "import", str(hostile), "--data-dir", str(data_dir))
+    assert code == EXIT_ERROR and "[invalid_model_name]" in err
+    assert {p.name for p in tmp_path.iterdir()} <= {"a", "hostile"}
+    assert not [p for p in tmp_path.rglob("*escaped*")]
+
+
+def test_a_model_name_that_is_a_path_is_refused_before_training(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--folder", str(tmp_path), "--name", "../../outside")
+    assert code == EXIT_ERROR and "[invalid_model_name]" in err
