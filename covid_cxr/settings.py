@@ -182,6 +182,11 @@ class Settings(BaseSettings):
     delivery_poll_seconds: float = Field(2.0, gt=0, description="How often the outbox looks for new results and "
                                          "due deliveries")
 
+    # --- privacy of the data at rest ---------------------------------------------------------------
+    data_group: str | None = Field(
+        None, description="Group (name or number) that may read the data dir and the embedded database, e.g. "
+                          "analysts; default none: everything the service stores is private to its own user")
+
     # --- evaluation ------------------------------------------------------------------------------
     evaluation_cron: str = Field(
         "0 2 * * *", description="celery beat crontab (m h dom mon dow) of the nightly evaluation")

@@ -9,7 +9,7 @@ from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.settings import Settings
 from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
-from service.startup import check_layout, describe, stop_on_signals
+from service.startup import check_layout, describe, secure_data_dir, stop_on_signals
 
 
 def inbox_options() -> argparse.ArgumentParser:
@@ -54,6 +54,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     settings = inbox_settings(args)
     check_layout(settings)
+    secure_data_dir(settings)
     prepare_database(settings)
     describe(settings)
     service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)

@@ -14,7 +14,7 @@ from covid_cxr.commandline import Subparsers
 from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
 from service.ingest_command import inbox_options, inbox_settings
-from service.startup import check_layout, describe, require_active_model, stop_on_signals
+from service.startup import check_layout, describe, require_active_model, secure_data_dir, stop_on_signals
 from service.worker_command import worker_command
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = inbox_settings(args)
     check_layout(settings)
+    secure_data_dir(settings)
     prepare_database(settings)
     model = require_active_model(settings)
     describe(settings)

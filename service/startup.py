@@ -6,7 +6,9 @@ trust it from then on.
 
 from __future__ import annotations
 
+import grp
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -32,6 +34,45 @@ def require_active_model(settings: Settings) -> ModelVersion:
             f"on the sample images shipped in the repository (a few minutes on a laptop):\n"
             f"    covid-cxr train --data-dir {settings.data_dir} --csv samples/cxr/metadata.csv --epochs 5 --activate"
         ) from exc
+
+
+#: Modes of the data dir and the embedded database: the service's own, or shared read-only with ``data_group``.
+PRIVATE_DIR_MODE, GROUP_DIR_MODE = 0o700, 0o750
+PRIVATE_FILE_MODE, GROUP_FILE_MODE = 0o600, 0o640
+
+
+def secure_data_dir(settings: Settings) -> None:
+    """Make the data dir (archived DICOMs, the database, reports: PHI) private to the service.
+
+    With ``data_group`` set, that group may read the data dir and the embedded database (new files
+    get umask 027); otherwise everything stays the service user's alone (umask 077, set by the CLI).
+    A data dir owned by someone else is left as it is, with a warning.
+    """
+    data_dir = settings.data_dir.expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    gid = _group_id(settings.data_group) if settings.data_group else None
+    if gid is not None:
+        os.umask(0o027)
+    database = data_dir / "covid-cxr.sqlite3"
+    targets = [(data_dir, PRIVATE_DIR_MODE if gid is None else GROUP_DIR_MODE)]
+    if database.exists():
+        targets.append((database, PRIVATE_FILE_MODE if gid is None else GROUP_FILE_MODE))
+    for path, mode in targets:
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)
+        except PermissionError as exc:
+            log.warning("cannot make %s private (mode %o): %s", path, mode, exc)
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigurationError(f"COVID_CXR_DATA_GROUP: no group named {group!r} on this machine") from None
 
 
 def check_layout(settings: Settings) -> None:
