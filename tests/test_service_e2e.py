@@ -402,3 +402,99 @@ def test_broker_outage_while_files_arrive_loses_nothing(tmp_path, dicom_dir, act
     sources = {rel: src for src, rel in first + during}
     assert_outcomes(settings, rows, expected, sources, model.version)
     assert max(predictions_per_instance(settings).values()) == 1
+
+
+def _hostile_inbox(inbox: Path, outside: Path, dicom_dir: Path) -> tuple[dict[str, str], int]:
+    """30 entries a hostile or broken sender could leave: {inbox name: expected rejection(s), "|"-separated},
+    and how many of them end on the stuck list instead."""
+    chest = (dicom_dir / UNCOMPRESSED_CHEST).read_bytes()
+    rejected: dict[str, str] = {}
+    for i in range(3):
+        (inbox / f"link-{i}.dcm").symlink_to(outside / f"target-{i}.dcm")
+        if i < 2:
+            os.mkfifo(inbox / f"pipe-{i}.dcm")
+        long_name = f"{i}" + "x" * 254
+        (inbox / long_name).write_bytes(os.urandom(2048))
+        rejected[long_name] = Reason.NOT_DICOM
+        odd = os.fsencode(inbox) + b"/bad-\xff\xfe-" + str(i).encode() + b".dcm"
+        Path(os.fsdecode(odd)).write_bytes(chest[: len(chest) // 2 + 997 * i])  # three different cuts
+        rejected[f"bad-\\xff\\xfe-{i}.dcm"] = Reason.TRUNCATED
+        forged = f"x{i}.dcm\n2026-11-29 12:00:00,000 ERROR ingest.service: forged line {i}"
+        (inbox / forged).write_bytes(b"")
+        rejected[forged] = Reason.NOT_DICOM
+        ds = pydicom.dcmread(dicom_dir / UNCOMPRESSED_CHEST)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.Modality = "\x1b[2J\x1b]0;owned\x07"
+        ds.StudyDescription = "<script>alert(1)</script>"
+        ds.save_as(inbox / f"ansi-{i}.dcm")
+        rejected[f"ansi-{i}.dcm"] = Reason.WRONG_MODALITY
+        (inbox / f"empty-{i}.dcm").write_bytes(b"")
+        rejected[f"empty-{i}.dcm"] = Reason.NOT_DICOM
+        (inbox / f"noise-{i}.dcm").write_bytes(os.urandom(4096))
+        rejected[f"noise-{i}.dcm"] = Reason.NOT_DICOM
+        (inbox / f"preamble-{i}.dcm").write_bytes(bytes(128) + b"DICM" + os.urandom(512))
+        rejected[f"preamble-{i}.dcm"] = f"{Reason.NOT_DICOM}|{Reason.TRUNCATED}"  # random elements run past the end
+    for i in range(2):  # HTML in a header of a file that is no chest
+        ds = pydicom.dcmread(dicom_dir / "pylibjpeg-data__RG2_JPLY_fixed.dcm")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyDescription = '<img src=x onerror="alert(1)">'
+        ds.save_as(inbox / f"html-{i}.dcm")
+        rejected[f"html-{i}.dcm"] = Reason.WRONG_BODY_PART
+    (inbox / "folder-link").symlink_to(outside, target_is_directory=True)
+    fd = os.open(inbox, os.O_RDONLY)
+    try:  # a path past PATH_MAX
+        for _ in range(17):
+            os.mkdir("d" * 250, dir_fd=fd)
+            child = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        with open(os.open("deep.dcm", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd), "wb") as handle:
+            handle.write(chest)
+    finally:
+        os.close(fd)
+    stuck = 3 + 2 + 1 + 1  # links, pipes, the folder link, the deep path
+    assert len(rejected) + stuck == 30
+    return rejected, stuck
+
+
+def test_hostile_entries_beside_good_files_all_end_visible_and_nothing_outside_is_touched(tmp_path, dicom_dir,
+                                                                                           active_model):
+    from ingest.stuck import stuck_files
+
+    settings = embedded_settings(tmp_path / "data", inbox_dir=tmp_path / "inbox", **FAST)
+    active_model.register(settings)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(3):
+        shutil.copyfile(dicom_dir / UNCOMPRESSED_CHEST, outside / f"target-{i}.dcm")
+    outside_before = {p.name: (_sha(p), p.stat().st_mtime_ns) for p in outside.iterdir()}
+    settings.inbox.mkdir(parents=True)
+    good = {f"good/{i:02d}.dcm" for i in range(30)}
+    for name in good:
+        fresh_uid_copy(dicom_dir / UNCOMPRESSED_CHEST, settings.inbox / name)
+    rejected, stuck_count = _hostile_inbox(settings.inbox, outside, dicom_dir)
+
+    serve = Serve(settings, tmp_path / "serve.log")
+    try:
+        rows = wait_all_terminal(settings, good | set(rejected), timeout=240)
+        wait_until(lambda: len(stuck_files(settings)) == stuck_count, timeout=30, what="the stuck list")
+        assert serve.interrupt() == 0
+    finally:
+        serve.kill()
+    predictions = predictions_per_instance(settings)
+    for name in good:
+        assert rows[name].state == "predicted" and predictions[rows[name].id] == 1, name
+    for name, reasons in rejected.items():
+        assert rows[name].state == "rejected" and rows[name].reason in reasons.split("|"), (name, rows[name].reason)
+    assert len(rows) == len(good) + len(rejected)
+    causes = sorted(entry["cause"] for entry in stuck_files(settings))
+    assert causes == ["name_too_long"] + ["not_a_regular_file"] * 6
+    assert {p.name: (_sha(p), p.stat().st_mtime_ns) for p in outside.iterdir()} == outside_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "inbox", "outside", "serve.log"]
+    log = serve.log()
+    assert "Traceback" not in log
+    assert not re.findall(r"^\S+ \S+ (?:ERROR|CRITICAL) ", log, flags=re.MULTILINE)
+    assert "\x1b" not in log and "\x07" not in log
+    assert not any(line.startswith("2026-11-29 12:00:00,000 ERROR") for line in log.splitlines()), "a forged line"
+    assert log.count("stuck (") == stuck_count, "each problem is logged once"
