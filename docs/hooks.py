@@ -130,9 +130,21 @@ def cell(text: str) -> str:
     return " ".join(text.split())
 
 
+def reason_catalogue() -> str:
+    """Every code of the catalogue, one table per kind, in the catalogue's order."""
+    reasons = list(load(REASONS_SOURCE))
+    sections: list[str] = []
+    for kind in dict.fromkeys(reason.kind for reason in reasons):
+        rows = [f"## {str(kind).replace('_', ' ').capitalize()}", "", "| code | meaning |", "|---|---|"]
+        rows += [f"| `{reason.value}` | {cell(reason.description)} |" for reason in reasons if reason.kind == kind]
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "settings-table": settings_table,
     "reason-table": reason_table,
+    "reason-catalogue": reason_catalogue,
     "reason-source": reason_source,
     "version": version,
 }

@@ -98,3 +98,11 @@ def test_the_docs_and_the_changelog_state_the_one_version(site: Path) -> None:
     changelog = (REPO_ROOT / "docs" / "changelog.md").read_text(encoding="utf-8")
     assert re.search(rf"^## {re.escape(covid_cxr.__version__)}\b", changelog, flags=re.MULTILINE), \
         "the changelog has a section for the current version"
+
+
+def test_the_reason_page_lists_the_whole_catalogue(site: Path) -> None:
+    from covid_cxr.reasons import Reason
+
+    text = (site / "reasons.html").read_text(encoding="utf-8")
+    missing = [reason.value for reason in Reason if f"<code>{reason.value}</code>" not in text]
+    assert not missing
