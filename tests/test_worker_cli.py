@@ -106,7 +106,7 @@ def test_status_text_describes_each_reason_code_it_shows():
     error = lines.index("last error   2026-01-02T03:04:05+00:00 instance 7 (failed, attempts 3) worker_lost: gave up")
     assert lines[error + 1] == f"             worker_lost means: {Reason.WORKER_LOST.description}"
     assert lines[error + 2].endswith("not_chest: gave up") and lines[error + 2].startswith("last reject  ")
-    assert len(lines) == error + 3
+    assert lines[error + 3:] == ["stuck files  none"]
 
 
 def test_a_bad_limit_is_a_usage_error(tmp_path, capsys):
@@ -176,3 +176,18 @@ def test_header_values_and_file_names_cannot_drive_a_terminal_or_a_spreadsheet(t
     assert hostile["file_name"] == "'=HYPERLINK(\"http://x\")\\x0aforged"
     assert main(["results", "--data-dir", str(tmp_path)]) == 0
     assert "\x1b" not in capsys.readouterr().out
+
+
+def test_status_lists_stuck_inbox_entries_with_their_cause(tmp_path, capsys):
+    from ingest.stuck import mark_stuck
+
+    settings = embedded_settings(tmp_path)
+    upgrade(settings)
+    mark_stuck(settings, "link.dcm", Reason.NOT_A_REGULAR_FILE, "a symbolic link: links are never followed", 3)
+    assert main(["status", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "stuck files  1" in out
+    assert "  link.dcm: not_a_regular_file for " in out and "(3 attempt(s)): a symbolic link" in out
+    assert main(["status", "--json", "--data-dir", str(tmp_path)]) == 0
+    [entry] = json.loads(capsys.readouterr().out)["stuck_files"]
+    assert (entry["file_name"], entry["cause"], entry["attempts"]) == ("link.dcm", "not_a_regular_file", 3)
