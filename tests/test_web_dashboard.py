@@ -20,8 +20,15 @@ import markupsafe
 import pytest
 from conftest import REPO_ROOT, _unavailable
 from service_fixtures import embedded_settings
-from web_fixtures import ACTIVATED_BY, HOSTILE_BODY_PART, HOSTILE_NAME, VERSIONS, Installation, RunningWeb, \
-    build_installation
+from web_fixtures import (
+    ACTIVATED_BY,
+    HOSTILE_BODY_PART,
+    HOSTILE_NAME,
+    VERSIONS,
+    Installation,
+    RunningWeb,
+    build_installation,
+)
 
 #: Dashboard pages, as their screenshots are named in docs/img.
 PAGES = {"overview": "/", "rejects": "/rejects", "results": "/results", "evaluation": "/evaluation",

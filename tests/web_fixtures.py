@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.settings import Settings
 from service_fixtures import REPO_ROOT, changed_pixel_copy, wait_until
+
+from covid_cxr.settings import Settings
 
 #: A file name and a DICOM header value that would run a script if a page did not escape them.
 HOSTILE_NAME = '<img src=x onerror="document.title=1">.dcm'
@@ -136,9 +137,9 @@ def _predict(installation: Installation) -> None:
 
 
 def _evaluate(installation: Installation) -> None:
-    from db.labels import import_labels
     from sqlalchemy import select
 
+    from db.labels import import_labels
     from db.models import Instance
     from db.session import session_scope
     from worker.evaluation import run_evaluation
