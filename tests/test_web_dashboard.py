@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +26,8 @@ from web_fixtures import (
     Installation,
     RunningWeb,
     build_installation,
+    fetch,
+    scrape,
 )
 
 #: Dashboard pages, as their screenshots are named in docs/img.
@@ -35,15 +35,6 @@ PAGES = {"overview": "/", "rejects": "/rejects", "results": "/results", "evaluat
          "models": "/models"}
 SCREENSHOTS_ENV = "COVID_CXR_DOCS_SCREENSHOTS"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
 
 
 @pytest.fixture(scope="session")
@@ -176,14 +167,9 @@ def test_the_dashboard_on_postgresql(tmp_path: Path, dicom_dir: Path, postgres_u
 
 
 def test_the_metrics_of_web_describe_the_installation(tmp_path: Path, dicom_dir: Path) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
     installation = build_installation(embedded_settings(tmp_path / "data"), dicom_dir, tmp_path)
     with RunningWeb(installation.settings, tmp_path / "web.log") as web:
-        status, headers, body = fetch(web.url + "metrics")
-        assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-        samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                   for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+        samples = scrape(web.url)
         assert samples[("covid_cxr_files", (("reason", "none"), ("state", "predicted")))] == 4
         for reason in ("wrong_modality", "wrong_body_part", "not_dicom", "sop_instance_conflict"):
             assert samples[("covid_cxr_files", (("reason", reason), ("state", "rejected")))] == 1

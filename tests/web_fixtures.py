@@ -195,3 +195,35 @@ class RunningWeb:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
+
+
+# --- reading the HTTP endpoints ------------------------------------------------------------------------
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of a GET; error statuses are returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` parsed as Prometheus does: ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = fetch(url.rstrip("/") + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4"), (status, body[:500])
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+def listening_url(log: str, name: str) -> str | None:
+    """The URL a command logged for its ``dashboard`` or ``probes`` server, once it did."""
+    match = re.search(rf"{name} on (http://\S+/)", log)
+    return match.group(1) if match else None
