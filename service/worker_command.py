@@ -84,8 +84,11 @@ def run_worker(args: argparse.Namespace) -> int:
     # First: the probes choose the metrics folder the pool processes count in, before they are forked.
     probes = start_worker_probes(settings, serves_inference)
     if probes is not None:
-        # A pool process inherits the listening socket; only this process answers on it.
-        worker_process_init.connect(lambda **_: probes.close_inherited_socket(), weak=False)
+        # A forked pool process inherits the listening socket; only this process answers on it.
+        # (The solo pool sends the same signal in this very process: the socket stays open then.)
+        parent = os.getpid()
+        worker_process_init.connect(
+            lambda **_: probes.close_inherited_socket() if os.getpid() != parent else None, weak=False)
     if serves_inference and args.concurrency > 1:
         log.warning("%d pool processes on queue %s: each loads its own model copy (memory, GPU)",
                     args.concurrency, settings.inference_queue)
