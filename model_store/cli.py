@@ -227,7 +227,9 @@ def _activate(args: argparse.Namespace) -> int:
     from model_store.registry import activate, activation_note
 
     settings = settings_from_args(args)
-    record = activate(settings, *_parse_model_version(args.model, settings))
+    name, version = _parse_model_version(args.model, settings)
+    record = activate(settings, name, version,
+                      activated_by=activation_note(f"covid-cxr models activate {name}:{version}"))
     print(f"active: {record.name} {record.version}")
     return 0
 

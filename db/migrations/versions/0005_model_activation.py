@@ -8,8 +8,8 @@ Create Date: 2026-11-27 10:00:00.000000
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0003'
-down_revision = '0002'
+revision = '0005'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 
