@@ -19,6 +19,7 @@ COPY db db
 COPY model_store model_store
 COPY taskqueue taskqueue
 COPY delivery delivery
+COPY web web
 COPY service service
 RUN pip install . \
  && useradd --create-home --uid 10001 covid \

@@ -28,6 +28,8 @@ from covid_cxr.errors import ConfigurationError
 ENV_PREFIX = "COVID_CXR_"
 #: Shortest accepted pseudonym key: 256 bits, the HMAC-SHA256 block of security.
 MIN_PSEUDONYM_KEY_BYTES = 32
+#: Shortest accepted dashboard token: guessing it must not be practical over the network.
+MIN_WEB_TOKEN_CHARS = 16
 
 
 #: DICOM AE titles: 1 to 16 characters of the default repertoire, no backslash, no control characters.
@@ -191,6 +193,21 @@ class Settings(BaseSettings):
     evaluation_cron: str = Field(
         "0 2 * * *", description="celery beat crontab (m h dom mon dow) of the nightly evaluation")
 
+    # --- dashboard, metrics and health endpoints -------------------------------------------------
+    web_host: str = Field("127.0.0.1", description="Interface the dashboard (covid-cxr web, serve) and the probe "
+                          "endpoints of ingest and worker listen on; any other than loopback needs "
+                          "COVID_CXR_WEB_TOKEN")
+    web_port: int = Field(8080, ge=0, le=65535, description="Port of the dashboard of covid-cxr web and serve "
+                          "(0: any free port, logged)")
+    web_token: SecretStr | None = Field(None, description="Token every request to the dashboard and the probe "
+                                        "endpoints must carry (Authorization: Bearer TOKEN, or as the password of "
+                                        "HTTP basic auth); required to listen on a non-loopback interface")
+    probe_port: int | None = Field(None, ge=0, le=65535, description="Port of the /healthz, /readyz and /metrics "
+                                   "endpoint of covid-cxr ingest and covid-cxr worker (unset: none; 0: any free "
+                                   "port, logged); serve answers them on the dashboard's port")
+    task_events: bool = Field(False, description="Workers send Celery task events and heartbeats, and producers "
+                              "task-sent events, for Flower (celery -A worker.app flower)")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the Celery worker (covid-cxr worker --loglevel overrides it)")
 
@@ -208,6 +225,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must hold at least {MIN_PSEUDONYM_KEY_BYTES} bytes of key material, e.g. "
                              f"the output of `openssl rand -hex 32`; a short key lets anyone who can guess it "
                              f"link pseudonyms back to patient ids")
+        return value
+
+    @field_validator("web_token")
+    @classmethod
+    def _long_enough_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_WEB_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_WEB_TOKEN_CHARS} characters, e.g. the output of "
+                             f"`openssl rand -hex 16`")
         return value
 
     @field_validator("evaluation_cron")

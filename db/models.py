@@ -161,6 +161,8 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), doc="when it was last activated")
+    activated_by: Mapped[str | None] = mapped_column(Text, doc="the command that last activated it, and who ran it")
     metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     artifact: Mapped[bytes] = deferred(mapped_column(LargeBinary))
 

@@ -41,6 +41,7 @@ from ingest.inbox import (
     relative_name,
     write_reason,
 )
+from ingest.metrics import observe_file
 from ingest.recorder import (
     Outcome,
     counts_by_state,
@@ -270,10 +271,13 @@ class IngestService:
             log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)
             return None
 
+        started = time.perf_counter()
         result = read_radiograph(data, self.policy, sha256=sha256)
+        decode_seconds = time.perf_counter() - started
         if not is_unchanged(path, inbox_file.identity):  # written to (or swapped) since: judge the final file
             raise FileChanged("changed after it was read")
         outcome = record(self.settings, path=path, rel_name=rel_name, file_size=len(data), result=result)
+        observe_file(outcome.state.value, outcome.reason, result, decode_seconds)
         reason = outcome.reason_record(rel_name, sha256) if outcome.disposal.action == "quarantine" else None
         final = carry_out(outcome.disposal, path, reason, data=data)
         if final != outcome.disposal.destination:

@@ -152,9 +152,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"artifact: {result.artifact.directory} ({name} {result.artifact.version}, "
           f"sha256 {result.artifact.sha256})")
     if args.register or args.activate:
-        from model_store.registry import import_artifact
+        from model_store.registry import activation_note, import_artifact
 
-        record = import_artifact(settings, result.artifact.directory, activate=args.activate)
+        record = import_artifact(settings, result.artifact.directory, activate=args.activate,
+                                 activated_by=activation_note(f"covid-cxr train --activate (run {out.name})"))
         print(f"registered {record.name} {record.version}{' (active)' if record.active else ''}")
     return 0
 
@@ -204,9 +205,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from model_store.registry import import_artifact
+    from model_store.registry import activation_note, import_artifact
 
-    record = import_artifact(settings_from_args(args), args.path, activate=args.activate, name=args.name)
+    record = import_artifact(settings_from_args(args), args.path, activate=args.activate, name=args.name,
+                             activated_by=activation_note(f"covid-cxr models import {args.path} --activate"))
     print(f"registered {record.name} {record.version} (sha256 {record.sha256}){' (active)' if record.active else ''}")
     return 0
 
@@ -222,10 +224,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    from model_store.registry import activate
+    from model_store.registry import activate, activation_note
 
     settings = settings_from_args(args)
-    record = activate(settings, *_parse_model_version(args.model, settings))
+    name, version = _parse_model_version(args.model, settings)
+    record = activate(settings, name, version,
+                      activated_by=activation_note(f"covid-cxr models activate {name}:{version}"))
     print(f"active: {record.name} {record.version}")
     return 0
 

@@ -6,9 +6,11 @@ the local model cache and verifies their sha256 before anything loads them.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
+import socket
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,12 +55,14 @@ def _session(settings: Settings) -> AbstractContextManager[Session]:
     return session_scope(settings)
 
 
-def import_artifact(settings: Settings, path: Path, activate: bool = False, name: str | None = None) -> ModelVersion:
+def import_artifact(settings: Settings, path: Path, activate: bool = False, name: str | None = None,
+                    activated_by: str | None = None) -> ModelVersion:
     """Register an artifact folder (or its ``model.keras``, with ``metadata.json`` beside it).
 
     The file must match the sha256 in its metadata and load in Keras safe mode; otherwise
     :class:`ModelIntegrityError`. Importing the same bytes again is a no-op; a different file under an
-    existing name and version is refused.
+    existing name and version is refused. With ``activate``, ``activated_by`` (see
+    :func:`activation_note`) is recorded with the time.
     """
     model_path = model_path_of(path)
     metadata = read_metadata(path)
@@ -82,7 +86,7 @@ def import_artifact(settings: Settings, path: Path, activate: bool = False, name
             session.add(record)
             session.flush()
         if activate:
-            _activate(session, record)
+            _activate(session, record, activated_by)
         return record
 
 
@@ -91,13 +95,24 @@ def _parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _activate(session: Session, record: ModelVersion) -> None:
+def _activate(session: Session, record: ModelVersion, activated_by: str | None) -> None:
     # Deactivate first, flushed on its own: the unique partial index allows one active row per name.
     session.execute(update(ModelVersion).where(ModelVersion.name == record.name, ModelVersion.id != record.id)
                     .values(active=False))
     session.flush()
     record.active = True
+    record.activated_at = datetime.now(UTC)
+    record.activated_by = activated_by
     session.flush()
+
+
+def activation_note(command: str) -> str:
+    """What ``activated_by`` records: the command, and the user and host that ran it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        user = f"uid {os.getuid()}"
+    return f"{command} (by {user} on {socket.gethostname()})"
 
 
 def find(settings: Settings, name: str, version: str | None = None) -> ModelVersion:
@@ -113,13 +128,16 @@ def find(settings: Settings, name: str, version: str | None = None) -> ModelVers
         return record
 
 
-def activate(settings: Settings, name: str, version: str) -> ModelVersion:
-    """Make ``name:version`` the one active version of ``name`` (the one the workers serve)."""
+def activate(settings: Settings, name: str, version: str, activated_by: str | None = None) -> ModelVersion:
+    """Make ``name:version`` the one active version of ``name`` (the one the workers serve).
+
+    ``activated_by`` (see :func:`activation_note`) is recorded with the time of activation.
+    """
     with _session(settings) as session:
         record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
         if record is None:
             raise ModelError(f"no model {name} version {version} is registered", reason=Reason.MODEL_NOT_FOUND)
-        _activate(session, record)
+        _activate(session, record, activated_by)
         return record
 
 
@@ -203,6 +221,8 @@ def summary(record: ModelVersion) -> dict[str, Any]:
         "version": record.version,
         "active": bool(record.active),
         "created_at": record.created_at.isoformat() if record.created_at else None,
+        "activated_at": record.activated_at.isoformat() if record.activated_at else None,
+        "activated_by": record.activated_by,
         "sha256": record.sha256,
         "base_weights": (metadata.get("base_weights") or {}).get("source"),
         "preprocessing_version": metadata.get("preprocessing_version"),

@@ -21,3 +21,11 @@ if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null; then
     echo "setup: dcmtk and dicom3tools are missing (apt-get install dcmtk dicom3tools); the DICOM network tests will skip" >&2
   fi
 fi
+# Headless Chromium for the dashboard's browser tests (tests/test_web_dashboard.py). Best effort:
+# without apt or root the tests say that Chromium is missing (and fail under CI=true).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "setup.sh: could not install chromium; the dashboard's browser tests will say so" >&2
+fi

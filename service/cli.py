@@ -16,7 +16,7 @@ import worker.evaluation_cli
 from covid_cxr.commandline import EXIT_ERROR, EXIT_USAGE, Subparsers, common_options
 from covid_cxr.errors import CovidCxrError, UsageError
 from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter, printable
-from service import deliver_command, ingest_command, receive_command, serve_command, worker_command
+from service import deliver_command, ingest_command, receive_command, serve_command, web_command, worker_command
 
 #: Functions that add subcommands, in the order they appear in ``--help``.
 REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
@@ -24,6 +24,7 @@ REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = 
     ingest_command.register,  # ingest
     receive_command.register,  # receive
     serve_command.register,  # serve
+    web_command.register,  # web
     worker_command.register,  # worker
     worker.cli.register,  # status, results
     deliver_command.register,  # deliver

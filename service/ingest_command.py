@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.settings import Settings
 from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
+from service.http_endpoints import start_ingest_probes
 from service.startup import check_layout, describe, secure_data_dir, stop_on_signals
 
 
@@ -27,8 +29,8 @@ def inbox_options() -> argparse.ArgumentParser:
     return options
 
 
-def inbox_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, the installation flags and the inbox flags."""
+def inbox_settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the environment, the installation flags, the inbox flags and ``extra`` (``None``: not given)."""
     return settings_from_args(
         args,
         inbox_dir=args.inbox,
@@ -36,6 +38,7 @@ def inbox_settings(args: argparse.Namespace) -> Settings:
         settle_seconds=args.settle_seconds,
         use_polling_observer=args.polling,
         batch_size=args.batch_size,
+        **extra,
     )
 
 
@@ -45,6 +48,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
         "ingest", parents=[common, inbox_options()], help="watch the inbox and enqueue batches (no worker)",
         description="Watch the inbox: read, normalize and record every complete file, send one inference task "
                     "per batch, and re-enqueue what was never sent. Workers run elsewhere (covid-cxr worker).")
+    ingest.add_argument("--probe-port", type=int, help="serve /healthz, /readyz and /metrics on this port "
+                                                       "(COVID_CXR_PROBE_PORT; default none; 0: any free port)")
     ingest.set_defaults(func=run_ingest)
 
 
@@ -52,16 +57,19 @@ def run_ingest(args: argparse.Namespace) -> int:
     from ingest.service import IngestService
     from taskqueue.producer import enqueue_batch, requeue_stale
 
-    settings = inbox_settings(args)
+    settings = inbox_settings(args, probe_port=args.probe_port)
     check_layout(settings)
     secure_data_dir(settings)
     prepare_database(settings)
     describe(settings)
     service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)
     network = start_dicom_services(settings)
+    probes = start_ingest_probes(settings)
     try:
         with stop_on_signals(service.stop):
             service.run()
     finally:
         network.stop()
+        if probes is not None:
+            probes.stop()
     return 0

@@ -13,6 +13,7 @@ import threading
 from covid_cxr.commandline import Subparsers
 from db.migrate import prepare_database
 from service.dicom_services import start_dicom_services
+from service.http_endpoints import MULTIPROCESS_ENV, metrics_folder, start_dashboard
 from service.ingest_command import inbox_options, inbox_settings
 from service.startup import check_layout, describe, require_active_model, secure_data_dir, stop_on_signals
 from service.worker_command import worker_command
@@ -33,6 +34,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
                     "--data-dir, nothing else to install. Ctrl-C stops both cleanly.")
     serve.add_argument("--concurrency", type=int, default=1,
                        help="worker pool processes, each with its own model copy (default 1)")
+    serve.add_argument("--web-host", help="interface of the dashboard (COVID_CXR_WEB_HOST; default 127.0.0.1)")
+    serve.add_argument("--web-port", type=int,
+                       help="port of the dashboard, /healthz, /readyz and /metrics (COVID_CXR_WEB_PORT; default 8080)")
     serve.set_defaults(func=run_serve)
 
 
@@ -40,7 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ingest.service import IngestService
     from taskqueue.producer import enqueue_batch, requeue_stale
 
-    settings = inbox_settings(args)
+    settings = inbox_settings(args, web_host=args.web_host, web_port=args.web_port)
     check_layout(settings)
     secure_data_dir(settings)
     prepare_database(settings)
@@ -55,9 +59,13 @@ def run_serve(args: argparse.Namespace) -> int:
         resent = requeue_stale(settings, queued_grace_seconds=0)
         if resent:
             log.info("re-sent %d instance(s) left queued or unsent by the previous run", resent)
-    network = start_dicom_services(settings)
     command, env = worker_command(settings, [settings.inference_queue, settings.cpu_queue],
                              concurrency=args.concurrency, beat=True)
+    # The worker's pool processes count in files that the dashboard here adds up.
+    folder = metrics_folder(settings, "serve")
+    env[MULTIPROCESS_ENV] = str(folder)
+    dashboard = start_dashboard(settings, serve_metrics_folder=folder)
+    network = start_dicom_services(settings)
     # Own session: Ctrl-C reaches only this process, which then stops the worker in order
     # (warm shutdown: the batch at hand finishes, or is redelivered if it must be killed).
     worker = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
@@ -80,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         _stop_worker(worker)
         network.stop()
+        dashboard.stop()
     return 1 if failure else 0
 
 

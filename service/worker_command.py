@@ -14,6 +14,7 @@ from typing import Any
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import UsageError
 from covid_cxr.settings import Settings
+from service.http_endpoints import start_worker_probes
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ POOLS = ("prefork", "solo", "threads")
 SETTINGS_ENV = "COVID_CXR_WORKER_SETTINGS_JSON"
 #: Installation settings the handed-over settings may carry and the common flags may override.
 _COMMON_FIELDS = ("data_dir", "database_url", "broker_url")
-#: Settings never passed to a worker on its command line: workers do not pseudonymize.
-_NOT_FOR_WORKERS = frozenset({"pseudonym_key"})
+#: Settings never handed to a worker: workers do not pseudonymize, and the one ``serve`` starts answers no HTTP.
+_NOT_FOR_WORKERS = frozenset({"pseudonym_key", "web_token"})
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -42,6 +43,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     worker.add_argument("--loglevel", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level (default COVID_CXR_LOG_LEVEL)")
     worker.add_argument("--hostname", help="Celery node name (default covid-cxr-QUEUES-RANDOM@host)")
+    worker.add_argument("--probe-port", type=int, help="serve /healthz, /readyz and /metrics on this port "
+                                                       "(COVID_CXR_PROBE_PORT; default none; 0: any free port)")
     worker.set_defaults(func=run_worker)
 
 
@@ -55,11 +58,13 @@ def _settings(args: argparse.Namespace) -> Settings:
             given = extra.pop(name, None)
             if getattr(args, name, None) is None:
                 setattr(args, name, given)
+    if getattr(args, "probe_port", None) is not None:
+        extra["probe_port"] = args.probe_port
     return settings_from_args(args, **extra)
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from celery.signals import worker_init
+    from celery.signals import worker_init, worker_process_init
 
     from db.migrate import check_schema
     from db.session import dispose_engines
@@ -76,6 +81,14 @@ def run_worker(args: argparse.Namespace) -> int:
     # The parent forks the pool: it must hold no database connection (and never TensorFlow).
     dispose_engines()
     serves_inference = settings.inference_queue in queues
+    # First: the probes choose the metrics folder the pool processes count in, before they are forked.
+    probes = start_worker_probes(settings, serves_inference)
+    if probes is not None:
+        # A forked pool process inherits the listening socket; only this process answers on it.
+        # (The solo pool sends the same signal in this very process: the socket stays open then.)
+        parent = os.getpid()
+        worker_process_init.connect(
+            lambda **_: probes.close_inherited_socket() if os.getpid() != parent else None, weak=False)
     if serves_inference and args.concurrency > 1:
         log.warning("%d pool processes on queue %s: each loads its own model copy (memory, GPU)",
                     args.concurrency, settings.inference_queue)
@@ -87,9 +100,11 @@ def run_worker(args: argparse.Namespace) -> int:
         "--concurrency", str(args.concurrency),
         "--pool", args.pool,
         "--loglevel", args.loglevel or settings.log_level,
-        # Gossip, mingle and heartbeats coordinate workers that share revocations and results;
-        # this service needs none of that, and they slow start-up on the filesystem broker.
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        # Gossip and mingle coordinate workers that share revocations and results; this service needs
+        # neither, and they slow start-up on the filesystem broker. Heartbeats are events: Flower shows
+        # a worker as online only while they come, so they are sent when task events are on.
+        "--without-gossip", "--without-mingle",
+        *([] if settings.task_events else ["--without-heartbeat"]),
     ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
@@ -105,7 +120,11 @@ def run_worker(args: argparse.Namespace) -> int:
         controllers.append(sender)
 
     worker_init.connect(remember, weak=False)
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        if probes is not None:
+            probes.stop()
     return int(getattr(controllers[-1], "exitcode", 0) or 0) if controllers else 0
 
 

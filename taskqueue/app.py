@@ -166,6 +166,10 @@ def create_app(settings: Settings, include: Sequence[str] = ()) -> Celery:
         # The model is loaded in each pool process at start-up; VGG16 takes seconds, not Celery's default 4.
         worker_proc_alive_timeout=120,
         broker_connection_retry_on_startup=True,
+        # Task events (and, see service.worker_command, worker heartbeats) for Flower; off by default:
+        # every task then costs a few more broker messages.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         broker_transport_options=transport_options,
         task_queues=_queues(settings),
         task_default_queue=settings.cpu_queue,

@@ -22,8 +22,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model_store": frozenset({"covid_cxr", "db", "ingest"}),
     "delivery": frozenset({"covid_cxr", "db", "model_store"}),
     "worker": frozenset({"covid_cxr", "db", "ingest", "model_store", "taskqueue", "delivery"}),
+    "web": frozenset({"covid_cxr", "db", "taskqueue", "model_store", "worker"}),
     # The composition root: wires everything, imported by nothing.
-    "service": frozenset({"covid_cxr", "db", "ingest", "taskqueue", "model_store", "delivery", "worker"}),
+    "service": frozenset({"covid_cxr", "db", "ingest", "taskqueue", "model_store", "delivery", "worker", "web"}),
 }
 #: Entry-point shims, run as scripts and never imported: ``python -m covid_cxr`` starts the composition root.
 ENTRY_POINTS = frozenset({"covid_cxr/__main__.py"})

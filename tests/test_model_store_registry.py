@@ -177,3 +177,25 @@ def test_unknown_version_is_named(settings: Settings, artifacts: list[ArtifactIn
         find(settings, "covid-cxr", "20000101-000000-deadbeef")
     with pytest.raises(ModelError, match="no model covid-cxr version"):
         activate(settings, "covid-cxr", "nope")
+
+
+def test_the_registry_records_when_and_by_what_command_a_version_was_activated(
+        settings: Settings, artifacts: list[ArtifactInfo], capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    first, second = artifacts
+    data = ["--data-dir", str(settings.data_dir)]
+    assert main(["models", "import", str(first.directory), "--activate", *data]) == 0
+    assert main(["models", "import", str(second.directory), *data]) == 0
+    imported = get_active(settings, "covid-cxr")
+    assert imported.activated_by is not None
+    assert imported.activated_by.startswith(f"covid-cxr models import {first.directory} --activate (by ")
+    assert main(["models", "activate", f"covid-cxr:{second.version}", *data]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--json", *data]) == 0
+    rows = {row["version"]: row for row in json.loads(capsys.readouterr().out)}
+    newest = rows[second.version]
+    assert newest["active"]
+    assert newest["activated_by"].startswith(f"covid-cxr models activate covid-cxr:{second.version} (by ")
+    assert newest["activated_at"] >= rows[first.version]["activated_at"]  # the older activation stays on record
+    assert not rows[first.version]["active"]

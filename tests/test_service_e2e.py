@@ -35,6 +35,7 @@ from service_fixtures import (
     wait_until,
 )
 from sqlalchemy import func, select
+from web_fixtures import fetch, listening_url, scrape
 
 from covid_cxr.reasons import Reason
 from db.models import Instance, InstanceState, Prediction
@@ -194,7 +195,7 @@ class Serve:
 
     def __init__(self, settings, log_path: Path) -> None:
         self.settings, self.log_path = settings, log_path
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COVID_CXR_WEB_PORT": "0",
                **{f"COVID_CXR_{key.upper()}": str(value) for key, value in FAST.items() if key != "settle_seconds"}}
         argv = [sys.executable, "-m", "covid_cxr", "serve", "--data-dir", str(settings.data_dir),
                 "--inbox", str(settings.inbox), "--settle-seconds", str(FAST["settle_seconds"])]
@@ -204,6 +205,8 @@ class Serve:
         match = wait_until(lambda: self._alive_and(re.search(r"worker process (\d+) started", self.log())),
                            timeout=120, what="serve to start its worker")
         self.worker_pid = int(match.group(1))
+        self.url = wait_until(lambda: self._alive_and(listening_url(self.log(), "dashboard")), timeout=30,
+                              what="serve's dashboard")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -223,6 +226,24 @@ class Serve:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         self.process.wait(30)
+
+
+def assert_serve_metrics(url: str, rows: dict, model_version: str) -> None:
+    """serve's /metrics counts what its ingester read and what its worker's pool process predicted."""
+    samples = scrape(url)
+    predicted = sum(1 for row in rows.values() if row.state == "predicted")
+    assert samples[("covid_cxr_predictions_total", (("model_version", model_version),))] == predicted
+    assert samples[("covid_cxr_batch_size_images_sum", ())] == predicted
+    assert samples[("covid_cxr_inference_seconds_count", (("model_version", model_version),))] >= 1
+    ingested = {labels: value for (name, labels), value in samples.items() if name == "covid_cxr_ingested_files_total"}
+    assert sum(ingested.values()) == len(rows)
+    assert ingested[(("reason", "wrong_modality"), ("state", "rejected"))] >= 1
+    decoded = {dict(labels)["transfer_syntax"] for (name, labels) in samples
+               if name == "covid_cxr_decode_seconds_count"}
+    assert "1.2.840.10008.1.2.4.50" in decoded  # JPEG baseline, the SIIM file
+    assert samples[("covid_cxr_files", (("reason", "none"), ("state", "predicted")))] == predicted
+    status, _, body = fetch(url + "readyz")
+    assert status == 200, body
 
 
 def _pid_alive(pid: int) -> bool:
@@ -259,6 +280,7 @@ def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dico
         assert_outcomes(settings, rows, expected, sources, model.version)
         assert sorted(p.name for p in settings.inbox.rglob("*") if p.is_file()) == []
         assert "progress |" in serve.log()
+        assert_serve_metrics(serve.url, rows, model.version)
         assert serve.interrupt() == 0
         assert not _pid_alive(serve.worker_pid), "serve left its worker running"
     finally:
@@ -313,12 +335,21 @@ def test_redis_postgres_with_a_real_celery_worker(tmp_path, dicom_dir, active_mo
     drops = [(dicom_dir / name, f"pacs/{name}") for name in CHEST_A + REJECTS_A]
     expected = {rel: f"rejected:{EXPECTED_REJECTS[src.name]}" if src.name in EXPECTED_REJECTS else "predicted"
                 for src, rel in drops}
-    with start_worker(settings, [settings.inference_queue], log_path=tmp_path / "worker.log"), \
-            RunningIngester(settings):
+    with start_worker(settings, [settings.inference_queue], log_path=tmp_path / "worker.log",
+                      env={"COVID_CXR_PROBE_PORT": "0"}) as worker, RunningIngester(settings):
         writer = SlowWriter(settings.inbox, drops)
         writer.start()
         writer.finish()
         rows = wait_all_terminal(settings, set(expected))
+        # The worker's own endpoint adds up what its prefork pool process counted.
+        probes = listening_url(worker.log_text(), "probes")
+        assert probes is not None, worker.log_text()[-3000:]
+        predicted = sum(1 for row in rows.values() if row.state == "predicted")
+        samples = scrape(probes)
+        assert samples[("covid_cxr_predictions_total", (("model_version", model.version),))] == predicted
+        assert samples[("covid_cxr_queue_depth_messages", (("queue", settings.inference_queue),))] == 0
+        status, _, body = fetch(probes + "readyz")
+        assert status == 200 and b'"model":"ok"' in body, body
     assert_outcomes(settings, rows, expected, {rel: src for src, rel in drops}, model.version)
     assert_docs_sql_runs(settings)
 

@@ -22,6 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from covid_cxr import metrics
 from covid_cxr.constants import FRONTAL_VIEWS
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.reasons import Reason
@@ -143,6 +144,7 @@ def run_batch(settings: Settings, instance_ids: Sequence[int], batch_id: str,
         probabilities = model.probabilities(images)
         report.forward_ms = (time.perf_counter() - started) * 1000.0
         store_predictions(settings, model, batch_id, [item for item, _ in ready], probabilities, report.forward_ms)
+        metrics.batch_predicted(model.version, len(ready), report.forward_ms / 1000.0)
         report.predicted = len(ready)
     except Exception as exc:
         reason = exc.reason if isinstance(exc, CovidCxrError) else Reason.INFERENCE_ERROR
