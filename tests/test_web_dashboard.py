@@ -76,7 +76,7 @@ def check_pages(get: Callable[[str], str], installation: Installation) -> None:
     assert re.search(r"<td>rejected</td>\s*<td class=\"num\">4</td>", overview)
     assert "<svg" in overview and "Files recorded" in overview and "Predictions written" in overview
     assert VERSIONS[1] in overview and re.search(r"[KMGT]iB free", overview)
-    assert 'id="stuck">0<' in overview
+    assert 'id="overdue">0<' in overview and 'id="stuck-count">0<' in overview
     assert "sop_instance_conflict" in overview  # the last rejection
 
     rejects = pages["rejects"]
@@ -174,7 +174,7 @@ def test_the_metrics_of_web_describe_the_installation(tmp_path: Path, dicom_dir:
         for reason in ("wrong_modality", "wrong_body_part", "not_dicom", "sop_instance_conflict"):
             assert samples[("covid_cxr_files", (("reason", reason), ("state", "rejected")))] == 1
         assert samples[("covid_cxr_queue_depth_messages", (("queue", "gpu"),))] == 1  # the batch nobody took
-        assert samples[("covid_cxr_stuck_files", ())] == 0
+        assert samples[("covid_cxr_stuck_files", ())] == 0 and samples[("covid_cxr_overdue_files", ())] == 0
         assert samples[("covid_cxr_database_up", ())] == 1 and samples[("covid_cxr_broker_up", ())] == 1
         assert samples[("covid_cxr_active_model_info", (("model_name", "covid-cxr"), ("model_version", VERSIONS[1])))]
         ages = [value for (name, labels), value in samples.items() if name == "covid_cxr_evaluation_report_age_seconds"

@@ -41,13 +41,14 @@ class InstallationCollector(Collector):
 
     def _from_database(self) -> Iterator[Metric]:
         from db.session import session_scope
-        from web.queries import counts_by_state_and_reason, latest_report_ages, stuck_count
+        from web.queries import counts_by_state_and_reason, latest_report_ages, overdue_count, stuck_entry_count
         from worker.results import active_model, oldest_pending
 
         now = datetime.now(UTC)
         with session_scope(self.settings) as session:
             counts = counts_by_state_and_reason(session)
-            stuck = stuck_count(session, self.settings, now)
+            overdue = overdue_count(session, self.settings, now)
+            stuck = stuck_entry_count(session)
             pending = oldest_pending(session)
             ages = latest_report_ages(session, now)
             model = active_model(session, self.settings.model_name)
@@ -56,8 +57,12 @@ class InstallationCollector(Collector):
         for state, reason, count in counts:
             files.add_metric([state, label_value(reason)], count)
         yield files
+        overdue_files = GaugeMetricFamily(
+            "covid_cxr_overdue_files", "Files still waiting for a prediction after requeue_after_seconds")
+        overdue_files.add_metric([], overdue)
+        yield overdue_files
         stuck_files = GaugeMetricFamily(
-            "covid_cxr_stuck_files", "Files still waiting for a prediction after requeue_after_seconds")
+            "covid_cxr_stuck_files", "Inbox entries the ingester cannot take (links, unreadable, too long...)")
         stuck_files.add_metric([], stuck)
         yield stuck_files
         oldest = GaugeMetricFamily("covid_cxr_oldest_pending_age_seconds",

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from covid_cxr.settings import Settings
-from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction
+from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction, StuckFile
 
 #: States in which an instance still waits for a prediction.
 PENDING_STATES = (InstanceState.received.value, InstanceState.queued.value)
@@ -51,7 +51,7 @@ def counts_by_state_and_reason(session: Session) -> list[tuple[str, str | None, 
     return [(state, reason, count) for state, reason, count in rows]
 
 
-def stuck_count(session: Session, settings: Settings, now: datetime | None = None) -> int:
+def overdue_count(session: Session, settings: Settings, now: datetime | None = None) -> int:
     """Instances still waiting for a prediction although recorded more than ``requeue_after_seconds`` ago.
 
     Reconciliation re-sends such instances; they stay here when nothing consumes the inference
@@ -60,6 +60,11 @@ def stuck_count(session: Session, settings: Settings, now: datetime | None = Non
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=settings.requeue_after_seconds)
     return session.scalar(select(func.count()).select_from(Instance)
                           .where(Instance.state.in_(PENDING_STATES), Instance.created_at < cutoff)) or 0
+
+
+def stuck_entry_count(session: Session) -> int:
+    """Inbox entries on the stuck list (``covid-cxr status`` lists them with their cause)."""
+    return session.scalar(select(func.count()).select_from(StuckFile)) or 0
 
 
 def per_minute(session: Session, column: Any, now: datetime, minutes: int = 60) -> list[int]:
