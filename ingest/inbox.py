@@ -212,7 +212,7 @@ def write_no_clobber(data: bytes, destination: Path) -> Path:
 def free_name(destination: Path) -> Path:
     """``destination``, or ``name~1.ext``, ``name~2.ext``, ... : the first name whose file (and marker) is absent."""
     candidate, counter = destination, 0
-    while candidate.exists() or _reason_path(candidate).exists():
+    while candidate.exists() or reason_path(candidate).exists():
         counter += 1
         candidate = destination.with_name(_numbered(destination.name, counter))
     return candidate
@@ -292,7 +292,7 @@ def _copy_then_remove(source: Path, destination: Path) -> Path:
 
 def write_reason(quarantined: Path, reason: dict[str, Any]) -> Path:
     """Write ``<quarantined>.reason.json`` atomically (temporary file, then rename)."""
-    target = _reason_path(quarantined)
+    target = reason_path(quarantined)
     temporary = target.with_name(f".{uuid.uuid4().hex}.reason.tmp")
     temporary.write_text(json.dumps(reason, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(temporary, target)
@@ -301,12 +301,13 @@ def write_reason(quarantined: Path, reason: dict[str, Any]) -> Path:
 
 def read_reason(quarantined: Path) -> dict[str, Any]:
     """The reason marker written beside a quarantined file; ``ValueError`` when it is not a JSON object."""
-    path = _reason_path(quarantined)
+    path = reason_path(quarantined)
     reason = json.loads(path.read_text())
     if not isinstance(reason, dict):
         raise ValueError(f"{path} is not a reason marker (a JSON object)")
     return reason
 
 
-def _reason_path(path: Path) -> Path:
-    return path.with_name(fit_name(path.name, REASON_SUFFIX))
+def reason_path(quarantined: Path) -> Path:
+    """Where the reason marker of a quarantined file lies (its name shortened if it would be too long)."""
+    return quarantined.with_name(fit_name(quarantined.name, REASON_SUFFIX))

@@ -40,7 +40,7 @@ from web_fixtures import fetch, listening_url, scrape
 from covid_cxr.reasons import Reason
 from db.models import Instance, InstanceState, Prediction
 from db.session import session_scope
-from ingest.inbox import read_reason
+from ingest.inbox import read_reason, reason_path
 
 pytestmark = pytest.mark.slow
 
@@ -518,6 +518,8 @@ def test_hostile_entries_beside_good_files_all_end_visible_and_nothing_outside_i
         assert rows[name].state == "predicted" and predictions[rows[name].id] == 1, name
     for name, reasons in rejected.items():
         assert rows[name].state == "rejected" and rows[name].reason in reasons.split("|"), (name, rows[name].reason)
+        raw = reason_path(Path(rows[name].stored_path)).read_bytes()
+        assert not set(raw) & (set(range(32)) - {10}), f"raw control bytes in the reason file of {name!r}"
     assert len(rows) == len(good) + len(rejected)
     causes = sorted(entry["cause"] for entry in stuck_files(settings))
     assert causes == ["name_too_long"] + ["not_a_regular_file"] * 6
