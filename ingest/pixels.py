@@ -109,6 +109,12 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
     return uid
 
 
+#: What a decoder call may raise that is not the decoder failing: stop requests pass through untouched.
+#: Everything else is caught, including ``pyo3_runtime.PanicException`` (a Rust decoder's panic on a
+#: corrupt codestream), which derives from BaseException and would otherwise stop the ingester.
+NOT_DECODER_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     """Decode one frame's stored values (2-D, the file's dtype) with pydicom and the pylibjpeg plugins.
 
@@ -122,7 +128,9 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     plugin = PREFERRED_DECODING_PLUGIN if PREFERRED_DECODING_PLUGIN in decoder.available_plugins else ""
     try:
         arr, _ = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
-    except Exception as exc:  # the plugins raise anything from ValueError to RuntimeError
+    except BaseException as exc:  # the plugins raise anything from ValueError to a Rust panic (BaseException)
+        if isinstance(exc, NOT_DECODER_FAILURES):
+            raise
         raise InputRejected(
             f"{uid.name} pixel data could not be decoded: {type(exc).__name__}: {exc}",
             reason=Reason.DECODE_FAILED,

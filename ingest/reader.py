@@ -20,7 +20,7 @@ from covid_cxr.constants import FRONTAL_VIEWS, IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
 from covid_cxr.reasons import Reason
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
-from ingest.pixels import PREPROCESSING_VERSION, normalize_radiograph
+from ingest.pixels import NOT_DECODER_FAILURES, PREPROCESSING_VERSION, normalize_radiograph
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ def read_radiograph(source: Path | bytes, policy: ReaderPolicy, *, sha256: str |
     result: ReadResult
     try:
         result = _read(data, sha256, policy)
-    except Exception as exc:  # a bug in covid-cxr; the file still gets a typed answer
+    except BaseException as exc:  # a bug in covid-cxr (or a library's panic): the file still gets a typed answer
+        if isinstance(exc, NOT_DECODER_FAILURES):
+            raise
         logger.error("internal error reading sha256=%s", sha256, exc_info=True)
         rejection = InputRejected(f"internal error: {type(exc).__name__}", reason=Reason.INTERNAL_ERROR)
         result = RejectedResult(sha256, None, rejection)

@@ -468,3 +468,12 @@ def test_ingest_stays_light_no_tensorflow() -> None:
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_a_decoder_panic_is_a_decode_failure_not_a_crash(dicom_dir: Path) -> None:
+    """The Rust RLE decoder panics (a BaseException, not an Exception) on this one-byte change; found by hypothesis."""
+    data = bytearray((dicom_dir / "dcmfx-pydicom__MR_small_RLE.dcm").read_bytes())
+    pixel_data_start = len(data) - len(pydicom.dcmread(io.BytesIO(bytes(data))).PixelData)
+    data[pixel_data_start + 1235] = 202
+    result = read_radiograph(bytes(data), PERMISSIVE)
+    assert result.reason == Reason.DECODE_FAILED and "PanicException" in result.rejection.message
