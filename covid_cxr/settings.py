@@ -142,10 +142,20 @@ class Settings(BaseSettings):
         2.0, ge=0, description="A file is complete once size and mtime are unchanged this long")
     reconcile_interval_seconds: float = Field(30.0, gt=0, description="Period of the full inbox scan / re-enqueue loop")
     requeue_after_seconds: float = Field(900.0, gt=0, description="Re-enqueue instances still 'queued' after this long")
+    batch_timeout_seconds: float = Field(
+        120.0, gt=0, description="A batch 'queued' this long without a sign of life (not waiting in the broker, no "
+        "heartbeat of a worker running it) is lost: re-sent at the next reconciliation, and shown as overdue")
     use_polling_observer: bool = Field(False, description="Polling observer (network shares) instead of inotify")
     after_ingest: Literal["archive", "keep", "delete"] = Field(
         "archive", description="What happens to an accepted file: archive (move to the archive), keep (leave in the "
         "inbox) or delete")
+
+    ingest_pause_below_free_mb: int = Field(
+        1024, ge=0, description="Ingest pauses (files wait in the inbox) while the file system of the data dir, "
+        "archive or quarantine has less free space than this many MiB; 0 never pauses")
+    ingest_resume_above_free_mb: int = Field(
+        2048, ge=0, description="A paused ingest resumes once every such file system has more free space than this "
+        "many MiB; at least the pause level")
 
     # --- inference -------------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=1024, description="Images per inference batch")
@@ -154,6 +164,9 @@ class Settings(BaseSettings):
     cpu_queue: str = Field("cpu", description="Celery queue for CPU jobs (evaluation)")
     max_attempts: int = Field(3, ge=1, description="Task attempts before an instance ends 'failed'")
     model_name: str = Field(MODEL_NAME, description="Registry name whose active version the workers serve")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Inference precision of the workers: fp32, or Keras mixed precision bf16 / fp16 "
+        "(computed in 16 bit, weights and the model's output in float32)")
 
     # --- DICOM network: receiving images, sending results --------------------------------------
     dicom_ae_title: str = Field("COVID_CXR", description="AE title of `covid-cxr receive` and of the results sender")
@@ -233,6 +246,15 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < MIN_WEB_TOKEN_CHARS:
             raise ValueError(f"must be at least {MIN_WEB_TOKEN_CHARS} characters, e.g. the output of "
                              f"`openssl rand -hex 16`")
+        return value
+
+    @field_validator("ingest_resume_above_free_mb")
+    @classmethod
+    def _resume_not_below_pause(cls, value: int, info: ValidationInfo) -> int:
+        pause = info.data.get("ingest_pause_below_free_mb")
+        if pause is not None and value < pause:
+            raise ValueError(f"must be at least COVID_CXR_INGEST_PAUSE_BELOW_FREE_MB ({pause}): ingest resumes above "
+                             f"the level it pauses below, or it would pause and resume on every file")
         return value
 
     @field_validator("evaluation_cron")

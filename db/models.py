@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -92,7 +93,7 @@ class Instance(Base):
     file_sha256: Mapped[str] = mapped_column(SHA256, index=True)
     file_size: Mapped[int | None] = mapped_column(Integer)
     stored_path: Mapped[str | None] = mapped_column(
-        Text, doc="where the file went: archive/quarantine path, or null if deleted")
+        Text, doc="where the file went: archive/quarantine path, or null if deleted (or purged)")
 
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID)
@@ -119,6 +120,8 @@ class Instance(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), doc="when `covid-cxr purge` deleted the archived or quarantined file")
 
     study: Mapped[Study | None] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance")
@@ -143,10 +146,11 @@ class NormalizedImage(Base):
 
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
     preprocessing_version: Mapped[str] = mapped_column(String(32))
-    png: Mapped[bytes] = mapped_column(LargeBinary)
+    png: Mapped[bytes | None] = mapped_column(LargeBinary, doc="null once purged (covid-cxr purge --images)")
     mean: Mapped[float | None] = mapped_column(Float, doc="pixel mean 0..255, for drift monitoring")
     std: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), doc="when the PNG was dropped")
 
 
 class ModelVersion(Base):
@@ -344,3 +348,17 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("document_id", "destination", name="uq_deliveries_document_destination"),)
+
+
+class IngestStatus(Base):
+    """One row per running ingester: whether it pauses for lack of disk space, written by the ingester itself."""
+
+    __tablename__ = "ingest_status"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True, doc="host:inbox of the ingester")
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    paused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    free_bytes: Mapped[int | None] = mapped_column(BigInteger, doc="least free space of the watched file systems")
+    disk_path: Mapped[str | None] = mapped_column(Text, doc="the folder on the file system with the least free space")
+    message: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
