@@ -12,6 +12,9 @@ recorded and disposed of by exactly one code path. The steps, each testable alon
 6. Every ``reconcile_interval_seconds``: a full inbox scan and the ``requeue`` function (never-sent
    and lost messages).
 
+Files are taken only while the inbox folder is there (:mod:`ingest.inbox_presence` re-arms the
+watcher when it comes back) and the disk has room (:mod:`ingest.watermark`).
+
 The publishing functions are passed in by the composition root (:mod:`service`), normally
 :func:`taskqueue.producer.enqueue_batch` and :func:`taskqueue.producer.requeue_stale`: ingest
 never imports the queue.
@@ -41,6 +44,7 @@ from ingest.inbox import (
     relative_name,
     write_reason,
 )
+from ingest.inbox_presence import InboxPresence
 from ingest.metrics import observe_file
 from ingest.recorder import (
     Outcome,
@@ -51,6 +55,7 @@ from ingest.recorder import (
 )
 from ingest.stuck import clear_stuck, mark_stuck
 from ingest.watcher import InboxWatcher
+from ingest.watermark import DiskWatermark, forget_ingest_status, ingester_name, record_ingest_status
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +149,10 @@ class IngestService:
         )
         self.batcher = Batcher(settings.batch_size, settings.batch_max_wait_seconds,
                                lambda ids: enqueue(settings, ids))
+        self.presence = InboxPresence(self.watcher)
+        self.watermark = DiskWatermark(settings)
+        self.watermark.on_change = lambda _: self.publish_status()
+        self._status_name = ingester_name(settings)
         self._requeue = requeue
         self._stop = threading.Event()
         self._progress_interval = progress_interval
@@ -181,7 +190,8 @@ class IngestService:
                 if now >= next_reconcile:
                     self.reconcile()
                     next_reconcile = now + self.settings.reconcile_interval_seconds
-                for path in self.watcher.take_ready():
+                taking = self.may_take_files()
+                for path in self.watcher.take_ready() if taking else ():
                     if self._stop.is_set():
                         self.watcher.retry_later(path)
                         continue
@@ -191,18 +201,37 @@ class IngestService:
                 if time.monotonic() >= next_progress:
                     last_reported = self.report_progress(last_reported)
                     next_progress = time.monotonic() + self._progress_interval
-                self.watcher.wait(self._sleep_seconds(next_reconcile))
+                self.watcher.wait(self._sleep_seconds(next_reconcile, taking))
         finally:
             self._send_due_batch(force=True)
             self.watcher.stop()
             self.report_progress(None)
+            self._forget_status()
 
-    def _sleep_seconds(self, next_reconcile: float) -> float:
+    def _sleep_seconds(self, next_reconcile: float, taking: bool = True) -> float:
         waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
-        for wait in (self.watcher.seconds_until_next_check(), self.batcher.seconds_until_due()):
+        settling = self.watcher.seconds_until_next_check() if taking else None
+        for wait in (settling, self.batcher.seconds_until_due()):
             if wait is not None:
                 waits.append(wait)
         return max(0.01, min(waits))
+
+    def may_take_files(self) -> bool:
+        """Files are taken while the inbox folder is there and the disk has room (:mod:`ingest.watermark`)."""
+        return self.presence.present() and not self.watermark.paused()
+
+    def publish_status(self) -> None:
+        """Write this ingester's watermark state where ``status`` reads it; a database away is no reason to stop."""
+        try:
+            record_ingest_status(self.settings, self._status_name, self.watermark)
+        except Exception as exc:
+            log.warning("could not record the ingest status: %s: %s", type(exc).__name__, exc)
+
+    def _forget_status(self) -> None:
+        try:
+            forget_ingest_status(self.settings, self._status_name)
+        except Exception as exc:
+            log.warning("could not remove the ingest status: %s: %s", type(exc).__name__, exc)
 
     # --- one file ----------------------------------------------------------------------------
     def _process_claimed(self, path: Path) -> None:
@@ -215,7 +244,12 @@ class IngestService:
             self._stuck(path, entry.cause, entry.message)
         except Exception as exc:
             known = entry_error(exc) if isinstance(exc, OSError) else None
-            if known is not None:
+            if isinstance(exc, FileNotFoundError) and not path.exists():
+                # Moved away under us (the inbox renamed, say): its row is kept, the move finished once it is back.
+                log.warning("%s vanished while being ingested (%s); it is finished when it reappears",
+                            self._name(path), exc.strerror or exc)
+                self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
+            elif known is not None:
                 self._stuck(path, known.cause, known.message)
             else:
                 self._stuck(path, Reason.INGEST_ERROR, f"{type(exc).__name__}: {exc}", traceback=True)
@@ -322,6 +356,7 @@ class IngestService:
         if found:
             log.debug("scan: %d new file(s) in the inbox", found)
         self._forget_gone_stuck()
+        self.publish_status()
         try:
             return self._requeue(self.settings)
         except Exception:

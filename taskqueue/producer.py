@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
@@ -57,6 +58,7 @@ def enqueue_batch(settings: Settings, instance_ids: list[int]) -> bool:
         producer_app(settings).send_task(
             PREDICT_TASK,
             kwargs={"instance_ids": ids, "batch_id": batch_id},
+            task_id=batch_id,  # the broker can be asked whether a batch still waits (taskqueue.recovery)
             queue=settings.inference_queue,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
@@ -82,9 +84,11 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
     """Re-enqueue instances that were recorded but never sent, or sent and apparently lost.
 
     Selected: ``received`` instances older than ``batch_max_wait_seconds`` (younger ones may still
-    sit in the ingester's batcher), and ``queued`` instances whose ``queued_at`` is older than
+    sit in the ingester's batcher), ``queued`` instances whose ``queued_at`` is older than
     ``queued_grace_seconds`` (default ``requeue_after_seconds``; 0 re-sends every queued instance,
-    which ``serve`` does at start-up because no worker of its embedded broker can be running yet).
+    which ``serve`` does at start-up because no worker of its embedded broker can be running yet),
+    and ``queued`` instances whose batch is lost (:func:`taskqueue.recovery.lost_instance_ids`:
+    sent before the broker restarted, or quiet for ``batch_timeout_seconds`` and in no queue).
     Sending an instance twice is harmless: the worker skips instances already predicted and
     prediction writes are idempotent. Sends in batches of ``batch_size`` and stops at the first
     batch the broker refuses.
@@ -94,6 +98,8 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
     int
         How many instances were sent.
     """
+    from taskqueue.recovery import lost_instance_ids
+
     now = now or _utcnow()
     received_before = now - timedelta(seconds=settings.batch_max_wait_seconds)
     grace = settings.requeue_after_seconds if queued_grace_seconds is None else queued_grace_seconds
@@ -107,14 +113,24 @@ def requeue_stale(settings: Settings, now: datetime | None = None, *,
             ))
             .order_by(Instance.id)
         ).all()
+    sent = send_in_batches(settings, sorted(set(ids).union(lost_instance_ids(settings, now))))
+    if sent:
+        log.info("re-enqueued %d instance(s) that were never sent or whose message was lost", sent)
+    return sent
+
+
+def send_in_batches(settings: Settings, instance_ids: Sequence[int]) -> int:
+    """Send ``instance_ids`` in order, ``batch_size`` per task; stops at the first batch the broker refuses.
+
+    Returns how many were sent; the rest stay as they are (``received`` ones for the reconciliation).
+    """
+    ids = list(instance_ids)
     sent = 0
     for start in range(0, len(ids), settings.batch_size):
-        chunk = list(ids[start:start + settings.batch_size])
+        chunk = ids[start:start + settings.batch_size]
         if not enqueue_batch(settings, chunk):
             break
         sent += len(chunk)
-    if sent:
-        log.info("re-enqueued %d instance(s) that were never sent or whose message was lost", sent)
     return sent
 
 

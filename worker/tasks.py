@@ -31,6 +31,7 @@ from db.models import Instance, InstanceState, NormalizedImage, Prediction, Stud
 from db.session import dispose_engines, session_scope
 from db.upsert import insert_or_ignore, insert_or_update
 from taskqueue.names import PREDICT_TASK
+from worker.heartbeat import heartbeat
 from worker.inference import MODELS, ActiveModelCache, LoadedModel, decode_png, stack
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ RULE_MAX_FRONTAL = "max_frontal"
 RULE_MAX_VIEW_UNKNOWN = "max_view_unknown"
 #: Longest wait between two attempts (seconds); also kept below the Redis visibility timeout.
 MAX_BACKOFF_SECONDS = 60
+#: Retries of a batch that could not even start (database unreachable): enough to bridge a database restart.
+#: Once they are used up, the batch goes quiet and the reconciliation re-sends it (taskqueue.recovery).
+START_RETRIES = 8
 #: Stored messages are cut to this length.
 MAX_MESSAGE_CHARS = 2000
 
@@ -128,6 +132,12 @@ def run_batch(settings: Settings, instance_ids: Sequence[int], batch_id: str,
     report.skipped = len(instance_ids) - len(claimed) - len(given_up)
     if not claimed:
         return report
+    with heartbeat(settings, [item.instance_id for item in claimed]):
+        return _predict_claimed(settings, claimed, batch_id, models, report)
+
+
+def _predict_claimed(settings: Settings, claimed: list[ClaimedInstance], batch_id: str, models: ActiveModelCache,
+                     report: BatchReport) -> BatchReport:
     try:
         model = models.get(settings)
         report.model_version = model.version
@@ -335,8 +345,13 @@ def _aware(moment: datetime) -> datetime:
 
 
 def backoff_seconds(settings: Settings, retries: int) -> int:
-    """Exponential backoff 1, 2, 4... s (Celery's own formula), capped below the broker's redelivery delay."""
-    cap = max(1, min(MAX_BACKOFF_SECONDS, int(settings.requeue_after_seconds // 2)))
+    """Exponential backoff 1, 2, 4... s (Celery's own formula), capped below the broker's redelivery delay.
+
+    Also capped at half of ``batch_timeout_seconds``: a batch waiting for its next attempt must not
+    look lost to the reconciliation.
+    """
+    cap = max(1, min(MAX_BACKOFF_SECONDS, int(settings.requeue_after_seconds // 2),
+                     int(settings.batch_timeout_seconds // 2)))
     return int(get_exponential_backoff_interval(factor=1, retries=retries, maximum=cap))
 
 
@@ -344,7 +359,7 @@ def backoff_seconds(settings: Settings, retries: int) -> int:
 # Celery ships no type information, so its decorators and signals are untyped for mypy.
 
 
-@shared_task(bind=True, name=PREDICT_TASK)  # type: ignore[untyped-decorator]
+@shared_task(bind=True, name=PREDICT_TASK, max_retries=None)  # type: ignore[untyped-decorator]
 def predict_batch(self: Any, instance_ids: list[int], batch_id: str | None = None) -> dict[str, Any]:
     """Classify a batch of instances; see :func:`run_batch`. Retries with backoff, then fails the instances."""
     settings: Settings = self.app.covid_cxr_settings
@@ -353,20 +368,27 @@ def predict_batch(self: Any, instance_ids: list[int], batch_id: str | None = Non
     try:
         report = run_batch(settings, instance_ids, batch_id)
     except AttemptFailed as failure:
-        again = record_attempt_failure(settings, failure)
+        try:
+            again = record_attempt_failure(settings, failure)
+        except Exception as exc:
+            # The database went away during the attempt: the whole batch is tried again (its attempt is counted).
+            log.warning("batch %s: attempt failed (%s) and could not be recorded (%s: %s), retrying in %d s",
+                        batch_id, failure, type(exc).__name__, exc, countdown)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=START_RETRIES) from exc
         if not again:
             log.error("batch %s: failed for good after %d attempt(s): %s", batch_id, settings.max_attempts, failure)
             return {"batch_id": batch_id, "failed": len(failure.claimed), "reason": failure.reason}
         log.warning("batch %s: attempt failed (%s), retrying %d instance(s) in %d s", batch_id, failure,
                     len(again), countdown)
-        raise self.retry(kwargs={"instance_ids": again, "batch_id": batch_id}, exc=failure, countdown=countdown,
-                         max_retries=settings.max_attempts - 1) from failure
+        # No retry limit here: the instances' own attempts (max_attempts) end this, whatever retries came before.
+        raise self.retry(kwargs={"instance_ids": again, "batch_id": batch_id}, exc=failure,
+                         countdown=countdown) from failure
     except Exception as exc:
-        # Nothing was claimed (database unreachable?): retry the message; if that runs out the
-        # instances stay 'queued' and the reconciliation loop re-enqueues them later.
+        # Nothing was claimed (database unreachable?): retry the message, long enough to bridge a
+        # database restart; if that runs out the batch goes quiet and the reconciliation re-sends it.
         log.warning("batch %s: could not start (%s: %s), retrying in %d s", batch_id, type(exc).__name__, exc,
                     countdown)
-        raise self.retry(exc=exc, countdown=countdown, max_retries=settings.max_attempts - 1) from exc
+        raise self.retry(exc=exc, countdown=countdown, max_retries=START_RETRIES) from exc
     log.info("batch %s: %d predicted, %d skipped, failed %s, forward %.0f ms", batch_id, report.predicted,
              report.skipped, report.failed or "none", report.forward_ms or 0.0)
     return report.to_dict()
