@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 import db.cli
 import ingest.cli
+import ingest.retention_cli
 import model_store.cli
+import taskqueue.cli
 import worker.cli
 import worker.evaluation_cli
 from covid_cxr.commandline import EXIT_ERROR, EXIT_USAGE, Subparsers, common_options
@@ -28,6 +30,8 @@ REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = 
     worker_command.register,  # worker
     worker.cli.register,  # status, results
     deliver_command.register,  # deliver
+    taskqueue.cli.register,  # requeue
+    ingest.retention_cli.register,  # purge
     model_store.cli.register,  # train, models
     worker.evaluation_cli.register,  # labels, evaluate, report
     db.cli.register,  # db upgrade|current

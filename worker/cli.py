@@ -89,6 +89,8 @@ def format_status(report: dict[str, Any]) -> str:
     if pending:
         lines.append(f"oldest wait  instance {pending['instance_id']} {pending['state']} for "
                      f"{pending['age_seconds']:.0f} s (attempts {pending['attempts']})")
+    lines.append(f"overdue      {_overdue_line(report['overdue'])}")
+    lines.append(f"ingest       {_ingest_line(report['ingest'])}")
     lines += _outbox_lines(report.get("outbox"))
     return "\n".join(lines) + "\n"
 
@@ -106,6 +108,26 @@ def _outbox_lines(outbox: dict[str, Any] | None) -> list[str]:
         lines.append(f"dead letter  {dead['at']} {dead['document']} -> {dead['destination']} after "
                      f"{dead['attempts']} attempt(s) {dead['reason']}: {printable(str(dead['message']))}")
     return lines
+
+
+def _overdue_line(overdue: dict[str, Any]) -> str:
+    if not overdue["instances"]:
+        return "none"
+    return (f"{overdue['instances']} instance(s) in {overdue['batches']} batch(es) without a sign of life for more "
+            f"than {overdue['after_seconds']:.0f} s (longest {overdue['longest_quiet_seconds']:.0f} s): a lost batch "
+            f"is re-sent at the next reconciliation")
+
+
+def _ingest_line(ingest: dict[str, Any]) -> str:
+    """Each ingester's watermark state; PAUSED first, since files then wait in its inbox."""
+    if not ingest["ingesters"]:
+        return "no ingester running"
+    parts = []
+    for item in sorted(ingest["ingesters"], key=lambda item: not item["paused"]):
+        state = "PAUSED" if item["paused"] else "running"
+        seen = f", last seen {item['age_seconds']:.0f} s ago" if item["stale"] else ""
+        parts.append(f"{state} {item['name']}: {item['message']}{seen}")
+    return " · ".join(parts)
 
 
 def _problem_line(problem: dict[str, Any] | None) -> str:

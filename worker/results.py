@@ -15,6 +15,8 @@ from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, 
 from db.session import session_scope
 from delivery.outbox import outbox_summary
 from ingest.stuck import stuck_files
+from ingest.watermark import ingest_status
+from taskqueue.recovery import overdue_summary
 
 #: Column order of image rows (``results`` table and CSV).
 IMAGE_COLUMNS = (
@@ -44,7 +46,10 @@ def status_report(settings: Settings) -> dict[str, Any]:
             "last_rejection": last_rejection(session),
             "oldest_pending": oldest_pending(session),
             "outbox": outbox_summary(session, count_unreported=bool(settings.dicom_destinations)),
+            # Per ingester: paused below the free-disk watermark? Stale rows are ingesters not seen lately.
+            "ingest": ingest_status(session, fresh_seconds=3 * settings.reconcile_interval_seconds + 30),
         }
+    report["overdue"] = overdue_summary(settings)
     report["queues"], report["queue_error"] = queue_depths(settings)
     report["stuck_files"] = stuck_files(settings)
     return report
