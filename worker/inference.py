@@ -69,14 +69,51 @@ def load_active_model(settings: Settings) -> LoadedModel:
     configure_devices()
     record = get_active(settings, settings.model_name)
     started = time.perf_counter()
-    model = load_registered_model(settings, record)
+    model = with_precision(load_registered_model(settings, record), settings.mixed_precision)
     loaded = describe(model, record)
     loaded.forward = compile_forward(model)
     # Trace the compiled function now, so the first batch does not pay for it.
     loaded.probabilities(np.zeros((1, *IMAGE_SHAPE), dtype=np.uint8))
-    log.info("loaded model %s version %s (sha256 %s...) in %.1f s", loaded.name, loaded.version,
-             loaded.sha256[:12], time.perf_counter() - started)
+    log.info("loaded model %s version %s (sha256 %s...) in %.1f s, precision %s", loaded.name, loaded.version,
+             loaded.sha256[:12], time.perf_counter() - started, settings.mixed_precision)
     return loaded
+
+
+#: ``COVID_CXR_MIXED_PRECISION`` values and the Keras mixed precision policies they stand for.
+PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def with_precision(model: Any, precision: str) -> Any:
+    """``model`` rebuilt under the Keras mixed precision policy for ``precision`` (``fp32``: unchanged).
+
+    A saved model names each layer's dtype policy (float32), so loading it under another global
+    policy changes nothing: the layers are built again from their configs without it, while the
+    global policy is set, and get the loaded weights (kept in float32 by the policy; each layer
+    computes in 16 bit). The output layer stays float32, so the softmax and the probabilities the
+    worker stores are float32 whatever the precision.
+    """
+    import keras
+
+    policy = PRECISION_POLICIES[precision]
+    if policy == "float32":
+        return model
+    output_layer = model.layers[-1].name
+
+    def rebuild(layer: Any) -> Any:
+        config = layer.get_config()
+        config.pop("dtype", None)
+        if layer.name == output_layer:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        mixed = keras.models.clone_model(model, clone_function=rebuild)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)  # the policy belongs to this model, not the process
+    mixed.set_weights(model.get_weights())
+    return mixed
 
 
 def configure_devices() -> list[str]:
