@@ -1,7 +1,8 @@
 # covid-cxr: one image for every role (ingest, worker, beat, migrate); the command picks the role.
-# CPU image. For an NVIDIA GPU worker build FROM a CUDA base and install tensorflow[and-cuda]
-# instead (see docs/operate.md), or run the worker outside Docker.
-FROM python:3.11-slim
+#   docker build -t covid-cxr .                         the CPU image (the last stage below)
+#   docker build --target cuda -t covid-cxr:cuda .      the same plus CUDA, for GPU workers
+# See docs/operations.md (GPU readiness) and docker-compose.yml's gpu profile.
+FROM python:3.11-slim AS cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,3 +32,14 @@ USER covid
 VOLUME ["/data", "/inbox"]
 ENTRYPOINT ["covid-cxr"]
 CMD ["--help"]
+
+# GPU workers: the CPU image plus TensorFlow's CUDA and cuDNN libraries as pip wheels
+# (tensorflow[and-cuda], pinned to the TensorFlow version already installed). The host needs only
+# an NVIDIA driver and the NVIDIA container toolkit; the compose profile `gpu` reserves the device.
+FROM cpu AS cuda
+USER root
+RUN pip install "tensorflow[and-cuda]==$(python -c 'from importlib.metadata import version; print(version("tensorflow"))')"
+USER covid
+
+# The last stage is what `docker build .` (and compose's plain `build: .`) makes: the CPU image.
+FROM cpu AS runtime
