@@ -17,9 +17,11 @@ insert-or-ignore), so a doubt is resolved by sending again, never by waiting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -45,17 +47,20 @@ def heartbeat_interval(settings: Settings) -> float:
     return max(0.5, min(30.0, settings.batch_timeout_seconds / 4))
 
 
-def waiting_batch_ids(settings: Settings) -> set[str] | None:
-    """Batch ids of the inference messages waiting in the broker (not those a worker holds); ``None`` if unknown.
+def waiting_batch_ids(settings: Settings, taken_within_seconds: float = 0.0) -> set[str] | None:
+    """Batch ids the broker still has: waiting in the inference queue, or taken by a worker lately; ``None`` if unknown.
 
-    The folder broker: the message files of the inference queue. Redis: the queue's lists (one per
-    priority step). Any other transport, or a broker that cannot be read, gives ``None``.
+    The folder broker: the message files of the inference queue (a message a worker took is gone
+    from there). Redis: the queue's lists (one per priority step), and the messages workers took
+    within the last ``taken_within_seconds`` and have not acknowledged (a worker whose pool is still
+    loading the model holds its message without a sign in the database). Any other transport, or a
+    broker that cannot be read, gives ``None``.
     """
     if settings.embedded_broker:
         return _folder_batch_ids(settings.broker_dir / "queue", settings.inference_queue)
     if settings.broker.startswith(("redis://", "rediss://")):
         try:
-            return _redis_batch_ids(settings)
+            return _redis_batch_ids(settings, taken_within_seconds)
         except Exception as exc:  # any transport error: unknown, and the caller waits for the next round
             log.warning("could not read the inference queue: %s: %s", type(exc).__name__, exc)
     return None
@@ -94,7 +99,7 @@ def lost_instance_ids(settings: Settings, now: datetime | None = None, *,
     quiet_since = now - timedelta(seconds=quiet)
     if _count_queued(settings, Instance.updated_at <= quiet_since):
         # The broker first, then the rows: a batch a worker takes in between has been claimed by then.
-        waiting = waiting_batch_ids(settings)
+        waiting = waiting_batch_ids(settings, taken_within_seconds=quiet)
         if waiting is not None:
             quiet_ids = _queued(settings, Instance.updated_at <= quiet_since, exclude_batches=waiting)
             if quiet_ids:
@@ -156,12 +161,21 @@ def _folder_batch_ids(folder: Path, queue: str) -> set[str]:
     return ids
 
 
-def _redis_batch_ids(settings: Settings) -> set[str]:
+def _redis_batch_ids(settings: Settings, taken_within_seconds: float) -> set[str]:
     with _redis_channel(settings) as channel:
+        client = channel.client
         keys = dict.fromkeys(channel._q_for_pri(settings.inference_queue, step) for step in channel.priority_steps)
-        raw: list[bytes] = []
+        raw: list[Any] = []
         for key in keys:
-            raw.extend(channel.client.lrange(key, 0, -1))
+            raw.extend(client.lrange(key, 0, -1))
+        if taken_within_seconds > 0:
+            # kombu keeps each unacknowledged message under its delivery tag, scored by when it was taken.
+            since = time.time() - taken_within_seconds
+            tags = client.zrangebyscore(channel.unacked_index_key, since, "+inf")
+            if tags:
+                for held in client.hmget(channel.unacked_key, tags):
+                    with contextlib.suppress(ValueError, TypeError, IndexError):
+                        raw.append(json.loads(held)[0])  # [message, exchange, routing key]
     return _task_ids(raw)
 
 
@@ -176,11 +190,13 @@ def _redis_channel(settings: Settings) -> Iterator[Any]:
         connection.release()
 
 
-def _task_ids(messages: Iterable[bytes]) -> set[str]:
+def _task_ids(messages: Iterable[Any]) -> set[str]:
+    """Task ids of broker messages, given as JSON text or as decoded envelopes; anything else is skipped."""
     ids: set[str] = set()
-    for raw in messages:
+    for message in messages:
         try:
-            task_id = json.loads(raw)["headers"]["id"]
+            envelope = json.loads(message) if isinstance(message, bytes | str) else message
+            task_id = envelope["headers"]["id"]
         except (ValueError, KeyError, TypeError):  # not one of ours: the worker drops it
             continue
         if isinstance(task_id, str):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from service_fixtures import embedded_settings, instance_states, record_instances
+from service_fixtures import distributed_settings, embedded_settings, instance_states, record_instances
 from sqlalchemy import select, update
 
 from db.migrate import upgrade
@@ -98,3 +98,28 @@ def test_the_folder_broker_skips_half_written_and_foreign_files(tmp_path):
     (queue / f"2_y.{settings.inference_queue}.msg").write_text("not json")
     (queue / f"3_z.{settings.cpu_queue}.msg").write_text('{"headers": {"id": "other-queue"}}')
     assert waiting_batch_ids(settings) == set()
+
+
+def test_a_redis_message_a_worker_took_lately_is_in_hand_and_one_taken_long_ago_is_not(tmp_path, postgres_url,
+                                                                                       redis_url):
+    """A worker whose pool is still loading the model holds its message unacknowledged, with no sign in the rows."""
+    import redis
+
+    from taskqueue.producer import producer_app
+
+    settings = distributed_settings(tmp_path, postgres_url, redis_url, batch_timeout_seconds=60.0)
+    upgrade(settings)
+    ids = record_instances(settings, IMAGES, preprocessing_version="test")
+    assert enqueue_batch(settings, ids)
+    (batch_id,) = _batch_ids(settings, ids)
+    _quiet_for(settings, ids, 61)
+    with producer_app(settings).connection_for_read() as connection:
+        held = connection.SimpleQueue(settings.inference_queue, no_ack=False).get(timeout=5)  # taken, not acked
+        assert waiting_batch_ids(settings) == set(), "no longer in the queue's list"
+        assert waiting_batch_ids(settings, taken_within_seconds=60) == {batch_id}
+        assert lost_instance_ids(settings) == [], "taken a moment ago by a worker that is alive"
+        client = redis.Redis.from_url(redis_url)
+        (tag,) = client.zrange("unacked_index", 0, -1)
+        client.zadd("unacked_index", {tag: time.time() - 120})  # as if taken two minutes ago by a worker now dead
+        assert lost_instance_ids(settings) == sorted(ids)
+        held.requeue()
