@@ -35,8 +35,13 @@ class InboxPresence:
         self._check_every = check_every
         self._clock = clock
         self._next_check = 0.0
-        self._identity = _identity(watcher.inbox)
+        self._identity: Identity | None = None
         self.rearmed = 0
+
+    def start(self) -> None:
+        """Remember the folder the watcher was started on (call right after starting it)."""
+        self._identity = _identity(self.watcher.inbox)
+        self._next_check = self._clock() + self._check_every
 
     def present(self) -> bool:
         """Whether the inbox folder is there; re-arms the watcher when it came back or is another folder now."""

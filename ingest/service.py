@@ -176,6 +176,7 @@ class IngestService:
         """Scan, then process files as they become complete until :meth:`stop`."""
         self.settings.inbox.mkdir(parents=True, exist_ok=True)
         self.watcher.start()
+        self.presence.start()
         log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs)",
                  self.settings.inbox.resolve(), self.settings.settle_seconds, self.settings.batch_size,
                  self.settings.batch_max_wait_seconds, self.settings.after_ingest,
@@ -301,6 +302,8 @@ class IngestService:
         known = find_recorded_file(self.settings, path, rel_name, sha256)
         if known is not None:
             self._finish_disposal(known, path)
+            if known.state == InstanceState.received.value:  # its move failed before it was batched: send it now
+                self.batcher.add(known.id)
             self.counts["already_recorded"] += 1
             log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)
             return None
