@@ -50,8 +50,8 @@ def section(page: Path, anchor: str) -> str:
 
 
 def test_the_docs_build_without_warnings(site: Path) -> None:
-    for page in ("index", "operate", "operations", "configure", "preprocessing", "model", "sql", "benchmarks", "architecture",
-                 "development", "changelog"):
+    for page in ("index", "operate", "operations", "configure", "preprocessing", "model", "sql", "benchmarks",
+                 "architecture", "development", "changelog"):
         assert (site / f"{page}.html").is_file(), page
     assert (site / "reports" / "demo-report.html").is_file(), "docs/reports/ is published with the site"
 
