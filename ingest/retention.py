@@ -128,7 +128,7 @@ def _purge_files(settings: Settings, folder: Path, cutoff: datetime, now: dateti
 def _purge_images(settings: Settings, cutoff: datetime, now: datetime, dry_run: bool) -> tuple[int, int]:
     old_predicted = (
         select(Instance.id)
-        .where(Instance.state == InstanceState.predicted.value, Instance.created_at < cutoff)
+        .where(Instance.state == InstanceState.predicted, Instance.created_at < cutoff)
     )
     selected = (NormalizedImage.instance_id.in_(old_predicted), NormalizedImage.png.is_not(None))
     with session_scope(settings) as session:

@@ -302,7 +302,7 @@ class IngestService:
         known = find_recorded_file(self.settings, path, rel_name, sha256)
         if known is not None:
             self._finish_disposal(known, path)
-            if known.state == InstanceState.received.value:  # its move failed before it was batched: send it now
+            if known.state == InstanceState.received:  # its move failed before it was batched: send it now
                 self.batcher.add(known.id)
             self.counts["already_recorded"] += 1
             log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)

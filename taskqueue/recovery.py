@@ -126,7 +126,7 @@ def overdue_summary(settings: Settings, now: datetime | None = None) -> dict[str
     """
     now = now or _utcnow()
     quiet_since = now - timedelta(seconds=settings.batch_timeout_seconds)
-    pending = Instance.state.in_([InstanceState.received.value, InstanceState.queued.value])
+    pending = Instance.state.in_([InstanceState.received, InstanceState.queued])
     with session_scope(settings) as session:
         row = session.execute(
             select(func.count(), func.count(func.distinct(Instance.batch_id)), func.min(Instance.updated_at))
@@ -208,7 +208,7 @@ def _task_ids(messages: Iterable[Any]) -> set[str]:
 
 
 def _queued(settings: Settings, condition: Any, exclude_batches: set[str] | None = None) -> list[int]:
-    query = select(Instance.id, Instance.batch_id).where(Instance.state == InstanceState.queued.value, condition)
+    query = select(Instance.id, Instance.batch_id).where(Instance.state == InstanceState.queued, condition)
     with session_scope(settings) as session:
         rows = session.execute(query.order_by(Instance.id)).all()
     return [row.id for row in rows if not exclude_batches or row.batch_id not in exclude_batches]
@@ -217,7 +217,7 @@ def _queued(settings: Settings, condition: Any, exclude_batches: set[str] | None
 def _count_queued(settings: Settings, condition: Any) -> int:
     with session_scope(settings) as session:
         return int(session.scalar(
-            select(func.count()).select_from(Instance).where(Instance.state == InstanceState.queued.value, condition)
+            select(func.count()).select_from(Instance).where(Instance.state == InstanceState.queued, condition)
         ) or 0)
 
 

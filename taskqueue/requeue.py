@@ -23,7 +23,7 @@ from taskqueue.producer import send_in_batches
 log = logging.getLogger(__name__)
 
 #: States ``requeue`` may select: the final ``failed``, and the two waiting states.
-REQUEUE_STATES = (InstanceState.failed.value, InstanceState.queued.value, InstanceState.received.value)
+REQUEUE_STATES = (InstanceState.failed, InstanceState.queued, InstanceState.received)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class RequeueResult:
     sent: int = 0
 
 
-def select_instances(settings: Settings, *, state: str = InstanceState.failed.value, reason: str | None = None,
+def select_instances(settings: Settings, *, state: str = InstanceState.failed, reason: str | None = None,
                      since: datetime | None = None) -> RequeuePlan:
     """Instances in ``state`` (one of :data:`REQUEUE_STATES`), of ``reason`` if given, changed at or after ``since``."""
     if state not in REQUEUE_STATES:
@@ -66,13 +66,13 @@ def requeue(settings: Settings, plan: RequeuePlan) -> RequeueResult:
     if not plan.ids:
         return result
     ids = plan.ids
-    if plan.state == InstanceState.failed.value:
+    if plan.state == InstanceState.failed:
         with session_scope(settings) as session:
             # Only rows still failed: one a worker or another operator changed meanwhile is left alone.
             ids = list(session.scalars(
                 update(Instance)
-                .where(Instance.id.in_(plan.ids), Instance.state == InstanceState.failed.value)
-                .values(state=InstanceState.received.value, attempts=0, reason=None, message=None,
+                .where(Instance.id.in_(plan.ids), Instance.state == InstanceState.failed)
+                .values(state=InstanceState.received, attempts=0, reason=None, message=None,
                         finished_at=None)
                 .returning(Instance.id)
             ))

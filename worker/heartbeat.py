@@ -21,7 +21,7 @@ from taskqueue.recovery import heartbeat_interval
 
 log = logging.getLogger(__name__)
 
-_PENDING = (InstanceState.received.value, InstanceState.queued.value)
+_PENDING = (InstanceState.received, InstanceState.queued)
 
 
 def touch(settings: Settings, instance_ids: Sequence[int]) -> int:
