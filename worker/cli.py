@@ -89,8 +89,10 @@ def format_status(report: dict[str, Any]) -> str:
     if pending:
         lines.append(f"oldest wait  instance {pending['instance_id']} {pending['state']} for "
                      f"{pending['age_seconds']:.0f} s (attempts {pending['attempts']})")
-    lines.append(f"overdue      {_overdue_line(report['overdue'])}")
-    lines.append(f"ingest       {_ingest_line(report['ingest'])}")
+    if "overdue" in report:
+        lines.append(f"overdue      {_overdue_line(report['overdue'])}")
+    if "ingest" in report:
+        lines.append(f"ingest       {_ingest_line(report['ingest'])}")
     lines += _outbox_lines(report.get("outbox"))
     return "\n".join(lines) + "\n"
 
