@@ -66,8 +66,8 @@ def waiting_batch_ids(settings: Settings, taken_within_seconds: float = 0.0) -> 
     return None
 
 
-def broker_started_at(settings: Settings, now: datetime | None = None) -> datetime | None:
-    """When the Redis server last started (from its uptime); ``None`` for the folder broker or when unknown."""
+def broker_started_at(settings: Settings) -> datetime | None:
+    """When the Redis server last started (uptime back from now); ``None`` for the folder broker or unknown."""
     if not settings.broker.startswith(("redis://", "rediss://")):
         return None
     try:
@@ -76,12 +76,12 @@ def broker_started_at(settings: Settings, now: datetime | None = None) -> dateti
     except Exception as exc:  # unknown: the timeout rule still finds what was lost
         log.debug("no broker start time: %s: %s", type(exc).__name__, exc)
         return None
-    return (now or _utcnow()) - timedelta(seconds=uptime)
+    return _utcnow() - timedelta(seconds=uptime)
 
 
 def lost_instance_ids(settings: Settings, now: datetime | None = None, *,
                       quiet_seconds: float | None = None) -> list[int]:
-    """Ids of ``queued`` instances whose batch is lost (see the module docstring), oldest batch first.
+    """Ids of ``queued`` instances whose batch is lost (see the module docstring), in id order.
 
     ``quiet_seconds`` (default ``batch_timeout_seconds``) is how long without a sign of life makes a
     batch that is not waiting in the queue lost; ``serve`` passes 0 once its only worker has died.
@@ -89,7 +89,7 @@ def lost_instance_ids(settings: Settings, now: datetime | None = None, *,
     now = now or _utcnow()
     quiet = settings.batch_timeout_seconds if quiet_seconds is None else quiet_seconds
     lost: set[int] = set()
-    started = broker_started_at(settings, now)
+    started = broker_started_at(settings)
     if started is not None:
         before_restart = started - timedelta(seconds=RESTART_SLACK_SECONDS)
         lost.update(_queued(settings, Instance.queued_at < before_restart))
@@ -101,10 +101,10 @@ def lost_instance_ids(settings: Settings, now: datetime | None = None, *,
         # The broker first, then the rows: a batch a worker takes in between has been claimed by then.
         waiting = waiting_batch_ids(settings, taken_within_seconds=quiet)
         if waiting is not None:
-            quiet_ids = _queued(settings, Instance.updated_at <= quiet_since, exclude_batches=waiting)
+            quiet_ids = set(_queued(settings, Instance.updated_at <= quiet_since, exclude_batches=waiting)) - lost
             if quiet_ids:
                 log.warning("%d queued instance(s) in no queue and without a worker's heartbeat for %.0f s: re-sent",
-                            len(set(quiet_ids) - lost), quiet)
+                            len(quiet_ids), quiet)
             lost.update(quiet_ids)
     return sorted(lost)
 
