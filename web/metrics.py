@@ -41,13 +41,13 @@ class InstallationCollector(Collector):
 
     def _from_database(self) -> Iterator[Metric]:
         from db.session import session_scope
-        from web.queries import counts_by_state_and_reason, latest_report_ages, overdue_count, stuck_entry_count
+        from taskqueue.recovery import overdue_summary
+        from web.queries import counts_by_state_and_reason, latest_report_ages, stuck_entry_count
         from worker.results import active_model, oldest_pending
 
         now = datetime.now(UTC)
         with session_scope(self.settings) as session:
             counts = counts_by_state_and_reason(session)
-            overdue = overdue_count(session, self.settings, now)
             stuck = stuck_entry_count(session)
             pending = oldest_pending(session)
             ages = latest_report_ages(session, now)
@@ -58,8 +58,8 @@ class InstallationCollector(Collector):
             files.add_metric([state, label_value(reason)], count)
         yield files
         overdue_files = GaugeMetricFamily(
-            "covid_cxr_overdue_files", "Files still waiting for a prediction after requeue_after_seconds")
-        overdue_files.add_metric([], overdue)
+            "covid_cxr_overdue_files", "Files waiting for a prediction with no sign of life for batch_timeout_seconds")
+        overdue_files.add_metric([], overdue_summary(self.settings, now)["instances"])
         yield overdue_files
         stuck_files = GaugeMetricFamily(
             "covid_cxr_stuck_files", "Inbox entries the ingester cannot take (links, unreadable, too long...)")

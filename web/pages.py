@@ -19,14 +19,13 @@ from web.queries import (
     evaluation_report,
     evaluation_reports,
     normalized_png,
-    overdue_count,
     recent_rejections,
     throughput,
 )
 
 #: Keys of ``status_report`` the overview shows in panels of their own; any other key is listed as it is.
 OVERVIEW_KEYS = frozenset({"database", "broker", "instances", "predictions", "studies", "active_model", "last_error",
-                           "last_rejection", "oldest_pending", "queues", "queue_error", "stuck_files"})
+                           "last_rejection", "oldest_pending", "queues", "queue_error", "stuck_files", "overdue"})
 #: Rows on the results and rejects pages unless ``?limit=`` says otherwise, and the most it may say.
 DEFAULT_ROWS = 50
 MAX_ROWS = 500
@@ -40,15 +39,12 @@ def overview(settings: Settings, request: Request) -> dict[str, Any]:
     status = status_report(settings)
     with session_scope(settings) as session:
         rates = throughput(session, now)
-        overdue = overdue_count(session, settings, now)
     return {
         "status": status,
         # Whatever else `covid-cxr status` learns to report appears on the overview without a change here.
         "more_status": {key: value for key, value in status.items() if key not in OVERVIEW_KEYS},
         "charts": [rate_chart("Files recorded", "files", rates["files"], now),
                    rate_chart("Predictions written", "predictions", rates["predictions"], now)],
-        "overdue": overdue,
-        "requeue_after_seconds": settings.requeue_after_seconds,
         "disk": disk_space(settings.data_dir),
     }
 

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from covid_cxr.settings import Settings
 from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction, StuckFile
 
 #: States in which an instance still waits for a prediction.
@@ -49,17 +48,6 @@ def counts_by_state_and_reason(session: Session) -> list[tuple[str, str | None, 
                            .group_by(Instance.state, Instance.reason)
                            .order_by(Instance.state, Instance.reason))
     return [(state, reason, count) for state, reason, count in rows]
-
-
-def overdue_count(session: Session, settings: Settings, now: datetime | None = None) -> int:
-    """Instances still waiting for a prediction although recorded more than ``requeue_after_seconds`` ago.
-
-    Reconciliation re-sends such instances; they stay here when nothing consumes the inference
-    queue or every attempt dies, which is what an operator must look at.
-    """
-    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=settings.requeue_after_seconds)
-    return session.scalar(select(func.count()).select_from(Instance)
-                          .where(Instance.state.in_(PENDING_STATES), Instance.created_at < cutoff)) or 0
 
 
 def stuck_entry_count(session: Session) -> int:
