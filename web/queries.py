@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session, aliased
 from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction, StuckFile
 
 #: States in which an instance still waits for a prediction.
-PENDING_STATES = (InstanceState.received.value, InstanceState.queued.value)
 #: The order windows are shown in: the nightly one first.
 WINDOW_ORDER = ("24h", "7d", "30d", "all")
 
