@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
+from covid_cxr.constants import EVALUATION_WINDOWS
 from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction, StuckFile
 
-#: States in which an instance still waits for a prediction.
 #: The order windows are shown in: the nightly one first.
-WINDOW_ORDER = ("24h", "7d", "30d", "all")
+WINDOW_ORDER = EVALUATION_WINDOWS
 
 
 @dataclass(frozen=True)
