@@ -94,7 +94,27 @@ class Reason(StrEnum):
     )
     LATERAL_VIEW = (
         "lateral_view", ReasonKind.REJECTION,
-        "ViewPosition says lateral (LL, RL, LATERAL); the model only knows frontal views",
+        "ViewPosition says lateral (LL, RL, LATERAL), or it is empty and a description or the protocol name does; "
+        "the model only knows frontal views",
+    )
+    NOT_HUMAN = (
+        "not_human", ReasonKind.REJECTION,
+        "The header describes an animal: a species, breed or owner element, or a species or veterinary word in a "
+        "description or the institution",
+    )
+    INVERTED_IMAGE = (
+        "inverted_image", ReasonKind.REJECTION,
+        "The quality check found the image a negative (bones dark) and the polarity policy is 'reject'",
+    )
+    WRONG_ORIENTATION = (
+        "wrong_orientation", ReasonKind.REJECTION,
+        "The quality check found the image upside down or turned by 90 degrees and the orientation policy is "
+        "'reject'",
+    )
+    NOT_FRONTAL_CHEST = (
+        "not_frontal_chest", ReasonKind.REJECTION,
+        "The quality check is confident the image is not a frontal chest radiograph (another region, a lateral, "
+        "not a radiograph)",
     )
     MULTI_FRAME = (
         "multi_frame", ReasonKind.REJECTION,

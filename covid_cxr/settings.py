@@ -137,6 +137,25 @@ class Settings(BaseSettings):
         "reject", description="What to do with multi-frame images: reject them (multi_frame) or read frame 1 only "
         "(flag first_frame_only)")
 
+    # --- quality checks (docs/preprocessing.md#quality-checks) ----------------------------------
+    qc_species_policy: Literal["reject", "flag"] = Field(
+        "reject", description="A header that describes an animal (species, breed or owner elements, species or "
+        "veterinary words): reject (not_human) or flag (qc_species_flagged)")
+    qc_described_view_policy: Literal["reject", "flag"] = Field(
+        "reject", description="ViewPosition empty and a description or the protocol name says lateral: reject "
+        "(lateral_view) or flag (qc_described_view_flagged)")
+    qc_polarity_policy: Literal["reject", "flag", "correct"] = Field(
+        "correct", description="The image check finds a negative (bones dark): correct (invert it back, flag "
+        "qc_polarity_corrected), flag (qc_polarity_flagged) or reject (inverted_image); a finding that is not "
+        "confident is only flagged")
+    qc_orientation_policy: Literal["reject", "flag", "correct"] = Field(
+        "correct", description="The image check finds the image upside down or turned by 90 degrees: correct (turn "
+        "it upright, flag qc_orientation_corrected), flag (qc_orientation_flagged) or reject (wrong_orientation); "
+        "a finding that is not confident is only flagged")
+    qc_frontal_chest_policy: Literal["reject", "flag"] = Field(
+        "reject", description="The image check finds no frontal chest radiograph: reject (not_frontal_chest) or flag "
+        "(qc_frontal_chest_flagged); a finding that is not confident is only flagged")
+
     # --- inbox watcher -------------------------------------------------------------------------
     settle_seconds: float = Field(
         2.0, ge=0, description="A file is complete once size and mtime are unchanged this long")

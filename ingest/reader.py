@@ -19,8 +19,10 @@ from pydicom.errors import BytesLengthException
 from covid_cxr.constants import FRONTAL_VIEWS, IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
 from covid_cxr.reasons import Reason
+from ingest.header_rules import check_header_rules
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import NOT_DECODER_FAILURES, PREPROCESSING_VERSION, normalize_radiograph
+from ingest.quality import QualityAssessment, QualityCheck, QualityPolicy, assess_image, load_quality_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class ReaderPolicy:
     ``allowed_modalities``: Modality values accepted as radiographs. ``max_pixels``: limit on
     Rows x Columns x NumberOfFrames, checked before any decoding. ``multi_frame_policy``:
     ``"reject"`` or ``"first_frame"``. ``pseudonym_secret``: HMAC key for patient ids.
+    ``quality``: what each quality check does when it fires (default: the service's defaults).
     Raises ``ValueError`` when a field is invalid.
     """
 
@@ -63,6 +66,7 @@ class ReaderPolicy:
     max_pixels: int
     multi_frame_policy: str
     pseudonym_secret: bytes = field(repr=False)
+    quality: QualityPolicy = field(default_factory=QualityPolicy)
 
     def __post_init__(self) -> None:
         modalities = frozenset(str(m).strip().upper() for m in self.allowed_modalities)
@@ -76,19 +80,24 @@ class ReaderPolicy:
                              f"got {self.multi_frame_policy!r}")
         if not isinstance(self.pseudonym_secret, bytes) or not self.pseudonym_secret:
             raise ValueError("pseudonym_secret must be non-empty bytes")
+        if not isinstance(self.quality, QualityPolicy):
+            raise ValueError(f"quality must be a QualityPolicy, got {type(self.quality).__name__}")
 
     @classmethod
     def from_settings(cls, settings: Any) -> ReaderPolicy:
         """The policy configured in :class:`covid_cxr.settings.Settings` (may create the pseudonym key file).
 
-        Raises :class:`~covid_cxr.errors.ConfigurationError` when the settings make no valid policy.
+        Raises :class:`~covid_cxr.errors.ConfigurationError` when the settings make no valid policy
+        or the quality model cannot be read (checked here, so that a service fails at start-up).
         """
         try:
+            load_quality_model()
             return cls(
                 allowed_modalities=frozenset(settings.allowed_modalities),
                 max_pixels=int(settings.max_pixels),
                 multi_frame_policy=str(settings.multi_frame_policy),
                 pseudonym_secret=settings.pseudonym_secret,
+                quality=QualityPolicy.from_settings(settings),
             )
         except ValueError as exc:
             raise ConfigurationError(f"invalid DICOM acceptance policy: {exc}") from exc
@@ -99,7 +108,8 @@ class AcceptedResult:
     """A file read into the model's input: a 224x224 uint8 radiograph, with the metadata kept from its header.
 
     ``steps`` are the pixel pipeline steps that ran; ``flags`` note accepted oddities (``view_unknown``,
-    ``body_part_unknown``, ``view_not_frontal``, ``first_frame_only``, ``voi_did_not_fit``).
+    ``body_part_unknown``, ``view_not_frontal``, ``first_frame_only``, ``voi_did_not_fit``, and the quality
+    checks' ``qc_<check>_flagged`` / ``qc_<check>_corrected``); ``quality`` holds every quality check's outcome.
     Raises ``ValueError`` when ``image`` is not the model's input.
     """
 
@@ -108,6 +118,7 @@ class AcceptedResult:
     image: np.ndarray = field(repr=False)
     steps: tuple[str, ...]
     flags: tuple[str, ...] = ()
+    quality: tuple[QualityCheck, ...] = ()
     accepted: ClassVar[Literal[True]] = True
     reason: ClassVar[None] = None
 
@@ -126,13 +137,15 @@ class RejectedResult:
     """A file the service cannot use; ``rejection`` carries the reason code and a message for people.
 
     ``metadata`` is set whenever the header could be parsed (duplicate detection needs the UIDs).
-    ``flags`` are those of the header checks when the pixel pipeline rejected the file, else empty.
+    ``flags`` are those of the header checks when the pixel pipeline or an image check rejected the file,
+    else empty; ``quality`` the outcomes of the quality checks that ran.
     """
 
     sha256: str
     metadata: InstanceMetadata | None
     rejection: InputRejected
     flags: tuple[str, ...] = ()
+    quality: tuple[QualityCheck, ...] = ()
     accepted: ClassVar[Literal[False]] = False
 
     @property
@@ -159,6 +172,7 @@ def _summary(result: ReadResult, message: str, steps: tuple[str, ...]) -> dict[s
         "metadata": None if result.metadata is None else result.metadata.to_dict(),
         "steps": list(steps),
         "flags": list(result.flags),
+        "quality": [check.to_dict() for check in result.quality],
     }
 
 
@@ -191,19 +205,22 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
     """The reader's steps in order; the first one that raises :class:`InputRejected` decides the rejection."""
     metadata: InstanceMetadata | None = None
     flags: tuple[str, ...] = ()
+    checks: tuple[QualityCheck, ...] = ()
     try:
         ds, cut = parse_dataset(data)
         metadata = InstanceMetadata.from_dataset(ds, pseudonym_secret=policy.pseudonym_secret)
         check_complete(cut)  # after the metadata is kept: a truncated file still has its UIDs
-        frame, flags = check_acceptance(ds, metadata, policy)
+        frame, flags, checks = check_acceptance(ds, metadata, policy)
         image, steps = normalize_pixels(ds, metadata, frame)
+        if "voi_fallback_percentile" in steps:
+            flags += ("voi_did_not_fit",)
+        assessment = check_image_quality(image, metadata, policy)
     except InputRejected as rejection:
         if metadata is None and rejection.reason == Reason.TRUNCATED:
             metadata = _salvage_metadata(data, policy)
-        return RejectedResult(sha256, metadata, rejection, flags)
-    if "voi_fallback_percentile" in steps:
-        flags += ("voi_did_not_fit",)
-    return AcceptedResult(sha256, metadata, image, steps, flags)
+        return RejectedResult(sha256, metadata, rejection, flags, checks + getattr(rejection, "checks", ()))
+    return AcceptedResult(sha256, metadata, assessment.image, steps, flags + assessment.flags,
+                          checks + assessment.checks)
 
 
 def parse_dataset(data: bytes) -> tuple[pydicom.Dataset, str | None]:
@@ -244,16 +261,19 @@ def check_complete(cut: str | None) -> None:
 
 
 def check_acceptance(ds: pydicom.Dataset, metadata: InstanceMetadata,
-                      policy: ReaderPolicy) -> tuple[int | None, tuple[str, ...]]:
-    """Whether the header describes an image the policy accepts: the frame to read and the flags, or a rejection."""
+                     policy: ReaderPolicy) -> tuple[int | None, tuple[str, ...], tuple[QualityCheck, ...]]:
+    """Whether the header describes an image the policy accepts: the frame to read, the flags and the outcomes
+    of the header quality rules (:mod:`ingest.header_rules`), or a rejection."""
     check_is_image(ds, metadata)
     check_modality(metadata, policy)
     flags = [*check_body_part(ds, metadata), *check_view(metadata)]
+    header_flags, checks = check_header_rules(ds, metadata, policy.quality)
+    flags += header_flags
     frame = frame_to_read(metadata, policy)
     if frame is not None:
         flags.append("first_frame_only")
     check_pixel_count(metadata, policy)
-    return frame, tuple(flags)
+    return frame, tuple(flags), checks
 
 
 def check_is_image(ds: pydicom.Dataset, metadata: InstanceMetadata) -> None:
@@ -329,6 +349,13 @@ def normalize_pixels(ds: pydicom.Dataset, metadata: InstanceMetadata,
         logger.warning("pixel pipeline failed for sop_instance_uid=%s", metadata.sop_instance_uid, exc_info=True)
         raise InputRejected(f"the pixel pipeline failed: {type(exc).__name__}: {exc}",
                             reason=Reason.DECODE_FAILED) from exc
+
+
+def check_image_quality(image: np.ndarray, metadata: InstanceMetadata, policy: ReaderPolicy) -> QualityAssessment:
+    """The image checks of :func:`ingest.quality.assess_image` on the normalized image (corrected where the policy
+    says so); the decoded frame's Rows x Columns tell the padding apart from the image."""
+    shape = (metadata.rows, metadata.columns) if metadata.rows and metadata.columns else None
+    return assess_image(image, shape, policy.quality)
 
 
 def _words(text: str) -> set[str]:

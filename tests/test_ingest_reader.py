@@ -23,6 +23,7 @@ from covid_cxr.errors import ConfigurationError, InputRejected
 from covid_cxr.reasons import Reason, ReasonKind
 from covid_cxr.settings import Settings
 from ingest.metadata import InstanceMetadata, pseudonymize
+from ingest.quality import QualityPolicy
 from ingest.reader import (
     AcceptedResult,
     ReaderPolicy,
@@ -37,12 +38,14 @@ from ingest.reader import (
 
 SECRET = b"test-secret"
 POLICY = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "reject", SECRET)
-#: Lets every modality and multi-frame file reach the pixel pipeline, to exercise decoding.
+#: Lets every modality and multi-frame file reach the pixel pipeline (and through the image checks), to exercise
+#: decoding.
 PERMISSIVE = ReaderPolicy(
     frozenset({"CR", "DX", "CT", "MR", "US", "OT", "NM", "PT", "XA", "RF", "MG", "SEG", "RTDOSE", "SC", "DOC"}),
     60_000_000,
     "first_frame",
     SECRET,
+    QualityPolicy(frontal_chest="flag"),
 )
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
