@@ -1,4 +1,5 @@
-"""The schema: studies, instances, normalized images, predictions, study results, models, labels, reports."""
+"""The schema: studies, instances, quality checks, normalized images, predictions, study results, models, labels,
+reports."""
 
 from __future__ import annotations
 
@@ -137,6 +138,31 @@ class Instance(Base):
             postgresql_where=text(PRIMARY_ROW_PREDICATE),
         ),
     )
+
+
+class QualityCheckRecord(Base):
+    """One quality check's outcome for one instance (image checks always, header rules when they fire).
+
+    ``decision``: pass, flag, correct or reject; ``score``: the model's probability of the finding
+    (image checks); ``version``: of the quality model or the header rules that decided.
+    """
+
+    __tablename__ = "quality_checks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    check_name: Mapped[str] = mapped_column(String(32), doc="species | described_view | polarity | orientation | "
+                                                           "frontal_chest")
+    decision: Mapped[str] = mapped_column(String(16), index=True, doc="pass | flag | correct | reject")
+    finding: Mapped[str | None] = mapped_column(String(32), doc="e.g. inverted, upside_down, not_human")
+    score: Mapped[float | None] = mapped_column(Float)
+    confident: Mapped[bool] = mapped_column(Boolean)
+    action: Mapped[str | None] = mapped_column(String(64), doc="what was done to the image (decision correct)")
+    evidence: Mapped[str | None] = mapped_column(Text, doc="the header element a rule decided on")
+    version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("instance_id", "check_name", name="uq_quality_checks_instance_check"),)
 
 
 class NormalizedImage(Base):

@@ -217,8 +217,54 @@ VIEWS_0002: tuple[View, ...] = (
          _model_performance),
 )
 
+def _quality_decision(instance_id: str, decision: str) -> str:
+    return (f"CASE WHEN EXISTS (SELECT 1 FROM quality_checks q WHERE q.instance_id = {instance_id} "
+            f"AND q.decision = '{decision}') THEN 1 ELSE 0 END")
+
+
+def _image_results_0003(d: _Dialect) -> str:
+    return f"""
+SELECT r.*,
+       {_quality_decision('r.instance_id', 'flag')} AS quality_flagged,
+       {_quality_decision('r.instance_id', 'correct')} AS quality_corrected
+FROM ({_image_results(d).strip()}) r"""
+
+
+def _study_results_0003(d: _Dialect) -> str:
+    return f"""
+SELECT r.*,
+       CASE WHEN EXISTS (SELECT 1 FROM instances i JOIN quality_checks q ON q.instance_id = i.id
+                         WHERE i.study_id = r.study_id AND q.decision = 'flag') THEN 1 ELSE 0 END AS quality_flagged
+FROM ({_study_results(d).strip()}) r"""
+
+
+def _daily_quality(d: _Dialect) -> str:
+    return f"""
+SELECT {d.day('q.created_at')} AS day, q.check_name, q.decision, COALESCE(q.finding, 'none') AS finding, q.version,
+       COUNT(*) AS n
+FROM quality_checks q
+GROUP BY 1, 2, 3, 4, 5"""
+
+
+_BY_NAME_0002 = {view.name: view for view in VIEWS_0002}
+#: Migration 0003: the result views gain ``quality_flagged`` (and images ``quality_corrected``), and the
+#: quality checks are counted per day. Never edit: add VIEWS_000N instead.
+VIEWS_0003: tuple[View, ...] = (
+    _BY_NAME_0002["v_image_labels"],
+    _BY_NAME_0002["v_study_labels"],
+    View("v_image_results", "one row per prediction with the image's DICOM identity, image statistics, true label "
+         "and whether a quality check flagged (or corrected) the image", _image_results_0003),
+    View("v_study_results", "one row per study result with the study's true label and whether a quality check "
+         "flagged one of its images", _study_results_0003),
+    _BY_NAME_0002["v_daily_volume"],
+    _BY_NAME_0002["v_daily_rejects"],
+    _BY_NAME_0002["v_model_performance"],
+    View("v_daily_quality", "quality-check outcomes per UTC day, by check, decision, finding and version",
+         _daily_quality),
+)
+
 #: The views at the schema's head revision.
-CURRENT_VIEWS = VIEWS_0002
+CURRENT_VIEWS = VIEWS_0003
 
 
 def create_views(connection: Connection, views: Sequence[View] = CURRENT_VIEWS) -> None:
@@ -248,6 +294,7 @@ image_results = Table(
     Column("manufacturer", String), Column("image_mean", Float), Column("image_std", Float),
     Column("true_label", String), Column("label_status", String), Column("label_source", String),
     Column("label_key_type", String), Column("correct", Integer), Column("outcome", String),
+    Column("quality_flagged", Integer), Column("quality_corrected", Integer),
 )
 
 study_results = Table(
@@ -258,6 +305,7 @@ study_results = Table(
     Column("rule", String), Column("updated_at", DateTime(timezone=True)), Column("day", String),
     Column("true_label", String), Column("label_status", String), Column("label_source", String),
     Column("label_key_type", String), Column("correct", Integer), Column("outcome", String),
+    Column("quality_flagged", Integer),
 )
 
 model_performance = Table(
@@ -270,4 +318,10 @@ model_performance = Table(
     Column("f1", Float), Column("roc_auc", Float), Column("roc_auc_low", Float), Column("roc_auc_high", Float),
     Column("brier", Float), Column("psi_prob_covid", Float), Column("psi_image_mean", Float),
     Column("psi_image_std", Float), Column("flags", Text), Column("created_at", DateTime(timezone=True)),
+)
+
+daily_quality = Table(
+    "v_daily_quality", view_metadata,
+    Column("day", String), Column("check_name", String), Column("decision", String), Column("finding", String),
+    Column("version", String), Column("n", Integer),
 )

@@ -1,4 +1,4 @@
-"""Records each inbox file in the database: study, instance and normalized image in one transaction.
+"""Records each inbox file in the database: study, instance, quality checks and normalized image in one transaction.
 
 Identity rules (the database is the source of truth):
 
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
-from db.models import Instance, InstanceState, NormalizedImage, Study
+from db.models import Instance, InstanceState, NormalizedImage, QualityCheckRecord, Study
 from db.session import session_scope
 from ingest.inbox import Disposal, plan_disposal
 
@@ -179,6 +179,11 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         instance.study_id = _study_id(session, fields)
     session.add(instance)
     session.flush()
+    if state is not InstanceState.duplicate:  # a copy's checks are its primary's
+        session.add_all(QualityCheckRecord(instance_id=instance.id, check_name=check.check, decision=check.decision,
+                                           finding=check.finding, score=check.score, confident=check.confident,
+                                           action=check.action, evidence=check.evidence, version=check.version,
+                                           created_at=now) for check in result.quality)
     if result.accepted and state is InstanceState.received:  # a new instance: the worker's input
         session.add(_normalized_image(instance.id, result.image))
     return Outcome(instance.id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)

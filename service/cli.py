@@ -12,6 +12,7 @@ import db.cli
 import ingest.cli
 import ingest.retention_cli
 import model_store.cli
+import model_store.quality_cli
 import taskqueue.cli
 import worker.cli
 import worker.evaluation_cli
@@ -33,6 +34,7 @@ REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = 
     taskqueue.cli.register,  # requeue
     ingest.retention_cli.register,  # purge
     model_store.cli.register,  # train, models
+    model_store.quality_cli.register,  # qc train|measure
     worker.evaluation_cli.register,  # labels, evaluate, report
     db.cli.register,  # db upgrade|current
 )
