@@ -62,12 +62,29 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         ("steps", " > ".join(report["steps"]) or "-"),
         ("flags", ", ".join(report["flags"]) or "-"),
+        *((f"qc {check['check']}", _quality(check)) for check in report.get("quality", [])),
         ("preprocessing", report["preprocessing_version"]),
     ]
     if report.get("png"):
         lines.append(("png", f"{report['png']} (what the model sees)"))
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)
+
+
+def _quality(check: dict[str, Any]) -> str:
+    """One check's outcome: ``decision finding, score S: action (evidence) [version]``."""
+    text = check["decision"]
+    if check["finding"]:
+        text += f" {check['finding']}"
+    if check["score"] is not None:
+        text += f", score {check['score']:.2f}"
+    if check["finding"] and not check["confident"]:
+        text += " (not confident)"
+    if check["action"]:
+        text += f": {check['action']}"
+    if check["evidence"]:
+        text += f" ({check['evidence']})"
+    return f"{text} [{check['version']}]"
 
 
 def _write_png(result: ReadResult, png: Path) -> Path | None:

@@ -109,7 +109,7 @@ def render_window_text(metrics: Mapping[str, Any], flags: Sequence[str], *, mode
     """The nightly report of one model version, level and window (what ``covid-cxr report`` prints).
 
     ``metrics`` holds ``performance`` (a binary report), ``population``, ``score_distribution``,
-    ``rejects`` and ``drift``, as the evaluation job assembles them.
+    ``rejects``, ``quality`` (optional) and ``drift``, as the evaluation job assembles them.
     """
     performance, population = metrics["performance"], metrics["population"]
     positive, classes = performance["positive"], performance["classes"]
@@ -130,6 +130,8 @@ def render_window_text(metrics: Mapping[str, Any], flags: Sequence[str], *, mode
     lines += metrics_lines(performance)
     lines += [""] + _distribution_lines(metrics["score_distribution"], positive, classes)
     lines += [""] + _reject_lines(metrics["rejects"])
+    if "quality" in metrics:
+        lines += [""] + _quality_lines(metrics["quality"], level)
     lines += [""] + _drift_lines(metrics["drift"])
     lines += ["", f"flags: {', '.join(flags) if flags else 'none'}"]
     return "\n".join(lines) + "\n"
@@ -150,6 +152,16 @@ def _reject_lines(rejects: Mapping[str, Any]) -> list[str]:
     for state, reasons in sorted(rejects["by_reason"].items()):
         by_count = sorted(reasons.items(), key=lambda item: -item[1])
         lines.append(f"  {state} by reason: " + ", ".join(f"{reason} {count}" for reason, count in by_count))
+    return lines
+
+
+def _quality_lines(quality: Mapping[str, Any], level: str) -> list[str]:
+    """The quality checks of the window's files, and what became of the flagged cases."""
+    where = "studies with a flagged image" if level == "study" else "flagged images"
+    fate = "included in" if quality["flagged_included"] else "left out of"
+    lines = [f"quality checks: {quality['flagged']} {where} {fate} the metrics"]
+    for check, decisions in sorted(quality["by_check"].items()):
+        lines.append(f"  {check}: " + ", ".join(f"{decision} {count}" for decision, count in decisions.items()))
     return lines
 
 

@@ -21,7 +21,7 @@ STUCK_LISTED = 10
 
 #: Columns of the ``results --format table`` image listing (CSV and JSON carry every column).
 _IMAGE_TABLE_COLUMNS = ("instance_id", "created_at", "state", "reason", "view_position", "prob_covid", "label",
-                        "model_version", "study_label", "sop_instance_uid")
+                        "model_version", "study_label", "sop_instance_uid", "flags")
 #: Where the values of the ``status`` lines start, so a continuation line lines up under them.
 _STATUS_INDENT = " " * len("last error   ")
 
@@ -74,6 +74,7 @@ def format_status(report: dict[str, Any]) -> str:
         f"broker       {report['broker']}",
         f"instances    {states} (total {counts['total']})",
         f"predictions  {report['predictions']} · studies {report['studies']}",
+        f"quality      {_quality_line(report.get('quality') or {})}",
         f"queue depth  {queues}",
         f"model        {model_line}",
         f"last error   {_problem_line(report['last_error'])}",
@@ -132,6 +133,14 @@ def _ingest_line(ingest: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _quality_line(counts: dict[str, dict[str, int]]) -> str:
+    """Outcomes per quality check, e.g. ``orientation pass 12 correct 1 · polarity pass 13``."""
+    if not counts:
+        return "no file checked yet"
+    return " · ".join(check + "".join(f" {decision} {n}" for decision, n in decisions.items())
+                      for check, decisions in counts.items())
+
+
 def _problem_line(problem: dict[str, Any] | None) -> str:
     if problem is None:
         return "none"
@@ -176,13 +185,18 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Text values from file names and headers: shown escaped, and never evaluated by a spreadsheet."""
+    """Text values from file names and headers: shown escaped, and never evaluated by a spreadsheet; flags
+    space-separated."""
+    if isinstance(value, list):
+        value = " ".join(str(item) for item in value)
     return spreadsheet_cell(printable(value)) if isinstance(value, str) else value
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)

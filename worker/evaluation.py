@@ -30,9 +30,11 @@ from worker.evaluation_metrics import Cases, compute_report, json_ready
 from worker.evaluation_store import report_dir, store_report, write_plots
 from worker.evaluation_window import (
     Window,
+    flagged_cases,
     image_cases,
     model_record,
     model_versions_in_window,
+    quality_counts,
     reject_counts,
     resolve_window,
     study_cases,
@@ -60,13 +62,15 @@ class ReportSummary:
 
 
 def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, model_version: str | None = None,
-                   now: datetime | None = None) -> list[ReportSummary]:
+                   now: datetime | None = None, *, include_flagged: bool = False) -> list[ReportSummary]:
     """Evaluate every model version with predictions in the window (or just ``model_version``).
 
     Writes one report per level and model version, replacing an earlier run of the same window and
     day; returns what was stored. A model version with predictions but no labels still gets a
-    report (volume, score distribution, drift; its metrics undefined and flagged). The database
-    schema is checked once by the command or worker that runs this, not here.
+    report (volume, score distribution, drift; its metrics undefined and flagged). Images a quality
+    check flagged, and studies with such an image, are left out of the metrics (and counted in the
+    report) unless ``include_flagged``. The database schema is checked once by the command or worker
+    that runs this, not here.
 
     Raises
     ------
@@ -83,17 +87,20 @@ def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, 
                                    f"{resolved.describe()}", reason=Reason.NO_PREDICTIONS)
             versions = [model_version]
         rejects = reject_counts(session, resolved)
+        checks = quality_counts(session, resolved)
         for version in versions:
             record = model_record(session, settings, version)
             metadata = dict(record.metadata_json or {}) if record is not None else {}
             model_name = f"{record.name} {version}" if record is not None else version
-            images = image_cases(session, resolved, version, record)
-            studies = study_cases(session, resolved, version, images.threshold)
+            images = image_cases(session, resolved, version, record, include_flagged=include_flagged)
+            studies = study_cases(session, resolved, version, images.threshold, include_flagged=include_flagged)
+            flagged = flagged_cases(session, resolved, version)
             for level, cases in (("image", images), ("study", studies)):
                 if cases.prob_covid.size == 0:
                     continue
+                quality = {"by_check": checks, "flagged": flagged[level], "flagged_included": include_flagged}
                 summaries.append(_write_one(session, settings, resolved, version, model_name, level, cases,
-                                            metadata, rejects))
+                                            metadata, rejects, quality))
     for summary in summaries:
         log.info("evaluation %s %s %s: n=%d, flags %s, %s", summary.window, summary.model_version, summary.level,
                  summary.n, summary.flags or "none", summary.html_path)
@@ -101,9 +108,11 @@ def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, 
 
 
 def _write_one(session: Session, settings: Settings, window: Window, version: str, model_name: str, level: str,
-               cases: Cases, metadata: dict[str, Any], rejects: dict[str, Any]) -> ReportSummary:
+               cases: Cases, metadata: dict[str, Any], rejects: dict[str, Any],
+               quality: dict[str, Any]) -> ReportSummary:
     metrics, flags = compute_report(cases, level, metadata.get("reference"))
     metrics["rejects"] = rejects
+    metrics["quality"] = quality
     metrics["model"] = {"name_version": model_name,
                         **{key: metadata.get(key) for key in ("decision_threshold", "preprocessing_version",
                                                               "class_names")}}
@@ -127,8 +136,9 @@ def _write_one(session: Session, settings: Settings, window: Window, version: st
 
 
 @shared_task(bind=True, name=EVALUATE_TASK)  # type: ignore[untyped-decorator]  # Celery ships no type hints
-def evaluate(self: Any, window: str = DEFAULT_EVALUATION_WINDOW, model_version: str | None = None) -> dict[str, Any]:
+def evaluate(self: Any, window: str = DEFAULT_EVALUATION_WINDOW, model_version: str | None = None,
+             include_flagged: bool = False) -> dict[str, Any]:
     """Celery task: :func:`run_evaluation` with the worker's settings (scheduled nightly by beat)."""
     settings: Settings = self.app.covid_cxr_settings
-    summaries = run_evaluation(settings, window, model_version)
+    summaries = run_evaluation(settings, window, model_version, include_flagged=include_flagged)
     return {"window": window, "reports": [summary.to_dict() for summary in summaries]}

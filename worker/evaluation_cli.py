@@ -31,6 +31,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--window", choices=EVALUATION_WINDOWS, default=DEFAULT_EVALUATION_WINDOW,
                           help=f"time window ending now (default {DEFAULT_EVALUATION_WINDOW})")
     evaluate.add_argument("--model", metavar="VERSION", help="only this model version")
+    evaluate.add_argument("--include-flagged", action="store_true",
+                          help="keep images a quality check flagged (and their studies) in the metrics; by default "
+                               "they are left out and counted")
     evaluate.set_defaults(func=_evaluate)
 
     report = subparsers.add_parser("report", parents=[common],
@@ -64,7 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     check_schema(settings)
-    summaries = run_evaluation(settings, args.window, args.model)
+    summaries = run_evaluation(settings, args.window, args.model, include_flagged=args.include_flagged)
     if not summaries:
         print(f"no predictions in window {args.window}: no report written")
     for summary in summaries:

@@ -19,7 +19,7 @@ from covid_cxr.constants import EVALUATION_WINDOWS
 from covid_cxr.errors import DatasetError
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
-from db.models import Instance, InstanceState, ModelVersion
+from db.models import Instance, InstanceState, ModelVersion, QualityCheckRecord
 from db.views import image_results, study_results
 from worker.evaluation_metrics import Cases
 
@@ -85,14 +85,29 @@ def _threshold(thresholds: list[float], record: ModelVersion | None) -> float:
 
 
 def _case_rows(session: Session, view: Table, version: str, window: Window, *, time_column: str,
-               order_column: str, extra: tuple[str, ...] = ()) -> Sequence[Row[Any]]:
-    """The rows of ``version`` in the window from an analyst view, with the columns every case needs."""
+               order_column: str, extra: tuple[str, ...] = (), include_flagged: bool = False) -> Sequence[Row[Any]]:
+    """The rows of ``version`` in the window from an analyst view, with the columns every case needs.
+
+    Rows a quality check flagged (``quality_flagged``) are left out unless ``include_flagged``.
+    """
     columns = [view.c[name] for name in ("prob_covid", "predicted_label", "true_label", "label_status", *extra)]
+    flagged = [] if include_flagged else [view.c.quality_flagged == 0]
     return session.execute(
         select(*columns)
-        .where(view.c.model_version == version, *_in_window(view.c[time_column], window))
+        .where(view.c.model_version == version, *_in_window(view.c[time_column], window), *flagged)
         .order_by(view.c[order_column])
     ).all()
+
+
+def flagged_cases(session: Session, window: Window, version: str) -> dict[str, int]:
+    """How many image predictions and study results of ``version`` in the window a quality check flagged."""
+    counts = {}
+    for level, view, time_column in (("image", image_results, "predicted_at"), ("study", study_results, "updated_at")):
+        counts[level] = session.scalar(
+            select(func.count()).select_from(view)
+            .where(view.c.model_version == version, view.c.quality_flagged == 1,
+                   *_in_window(view.c[time_column], window))) or 0
+    return counts
 
 
 def _cases(rows: Sequence[Row[Any]], threshold: float, **pixel_statistics: np.ndarray) -> Cases:
@@ -106,19 +121,24 @@ def _cases(rows: Sequence[Row[Any]], threshold: float, **pixel_statistics: np.nd
     )
 
 
-def image_cases(session: Session, window: Window, version: str, record: ModelVersion | None) -> Cases:
-    """Every image prediction of ``version`` in the window, with its resolved label and pixel statistics."""
+def image_cases(session: Session, window: Window, version: str, record: ModelVersion | None, *,
+                include_flagged: bool = False) -> Cases:
+    """Every image prediction of ``version`` in the window (flagged ones only if ``include_flagged``), with its
+    resolved label and pixel statistics."""
     rows = _case_rows(session, image_results, version, window, time_column="predicted_at",
-                      order_column="prediction_id", extra=("threshold", "image_mean", "image_std"))
+                      order_column="prediction_id", extra=("threshold", "image_mean", "image_std"),
+                      include_flagged=include_flagged)
     return _cases(rows, _threshold([r.threshold for r in rows], record),
                   image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
                   image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float))
 
 
-def study_cases(session: Session, window: Window, version: str, threshold: float) -> Cases:
-    """Every study result of ``version`` updated in the window, judged at the image level's ``threshold``."""
+def study_cases(session: Session, window: Window, version: str, threshold: float, *,
+                include_flagged: bool = False) -> Cases:
+    """Every study result of ``version`` updated in the window, judged at the image level's ``threshold``; a study
+    with a flagged image only if ``include_flagged``."""
     rows = _case_rows(session, study_results, version, window, time_column="updated_at",
-                      order_column="study_result_id")
+                      order_column="study_result_id", include_flagged=include_flagged)
     return _cases(rows, threshold)
 
 
@@ -136,3 +156,17 @@ def reject_counts(session: Session, window: Window) -> dict[str, Any]:
     ):
         by_reason.setdefault(state, {})[reason or "unspecified"] = count
     return {"files": sum(by_state.values()), "by_state": by_state, "by_reason": by_reason}
+
+
+def quality_counts(session: Session, window: Window) -> dict[str, dict[str, int]]:
+    """Quality-check outcomes of the files received in the window: ``{check: {decision: count}}``."""
+    counts: dict[str, dict[str, int]] = {}
+    for check, decision, count in session.execute(
+        select(QualityCheckRecord.check_name, QualityCheckRecord.decision, func.count())
+        .join(Instance, Instance.id == QualityCheckRecord.instance_id)
+        .where(*_in_window(Instance.created_at, window))
+        .group_by(QualityCheckRecord.check_name, QualityCheckRecord.decision)
+        .order_by(QualityCheckRecord.check_name, QualityCheckRecord.decision)
+    ):
+        counts.setdefault(check, {})[decision] = count
+    return counts

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
-from db.models import Instance, InstanceState, ModelVersion, Prediction, Study, StudyResult
+from db.models import Instance, InstanceState, ModelVersion, Prediction, QualityCheckRecord, Study, StudyResult
 from db.session import session_scope
 from delivery.outbox import outbox_summary
 from ingest.stuck import stuck_files
@@ -22,7 +22,7 @@ from taskqueue.recovery import overdue_summary
 IMAGE_COLUMNS = (
     "instance_id", "created_at", "state", "reason", "study_instance_uid", "sop_instance_uid", "modality",
     "view_position", "prob_covid", "label", "threshold", "model_version", "study_prob_covid", "study_label",
-    "inference_ms", "queued_ms", "file_name",
+    "inference_ms", "queued_ms", "file_name", "flags",
 )
 #: Column order of study rows.
 STUDY_COLUMNS = (
@@ -45,6 +45,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
             "last_error": last_error(session),
             "last_rejection": last_rejection(session),
             "oldest_pending": oldest_pending(session),
+            "quality": quality_counts(session),
             "outbox": outbox_summary(session, count_unreported=bool(settings.dicom_destinations)),
             # Per ingester: paused below the free-disk watermark? Stale rows are ingesters not seen lately.
             "ingest": ingest_status(session, fresh_seconds=3 * settings.reconcile_interval_seconds + 30),
@@ -61,6 +62,18 @@ def state_counts(session: Session) -> dict[str, int]:
     for state, count in session.execute(select(Instance.state, func.count()).group_by(Instance.state)):
         counts[state] = count
     counts["total"] = sum(counts.values())
+    return counts
+
+
+def quality_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Quality-check outcomes: ``{check: {decision: count}}`` over every recorded file."""
+    counts: dict[str, dict[str, int]] = {}
+    for check, decision, count in session.execute(
+        select(QualityCheckRecord.check_name, QualityCheckRecord.decision, func.count())
+        .group_by(QualityCheckRecord.check_name, QualityCheckRecord.decision)
+        .order_by(QualityCheckRecord.check_name, QualityCheckRecord.decision)
+    ):
+        counts.setdefault(check, {})[decision] = count
     return counts
 
 
@@ -176,7 +189,7 @@ def _recent_images(session: Session, limit: int, study_uid: str | None) -> list[
                Instance.study_instance_uid, Instance.sop_instance_uid, Instance.modality, Instance.view_position,
                Prediction.prob_covid, Prediction.label, Prediction.threshold, Prediction.model_version,
                StudyResult.prob_covid.label("study_prob_covid"), StudyResult.label.label("study_label"),
-               Prediction.inference_ms, Prediction.queued_ms, Instance.file_name)
+               Prediction.inference_ms, Prediction.queued_ms, Instance.file_name, Instance.flags)
         .outerjoin(latest, latest.c.instance_id == Instance.id)
         .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
         .outerjoin(StudyResult, (StudyResult.study_id == Instance.study_id)
