@@ -212,7 +212,7 @@ class QualityModel:
                 document = json.loads(str(arrays["document"]))
                 polarity, upright, frontal_chest = (Perceptron.from_arrays(arrays, name)
                                                     for name in ("polarity", "upright", "frontal_chest"))
-        except (KeyError, OSError, json.JSONDecodeError) as exc:
+        except (KeyError, OSError, ValueError) as exc:  # ValueError: not an .npz, pickled data, bad JSON
             raise ValueError(f"{path} is not a covid-cxr quality model: {exc}") from exc
         thresholds = {check: (float(fire), float(sure)) for check, (fire, sure) in document["thresholds"].items()}
         return cls(polarity, upright, frontal_chest, thresholds=thresholds, metadata=document["metadata"])
