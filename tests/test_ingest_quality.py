@@ -31,7 +31,8 @@ from ingest.reader import ReaderPolicy, read_radiograph
 SECRET = b"test-secret"
 #: A landscape chest film (1024 x 842): its 224 x 224 input has black padding above and below.
 WIDE_CHEST = "covid/actualmed__CR.1.2.840.113564.1722810170.20200320011259312440.1003000225002.jpg"
-CHEST_DICOMS = ["pydicom-data__RG1_J2KI.dcm", "dwv__gdcm-CR-MONO1-10-chest.dcm", "orthanc-tests__Monochrome1-Jpeg.dcm",
+CHEST_DICOMS = ["pydicom-data__RG1_J2KI.dcm", "pylibjpeg-data__RG1_JLSN.dcm", "pylibjpeg-data__966_fixed.dcm",
+                "dwv__gdcm-CR-MONO1-10-chest.dcm", "orthanc-tests__Monochrome1-Jpeg.dcm",
                 "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"]
 
 
