@@ -247,9 +247,9 @@ GROUP BY 1, 2, 3, 4, 5"""
 
 
 _BY_NAME_0002 = {view.name: view for view in VIEWS_0002}
-#: Migration 0006: the result views gain ``quality_flagged`` (and images ``quality_corrected``), and the
+#: Migration 0007: the result views gain ``quality_flagged`` (and images ``quality_corrected``), and the
 #: quality checks are counted per day. Never edit: add VIEWS_000N instead.
-VIEWS_0006: tuple[View, ...] = (
+VIEWS_0007: tuple[View, ...] = (
     _BY_NAME_0002["v_image_labels"],
     _BY_NAME_0002["v_study_labels"],
     View("v_image_results", "one row per prediction with the image's DICOM identity, image statistics, true label "
@@ -264,7 +264,7 @@ VIEWS_0006: tuple[View, ...] = (
 )
 
 #: The views at the schema's head revision.
-CURRENT_VIEWS = VIEWS_0006
+CURRENT_VIEWS = VIEWS_0007
 
 
 def create_views(connection: Connection, views: Sequence[View] = CURRENT_VIEWS) -> None:

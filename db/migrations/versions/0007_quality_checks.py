@@ -1,17 +1,17 @@
 """quality checks: their outcomes per instance, and the views that count them
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-29 20:10:00.000000
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-from db.views import VIEWS_0002, VIEWS_0006, create_views, drop_views
+from db.views import VIEWS_0002, VIEWS_0007, create_views, drop_views
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
@@ -37,11 +37,11 @@ def upgrade() -> None:
     with op.batch_alter_table('quality_checks', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_quality_checks_decision'), ['decision'], unique=False)
         batch_op.create_index(batch_op.f('ix_quality_checks_instance_id'), ['instance_id'], unique=False)
-    create_views(op.get_bind(), VIEWS_0006)
+    create_views(op.get_bind(), VIEWS_0007)
 
 
 def downgrade() -> None:
-    drop_views(op.get_bind(), VIEWS_0006)
+    drop_views(op.get_bind(), VIEWS_0007)
     with op.batch_alter_table('quality_checks', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_quality_checks_instance_id'))
         batch_op.drop_index(batch_op.f('ix_quality_checks_decision'))
