@@ -196,3 +196,13 @@ def test_policies_a_check_cannot_follow_are_refused() -> None:
         QualityPolicy(frontal_chest="correct")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="species policy"):
         QualityPolicy(species="ignore")  # type: ignore[arg-type]
+
+
+def test_inspect_shows_each_check_with_score_and_decision(wide: np.ndarray, tmp_path: Path) -> None:
+    from ingest.inspect import format_report, inspect_file
+
+    report = inspect_file(_wrapped(np.ascontiguousarray(np.rot90(wide, 2)), tmp_path, "upside-down"), _policy())
+    assert [check["check"] for check in report["quality"]] == ["polarity", "orientation", "frontal_chest"]
+    lines = {line.split("  ")[0]: line for line in format_report(report).splitlines()}
+    assert "correct upside_down, score 1.00: rotated 180° [cxr-qc-1]" in lines["qc orientation"]
+    assert "pass, score 0.0" in lines["qc polarity"]
