@@ -107,8 +107,9 @@ def _data_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("labelled images")
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", type=Path, help="folder with covid/ and normal/ subfolders of PNG/JPEG/DICOM")
-    source.add_argument("--csv", type=Path, help="CSV with a header: path (or file), label[, patient_id]; paths "
-                                                  "relative to the CSV's folder")
+    source.add_argument("--csv", type=Path, action="append",
+                        help="CSV with a header: path (or file), label[, patient_id]; paths relative to the CSV's "
+                             "folder; repeat it to combine several CSVs into one set")
     group.add_argument("--label-column", default="label", help="CSV label column (default: label)")
     group.add_argument("--path-column", help="CSV path column (default: path, else file)")
     group.add_argument("--patient-column", default="patient_id", help="CSV patient id column (default: patient_id)")
@@ -118,13 +119,13 @@ def _data_options() -> argparse.ArgumentParser:
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
-    from model_store.dataset import from_csv, from_folder, parse_where
+    from model_store.dataset import from_csvs, from_folder, parse_where
 
     if args.folder is not None:
         if args.where:
             raise UsageError("--where filters CSV rows; it cannot be used with --folder", reason=Reason.BAD_FILTER)
         return from_folder(args.folder, CLASS_NAMES)
-    return from_csv(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
+    return from_csvs(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
                     patient_column=args.patient_column, where=parse_where(args.where))
 
 

@@ -40,6 +40,8 @@ class Item:
     label: str
     patient_id: str
     key: str  # path relative to the dataset root: how the manifest names the file
+    #: The CSV row's other columns (for ``--group-by`` subgroup reports); never part of the manifest.
+    attributes: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -129,12 +131,14 @@ def from_csv(
     path_column: str | None = None,
     patient_column: str = "patient_id",
     where: Mapping[str, frozenset[str]] | None = None,
+    check: bool = True,
 ) -> Dataset:
     """A CSV with a header: a path column (``path`` or ``file``, relative to the CSV's folder), a label column,
     and optionally a patient id column. ``where`` keeps only rows whose columns hold one of the given values.
 
     Every row left after filtering must have a known label and an existing file; otherwise
-    :class:`DatasetError` names the offending rows (nothing is silently dropped).
+    :class:`DatasetError` names the offending rows (nothing is silently dropped). ``check=False`` skips
+    :func:`check_dataset` (for one part of several CSVs, which may hold one class only).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -168,7 +172,8 @@ def from_csv(
             missing.append(f"line {line}: {relative!r}")
             continue
         patient = (row.get(patient_column) or "").strip() if has_patients else ""
-        items.append(Item(path, label, patient or IMAGE_AS_PATIENT + relative, relative))
+        attributes = {column: (value or "").strip() for column, value in row.items() if isinstance(column, str)}
+        items.append(Item(path, label, patient or IMAGE_AS_PATIENT + relative, relative, attributes))
     if unknown:
         labels = Counter(entry.split(": ", 1)[1] for entry in unknown)
         raise DatasetError(_with_problems(
@@ -182,6 +187,21 @@ def from_csv(
               "patient_column": patient_column if has_patients else None,
               "where": {column: sorted(values) for column, values in where.items()}}
     dataset = Dataset(items, source, tuple(classes), has_patients)
+    if check:
+        check_dataset(dataset)
+    return dataset
+
+
+def from_csvs(csv_paths: Sequence[Path], classes: Sequence[str], **options: Any) -> Dataset:
+    """Several CSVs (as :func:`from_csv`, with the same options) as one set; with more than one, each key is
+    prefixed with its CSV's folder name so that keys stay unique. Patient ids must not collide across CSVs."""
+    if len(csv_paths) == 1:
+        return from_csv(csv_paths[0], classes, **options)
+    parts = [from_csv(path, classes, check=False, **options) for path in csv_paths]
+    items = [Item(item.path, item.label, item.patient_id, f"{Path(part.source['path']).parent.name}/{item.key}",
+                  item.attributes) for part in parts for item in part.items]
+    source = {**parts[0].source, "path": [part.source["path"] for part in parts]}
+    dataset = Dataset(items, source, tuple(classes), all(part.patient_ids_given for part in parts))
     check_dataset(dataset)
     return dataset
 
@@ -357,7 +377,8 @@ def describe_source(source: dict[str, Any]) -> str:
         where = " and ".join(f"{column} in {{{', '.join(values)}}}"
                              for column, values in source.get("where", {}).items())
         rows = f", rows where {where}" if where else ""
-        return f"CSV {source['path']} (labels from column {source['label_column']!r}{rows})"
+        paths = source["path"] if isinstance(source["path"], list) else [source["path"]]
+        return f"CSV {' + '.join(paths)} (labels from column {source['label_column']!r}{rows})"
     return f"folder {source.get('path')}"
 
 

@@ -6,6 +6,8 @@ frozen base), except that with random base weights the base's block 5 is trained
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -65,6 +67,7 @@ class TrainingConfig:
     augment_copies: int = constants.AUGMENT_COPIES
     rotation_degrees: float = constants.ROTATION_DEGREES
     class_weight: str = constants.CLASS_WEIGHT
+    early_stopping_metric: str = constants.EARLY_STOPPING_METRIC
     seed: int = constants.SEED
     threshold: float = constants.DECISION_THRESHOLD
     name: str = constants.MODEL_NAME
@@ -89,6 +92,9 @@ class TrainingConfig:
         if self.class_weight not in constants.CLASS_WEIGHT_MODES:
             modes = " or ".join(repr(mode) for mode in constants.CLASS_WEIGHT_MODES)
             problems.append(f"class weight must be {modes} (got {self.class_weight!r})")
+        if self.early_stopping_metric not in constants.EARLY_STOPPING_METRICS:
+            modes = " or ".join(repr(mode) for mode in constants.EARLY_STOPPING_METRICS)
+            problems.append(f"early stopping metric must be {modes} (got {self.early_stopping_metric!r})")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold must be in (0, 1) (got {self.threshold})")
         if problems:
@@ -120,18 +126,23 @@ class FitResult:
     curves: dict[str, list[float]]
     class_weights: dict[str, float]
     early_stopping: bool
+    monitor: str | None = None
 
     @property
     def best_epoch(self) -> int:
-        """The epoch with the lowest validation loss (whose weights early stopping restores), else the last."""
-        if "val_loss" in self.curves:
-            return int(np.argmin(self.curves["val_loss"])) + 1
+        """The epoch whose weights early stopping restored (best monitored value, first of ties), else the last."""
+        if self.monitor and self.monitor in self.curves:
+            values = np.asarray(self.curves[self.monitor])
+            return int(np.argmin(values) if self.monitor == "val_loss" else np.argmax(values)) + 1
         return len(self.curves["loss"])
 
 
 def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Settings | None = None,
-          progress: bool = True) -> TrainingResult:
+          progress: bool = True, feature_cache: Path | None = None) -> TrainingResult:
     """Train one model and write its artifact and test-split report into ``out_dir``.
+
+    ``feature_cache``: a folder where the frozen prefix's outputs are kept between runs on the same data,
+    split, seed and augmentation (see :func:`features_cache_key`), so that trying another head recipe skips them.
 
     Everything that can be wrong with the data (empty, one class, unreadable files, too few patients to
     split) raises :class:`DatasetError` before the model is built.
@@ -149,7 +160,8 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     cut = split_point(trainable_from)
     prefix, suffix = split_model(model, cut)
     with _timed(timings, "features_s"):
-        features = cache_features(prefix, cut, images, split, config, progress)
+        features = cached_features(prefix, cut, images, split, config, progress, feature_cache,
+                                   features_cache_key(dataset, split, cut, config))
     with _timed(timings, "fit_s"):
         fit = fit_suffix(suffix, features, dataset.labels, split, config, progress)
     test_scores = positive_scores(suffix, features.test)
@@ -196,10 +208,42 @@ def cache_features(prefix: keras.Model | None, cut: str, images: np.ndarray, spl
     return CachedFeatures(cut, train_features, validation, test)
 
 
+def features_cache_key(dataset: Dataset, split: Split, cut: str, config: TrainingConfig) -> str:
+    """What the cached prefix outputs depend on: the files, the split, the prefix (its seeded initialisation and
+    base weights), the augmentation and the pixel pipeline's version."""
+    from ingest.pixels import PREPROCESSING_VERSION
+
+    material = {"data": manifest(dataset)["sha256"], "split": {k: v.tolist() for k, v in split.parts().items()},
+                "cut": cut, "seed": config.seed, "base_weights": describe_base_weights(config.base_weights),
+                "augment": [config.augment, config.augment_copies, config.rotation_degrees],
+                "preprocessing_version": PREPROCESSING_VERSION}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_features(prefix: keras.Model | None, cut: str, images: np.ndarray, split: Split, config: TrainingConfig,
+                    progress: bool, cache_dir: Path | None, key: str) -> CachedFeatures:
+    """:func:`cache_features`, read from (or written to) ``cache_dir/features-KEY.npz`` when a folder is given."""
+    if cache_dir is None:
+        return cache_features(prefix, cut, images, split, config, progress)
+    path = Path(cache_dir) / f"features-{key}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            log.info("cached prefix outputs reused: %s", path)
+            return CachedFeatures(str(stored["cut"]), stored["train"], stored["validation"], stored["test"])
+    features = cache_features(prefix, cut, images, split, config, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, cut=np.array(features.cut), train=features.train, validation=features.validation,
+             test=features.test)
+    partial.replace(path)
+    return features
+
+
 def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray, split: Split,
                config: TrainingConfig, progress: bool) -> FitResult:
-    """Fit the trainable suffix on the cached features: the origin's Adam with time decay, early stopping on the
-    validation loss when there is a validation part."""
+    """Fit the trainable suffix on the cached features: the origin's Adam with time decay, early stopping when
+    there is a validation part, on ``config.early_stopping_metric`` (balanced accuracy by default: on imbalanced
+    classes the validation loss can keep falling while the model predicts one class)."""
     import keras
 
     weights, class_weights = _sample_weights(labels[split.train], config.class_weight)
@@ -208,16 +252,18 @@ def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray
         config.learning_rate, decay_steps=1, decay_rate=config.learning_rate / config.epochs)
     suffix.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule), loss="categorical_crossentropy",
                    metrics=["accuracy"])
-    callbacks = [_progress_callback(config.epochs, progress)]
-    validation_data = None
+    callbacks: list[keras.callbacks.Callback] = []
     if len(split.validation):
-        validation_data = (features.validation, _one_hot(labels[split.validation]))
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+        callbacks.append(_validation_callback(suffix, features.validation, labels[split.validation]))
+        mode = "min" if config.early_stopping_metric == "val_loss" else "max"
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=config.early_stopping_metric, mode=mode,
+                                                       patience=config.early_stopping_patience,
                                                        restore_best_weights=True))
-    history = suffix.fit(batches, epochs=config.epochs, validation_data=validation_data, callbacks=callbacks,
-                         verbose=0)
+    callbacks.append(_progress_callback(config.epochs, progress))
+    history = suffix.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=0)
     curves = {key: [float(v) for v in values] for key, values in history.history.items()}
-    return FitResult(curves, class_weights, early_stopping=validation_data is not None)
+    monitor = config.early_stopping_metric if len(split.validation) else None
+    return FitResult(curves, class_weights, early_stopping=monitor is not None, monitor=monitor)
 
 
 def positive_scores(suffix: keras.Model, features: np.ndarray) -> np.ndarray:
@@ -266,7 +312,8 @@ def artifact_metadata(model: keras.Model, config: TrainingConfig, trainable_from
         "hyperparameters": {**asdict(config), "trainable_from": trainable_from, "optimizer": "Adam",
                             "learning_rate_schedule": "InverseTimeDecay(lr, decay_steps=1, decay_rate=lr/epochs) "
                                                       "(the origin's Adam decay=lr/epochs)",
-                            "loss": "categorical_crossentropy", "class_weights": fit.class_weights},
+                            "loss": "categorical_crossentropy", "class_weights": fit.class_weights,
+                            "early_stopping_on": fit.monitor},
         "data": data,
         "training": {
             "epochs_run": len(fit.curves["loss"]),
@@ -325,6 +372,29 @@ def _feature_batches(features: np.ndarray, targets: np.ndarray, weights: np.ndar
             self.order, self.copy = self._draw()
 
     return CachedFeatureBatches()
+
+
+def _validation_callback(suffix: keras.Model, features: np.ndarray, labels: np.ndarray) -> keras.callbacks.Callback:
+    """Adds ``val_loss``, ``val_accuracy``, ``val_balanced_accuracy`` and ``val_auc`` to each epoch's logs, from one
+    pass over the validation part (before early stopping reads them)."""
+    import keras
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    targets = _one_hot(labels)
+    positive = labels == POSITIVE_CLASS
+
+    def measure(epoch: int, logs: dict[str, float] | None = None) -> None:
+        if logs is None:
+            return
+        probabilities = np.clip(np.asarray(suffix.predict(features, batch_size=32, verbose=0)), 1e-7, 1.0)
+        predicted = np.asarray(CLASS_NAMES, dtype=object)[probabilities.argmax(axis=1)]
+        logs["val_loss"] = float(-(targets * np.log(probabilities)).sum(axis=1).mean())
+        logs["val_accuracy"] = float((predicted == labels).mean())
+        logs["val_balanced_accuracy"] = float(balanced_accuracy_score(labels, predicted))
+        scores = probabilities[:, CLASS_NAMES.index(POSITIVE_CLASS)]
+        logs["val_auc"] = float(roc_auc_score(positive, scores)) if 0 < positive.sum() < len(positive) else 0.5
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=measure)
 
 
 def _progress_callback(epochs: int, enabled: bool) -> keras.callbacks.Callback:
