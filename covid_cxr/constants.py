@@ -34,6 +34,8 @@ ROTATION_DEGREES = 15.0
 CLASS_WEIGHT_MODES: tuple[str, ...] = ("balanced", "none")
 CLASS_WEIGHT = "balanced"
 SEED = 42
+#: How a model's scores may be rescaled after training (``none`` keeps the softmax output).
+CALIBRATION_METHODS: tuple[str, ...] = ("none", "temperature", "platt")
 #: Decision threshold on P(covid) stored with a trained model.
 DECISION_THRESHOLD = 0.5
 

@@ -258,6 +258,11 @@ class Reason(StrEnum):
         "model_not_found", ReasonKind.ERROR,
         "No model of that name and version is registered",
     )
+    DEGENERATE_MODEL = (
+        "degenerate_model", ReasonKind.ERROR,
+        "Training flagged the model as degenerate (one class for a whole part, or balanced accuracy at chance); "
+        "it is activated only with --force",
+    )
     ARTIFACT_MISSING = (
         "artifact_missing", ReasonKind.ERROR,
         "A model's file, or its artifact bytes in the database, are missing",

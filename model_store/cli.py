@@ -57,9 +57,27 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     fit.add_argument("--class-weight", choices=constants.CLASS_WEIGHT_MODES, default=constants.CLASS_WEIGHT)
     fit.add_argument("--seed", type=int, default=constants.SEED,
                      help=f"split, augmentation and initialisation seed (default: {constants.SEED})")
-    fit.add_argument("--threshold", type=float, default=constants.DECISION_THRESHOLD,
-                     help=f"decision threshold on P({constants.POSITIVE_CLASS}) stored with the model")
+    fit.add_argument("--early-stopping-metric", choices=constants.EARLY_STOPPING_METRICS,
+                     default=constants.EARLY_STOPPING_METRIC,
+                     help=f"what early stopping watches on the validation part (default: "
+                          f"{constants.EARLY_STOPPING_METRIC})")
+    trust = train.add_argument_group("operating point and calibration (fitted on the validation part)")
+    point = trust.add_mutually_exclusive_group()
+    point.add_argument("--threshold", type=_threshold_option, default=constants.DECISION_THRESHOLD,
+                       help=f"decision threshold on P({constants.POSITIVE_CLASS}) stored with the model: a number, "
+                            f"or 'youden' (chosen on the validation part); default {constants.DECISION_THRESHOLD}")
+    point.add_argument("--target-sensitivity", type=float,
+                       help="choose the highest threshold reaching this sensitivity on the validation part")
+    trust.add_argument("--calibration", choices=constants.CALIBRATION_METHODS, default="none",
+                       help="temperature or Platt scaling of the scores, fitted on the validation part")
     output = train.add_argument_group("output")
+    output.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
+                        help="CSV column whose values get a subgroup table in the report (repeatable; 'age' is "
+                             "reported as decade bands)")
+    output.add_argument("--feature-cache", type=Path,
+                        help="folder keeping the frozen prefix's outputs between runs on the same data and seed")
+    output.add_argument("--force", action="store_true",
+                        help="with --activate: activate even a degenerate model (recorded)")
     output.add_argument("--out", type=Path, help="artifact folder (default: DATA_DIR/runs/NAME-UTCTIME)")
     output.add_argument("--register", action="store_true", help="import the artifact into the registry (database)")
     output.add_argument("--activate", action="store_true", help="register and make it the active version")
@@ -85,6 +103,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     exporting.set_defaults(func=_export)
     activating = actions.add_parser("activate", parents=[common], help="make a version the one the workers serve")
     activating.add_argument("model", help="NAME:VERSION (NAME defaults to COVID_CXR_MODEL_NAME)")
+    activating.add_argument("--force", action="store_true",
+                            help="activate even a model its training flagged as degenerate (recorded)")
     activating.set_defaults(func=_activate)
     evaluating = actions.add_parser(
         "evaluate", parents=[common, data], help="score a model on a labelled set: report text, JSON and plots",
@@ -97,6 +117,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     evaluating.add_argument("--part", choices=("all", "train", "validation", "test"), default="all",
                             help="all images, or only the patients of one part of the model's recorded split")
     evaluating.add_argument("--threshold", type=float, help="decision threshold (default: the model's)")
+    evaluating.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
+                            help="CSV column whose values get a subgroup table (repeatable; 'age' as decade bands)")
     evaluating.add_argument("--out", type=Path, help="report folder (default: REPORTS/evaluate-VERSION-UTCTIME)")
     evaluating.add_argument("--no-progress", dest="progress", action="store_false")
     evaluating.set_defaults(func=_evaluate)
@@ -129,6 +151,15 @@ def _dataset(args: argparse.Namespace) -> Dataset:
                     patient_column=args.patient_column, where=parse_where(args.where))
 
 
+def _threshold_option(text: str) -> float | str:
+    if text.strip().lower() == "youden":
+        return "youden"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'youden', got {text!r}") from None
+
+
 def _utc_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
@@ -143,20 +174,26 @@ def _train(args: argparse.Namespace) -> int:
         base_weights=args.base_weights, trainable_from=args.trainable_from, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, test_fraction=args.test_fraction,
         validation_fraction=args.validation_fraction, early_stopping_patience=args.patience, augment=args.augment,
-        augment_copies=args.augment_copies, class_weight=args.class_weight, seed=args.seed,
-        threshold=args.threshold, name=name)
+        augment_copies=args.augment_copies, class_weight=args.class_weight,
+        early_stopping_metric=args.early_stopping_metric, seed=args.seed,
+        threshold=constants.DECISION_THRESHOLD if args.threshold == "youden" else args.threshold,
+        operating_point=("sensitivity" if args.target_sensitivity is not None
+                         else "youden" if args.threshold == "youden" else "fixed"),
+        target_sensitivity=args.target_sensitivity, calibration=args.calibration, name=name)
     config.check()
     dataset = _dataset(args)
     out = args.out or settings.data_dir / "runs" / f"{name}-{_utc_stamp()}"
-    result = train(dataset, config, out, settings=settings, progress=args.progress)
+    result = train(dataset, config, out, settings=settings, progress=args.progress, feature_cache=args.feature_cache,
+                   group_by=args.group_by)
     print(Path(result.report_files["text"]).read_text())
     print(f"artifact: {result.artifact.directory} ({name} {result.artifact.version}, "
           f"sha256 {result.artifact.sha256})")
     if args.register or args.activate:
         from model_store.registry import activation_note, import_artifact
 
-        record = import_artifact(settings, result.artifact.directory, activate=args.activate,
-                                 activated_by=activation_note(f"covid-cxr train --activate (run {out.name})"))
+        forced = " --force" if args.force else ""
+        record = import_artifact(settings, result.artifact.directory, activate=args.activate, force=args.force,
+                                 activated_by=activation_note(f"covid-cxr train --activate{forced} (run {out.name})"))
         print(f"registered {record.name} {record.version}{' (active)' if record.active else ''}")
     return 0
 
@@ -229,8 +266,9 @@ def _activate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     name, version = _parse_model_version(args.model, settings)
-    record = activate(settings, name, version,
-                      activated_by=activation_note(f"covid-cxr models activate {name}:{version}"))
+    forced = " --force" if args.force else ""
+    record = activate(settings, name, version, force=args.force,
+                      activated_by=activation_note(f"covid-cxr models activate{forced} {name}:{version}"))
     print(f"active: {record.name} {record.version}")
     return 0
 
@@ -251,7 +289,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         model = load_registered_model(settings, record)
     out = args.out or settings.reports / f"evaluate-{metadata['version']}-{_utc_stamp()}"
     _, files = evaluate(model, metadata, dataset, out, part=args.part, threshold=args.threshold, settings=settings,
-                        progress=args.progress)
+                        progress=args.progress, group_by=args.group_by)
     sys.stdout.write(Path(files["text"]).read_text())
     print("written: " + ", ".join(files.values()))
     return 0

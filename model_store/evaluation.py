@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +15,18 @@ from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from model_store import baseline
 from model_store.architecture import to_model_input
-from model_store.dataset import Dataset, describe_source, indices_of_patients, load_images, manifest
+from model_store.calibration import apply_calibration, calibration_summary
+from model_store.dataset import (
+    Dataset,
+    describe_source,
+    group_attributes,
+    indices_of_patients,
+    load_images,
+    manifest,
+)
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report
+from model_store.subgroups import subgroup_metrics
 
 if TYPE_CHECKING:
     import keras
@@ -42,13 +52,14 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 16,
 
 def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out_dir: Path, *, part: str = "all",
              threshold: float | None = None, settings: Settings | None = None, seed: int = 0,
-             progress: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+             progress: bool = True, group_by: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
     """Score ``model`` on ``dataset`` (or on one recorded part of its training split) and write the report.
 
     ``part="all"`` scores every image; the baseline is then scored by a patient-level 5-fold
     cross-validation inside the set. ``part="test"`` (or ``train``/``validation``) keeps only the patients the
     model's metadata lists for that part, and fits the baseline on the images of the model's training and
-    validation patients, which reproduces the training run's report.
+    validation patients, which reproduces the training run's report. Scores are rescaled by the model's stored
+    calibration (as the workers do); ``group_by`` CSV columns get subgroup tables.
     """
     from ingest.pixels import PREPROCESSING_VERSION
 
@@ -88,7 +99,8 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     evaluated = dataset.subset(selected)
     images = load_images(dataset.subset(np.concatenate([selected, fit_indices])), settings, progress)
     eval_images, fit_images = images[: len(selected)], images[len(selected):]
-    scores = predict_scores(model, eval_images, progress=progress)
+    calibration = metadata.get("calibration") or {"method": "none"}
+    scores = apply_calibration(predict_scores(model, eval_images, progress=progress), calibration)
     labels = evaluated.labels
     model_metrics = binary_report(labels, scores, threshold=threshold, seed=seed)
     evaluation: dict[str, Any] = {
@@ -100,7 +112,16 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
         "model": {key: metadata.get(key) for key in ("name", "version", "sha256")},
         "metrics": model_metrics,
         "notes": notes,
+        "calibration": calibration_summary(labels == POSITIVE_CLASS, scores, calibration),
+        "operating_point": metadata.get("operating_point") or {"rule": "fixed", "threshold": threshold},
+        "subgroups": subgroup_metrics(labels, scores, group_attributes(evaluated, group_by), model_metrics,
+                                      threshold=threshold, seed=seed),
     }
+    if threshold != float(evaluation["operating_point"]["threshold"]):
+        evaluation["operating_point"] = {"rule": "fixed", "threshold": threshold, "chosen_on": "given",
+                                         "note": "--threshold given instead of the model's stored operating point"}
+    if metadata.get("degenerate"):
+        evaluation["degenerate"] = metadata["degenerate"]
     baseline_scores = _baseline_scores(evaluated, eval_images, dataset.subset(fit_indices), fit_images, seed)
     if baseline_scores is not None:
         scores_for_baseline, fitted_on = baseline_scores

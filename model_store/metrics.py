@@ -176,3 +176,29 @@ def format_proportion(entry: dict[str, Any]) -> str:
     counts = f"{entry['k']}/{entry['n']}" if "k" in entry else ""
     inside = ", ".join(part for part in (counts, interval.lstrip(", ")) if part)
     return f"{entry['value']:.4f} ({inside})" if inside else f"{entry['value']:.4f}"
+
+
+#: Balanced accuracy at or below 0.5 + this margin counts as chance for :func:`degeneracy`.
+CHANCE_MARGIN = 0.05
+
+
+def degeneracy(report: dict[str, Any], part: str) -> list[str]:
+    """Why a :func:`binary_report` shows a degenerate classifier on ``part``: one class predicted for every image,
+    or balanced accuracy (mean of sensitivity and specificity) within :data:`CHANCE_MARGIN` of chance. Empty if
+    neither (or if the part is empty)."""
+    if not report["n"]:
+        return []
+    reasons = []
+    positive, negative = report["positive"], next(name for name in report["classes"] if name != report["positive"])
+    predicted_positive = report["tp"] + report["fp"]
+    if predicted_positive in (0, report["n"]):
+        only = positive if predicted_positive else negative
+        reasons.append(f"predicts {only!r} for all {report['n']} images of the {part} part "
+                       f"(threshold {report['threshold']:.4g})")
+    sensitivity, specificity = report["sensitivity"]["value"], report["specificity"]["value"]
+    if sensitivity is not None and specificity is not None:
+        balanced = (sensitivity + specificity) / 2
+        if balanced <= 0.5 + CHANCE_MARGIN:
+            reasons.append(f"balanced accuracy {balanced:.3f} on the {part} part is at chance "
+                           f"(<= {0.5 + CHANCE_MARGIN})")
+    return reasons

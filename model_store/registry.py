@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import shutil
 import socket
@@ -40,6 +41,8 @@ from model_store.artifact import (
 if TYPE_CHECKING:
     import keras
 
+log = logging.getLogger(__name__)
+
 HOW_TO_GET_A_MODEL = ("train one with `covid-cxr train ... --register --activate`, or import an artifact with "
                       "`covid-cxr models import PATH --activate`, or activate a listed one with "
                       "`covid-cxr models activate NAME:VERSION`")
@@ -56,13 +59,14 @@ def _session(settings: Settings) -> AbstractContextManager[Session]:
 
 
 def import_artifact(settings: Settings, path: Path, activate: bool = False, name: str | None = None,
-                    activated_by: str | None = None) -> ModelVersion:
+                    activated_by: str | None = None, force: bool = False) -> ModelVersion:
     """Register an artifact folder (or its ``model.keras``, with ``metadata.json`` beside it).
 
     The file must match the sha256 in its metadata and load in Keras safe mode; otherwise
     :class:`ModelIntegrityError`. Importing the same bytes again is a no-op; a different file under an
     existing name and version is refused. With ``activate``, ``activated_by`` (see
-    :func:`activation_note`) is recorded with the time.
+    :func:`activation_note`) is recorded with the time; a degenerate model is registered but activated only with
+    ``force`` (see :func:`activate`).
     """
     model_path = model_path_of(path)
     metadata = read_metadata(path)
@@ -86,7 +90,7 @@ def import_artifact(settings: Settings, path: Path, activate: bool = False, name
             session.add(record)
             session.flush()
         if activate:
-            _activate(session, record, activated_by)
+            _activate(session, record, _checked_note(record, activated_by, force))
         return record
 
 
@@ -128,16 +132,37 @@ def find(settings: Settings, name: str, version: str | None = None) -> ModelVers
         return record
 
 
-def activate(settings: Settings, name: str, version: str, activated_by: str | None = None) -> ModelVersion:
+def degenerate_reasons(record: ModelVersion) -> list[str]:
+    """Why training flagged this version as degenerate (empty when it did not, or predates the check)."""
+    flagged = (record.metadata_json or {}).get("degenerate") or {}
+    return [str(reason) for reason in flagged.get("reasons", [])] if flagged.get("degenerate") else []
+
+
+def _checked_note(record: ModelVersion, activated_by: str | None, force: bool) -> str | None:
+    """Refuse a degenerate model unless ``force``; a forced activation says so in ``activated_by``."""
+    reasons = degenerate_reasons(record)
+    if not reasons:
+        return activated_by
+    if not force:
+        raise ModelError(f"{record.name} {record.version} is degenerate: {'; '.join(reasons)}; not activated "
+                         "(use --force to activate it anyway)", reason=Reason.DEGENERATE_MODEL)
+    log.warning("activating degenerate model %s %s (forced): %s", record.name, record.version, "; ".join(reasons))
+    return f"{activated_by or 'unknown'} [FORCED despite degenerate model: {'; '.join(reasons)}]"
+
+
+def activate(settings: Settings, name: str, version: str, activated_by: str | None = None,
+             force: bool = False) -> ModelVersion:
     """Make ``name:version`` the one active version of ``name`` (the one the workers serve).
 
-    ``activated_by`` (see :func:`activation_note`) is recorded with the time of activation.
+    ``activated_by`` (see :func:`activation_note`) is recorded with the time of activation. A version whose
+    training flagged it as degenerate is refused (:class:`ModelError`, ``degenerate_model``) unless ``force``;
+    a forced activation is recorded as such in ``activated_by``.
     """
     with _session(settings) as session:
         record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
         if record is None:
             raise ModelError(f"no model {name} version {version} is registered", reason=Reason.MODEL_NOT_FOUND)
-        _activate(session, record, activated_by)
+        _activate(session, record, _checked_note(record, activated_by, force))
         return record
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from model_store.report_render import (
     RocCurve,
     plot_confusion_matrix,
+    plot_reliability,
     plot_roc,
     plot_training_curves,
     render_dataset_text,
@@ -60,6 +61,9 @@ def write_report(evaluation: dict[str, Any], out_dir: Path, history: dict[str, l
     plot_confusion_matrix(evaluation["metrics"], paths["confusion_matrix"], evaluation["title"])
     plot_roc(evaluation["metrics"], [row["label"] for row in evaluation["predictions"]], _roc_curves(evaluation),
              paths["roc_curve"])
+    if evaluation.get("calibration"):
+        paths["reliability"] = out_dir / f"{prefix}reliability.png"
+        plot_reliability(evaluation["calibration"], paths["reliability"])
     if history:
         paths["training_curves"] = out_dir / f"{prefix}training_curves.png"
         plot_training_curves(history, paths["training_curves"])

@@ -99,9 +99,47 @@ def render_dataset_text(evaluation: Mapping[str, Any]) -> str:
         lines += [f"  => {verdict}", f"  rule: {comparison['rule']}"]
     elif evaluation.get("baseline_note"):
         lines += ["", f"shortcut check: {evaluation['baseline_note']}"]
+    lines += trust_lines(evaluation)
     for note in evaluation.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines) + "\n"
+
+
+def trust_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """Degeneracy, operating point, calibration and subgroup tables, for the reports that have them."""
+    lines: list[str] = []
+    degenerate = evaluation.get("degenerate")
+    if degenerate and degenerate.get("degenerate"):
+        lines += ["", "FLAG: DEGENERATE MODEL (activation refused without --force):"]
+        lines += [f"  - {reason}" for reason in degenerate["reasons"]]
+    operating = evaluation.get("operating_point")
+    if operating:
+        how = {"fixed": "given", "youden": "Youden's J", "sensitivity": "target sensitivity "
+               f"{operating.get('target_sensitivity')}"}[operating["rule"]]
+        where = f" on {operating['chosen_on']}" if operating.get("chosen_on") not in (None, "", "given") else ""
+        lines += ["", f"operating point: threshold {operating['threshold']:.4f} ({how}{where})"]
+        if operating.get("note"):
+            lines.append(f"  note: {operating['note']}")
+    calibration = evaluation.get("calibration")
+    if calibration:
+        method = calibration["method"]
+        state = (f"calibrated ({method['method']} scaling fitted on {method.get('fitted_on')})"
+                 if calibration["calibrated"] else "NOT calibrated (raw softmax output)")
+        ece = "undefined" if calibration["ece"] is None else f"{calibration['ece']:.4f}"
+        lines += ["", f"calibration: scores {state}; expected calibration error {ece} "
+                      f"({calibration['n_bins']} equal-width bins)"]
+        lines += ["  bin        n  mean score  fraction positive"]
+        for row in calibration["bins"]:
+            if row["n"]:
+                lines.append(f"  {row['low']:.1f}-{row['high']:.1f} {row['n']:>5d}  {row['mean_score']:>10.3f}  "
+                             f"{row['fraction_positive']:>17.3f}")
+    for attribute, rows in (evaluation.get("subgroups") or {}).items():
+        lines += ["", f"subgroups by {attribute} (n, counts, Wilson intervals; AUC bootstrap interval):"]
+        lines += [f"  {row['group']}: n={row['n']} ({', '.join(f'{v} {k}' for k, v in row['counts'].items())}); "
+                  f"acc {format_proportion(row['accuracy'])}; sens {format_proportion(row['sensitivity'])}; "
+                  f"spec {format_proportion(row['specificity'])}; AUC {_interval_text(row['roc_auc'])}"
+                  + (f"  FLAG: {row['flag']}" if row["flag"] else "") for row in rows]
+    return lines
 
 
 def render_window_text(metrics: Mapping[str, Any], flags: Sequence[str], *, model: str, level: str,
@@ -222,6 +260,29 @@ def plot_confusion_matrix(report: Mapping[str, Any], path: Path, title: str) -> 
     subtitle = (f"acc {accuracy['value']:.2f} ({accuracy['k']}/{accuracy['n']}, 95% CI {ci[0]:.2f}-{ci[1]:.2f})"
                 if ci else "")
     axes.set_title(f"{title}\n{subtitle}", fontsize=9)
+    _save(plt, figure, path)
+
+
+def plot_reliability(calibration: Mapping[str, Any], path: Path) -> None:
+    """Reliability diagram: observed fraction of positives against the mean score per bin (sized by n)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(4.6, 4.4))
+    rows = [row for row in calibration["bins"] if row["n"]]
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    if rows:
+        axes.plot([row["mean_score"] for row in rows], [row["fraction_positive"] for row in rows], marker="o",
+                  color=HISTOGRAM_COLOURS[0], label="model")
+        for row in rows:
+            axes.annotate(f"n={row['n']}", (row["mean_score"], row["fraction_positive"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, -9))
+    ece = calibration["ece"]
+    state = "calibrated" if calibration["calibrated"] else "not calibrated"
+    axes.set_title(f"reliability ({state}), ECE {'n/a' if ece is None else f'{ece:.3f}'}", fontsize=9)
+    axes.set_xlabel("mean predicted P(positive) in bin")
+    axes.set_ylabel("observed fraction positive")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.legend(loc="upper left", fontsize=8)
     _save(plt, figure, path)
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +35,21 @@ from model_store.architecture import (
     split_point,
 )
 from model_store.artifact import ArtifactInfo, save_artifact
-from model_store.dataset import Dataset, Split, describe_source, load_images, manifest, split_dataset
+from model_store.calibration import apply_calibration, calibration_summary, fit_calibration
+from model_store.dataset import (
+    Dataset,
+    Split,
+    describe_source,
+    group_attributes,
+    load_images,
+    manifest,
+    split_dataset,
+)
 from model_store.drift import training_reference
-from model_store.metrics import binary_report
+from model_store.metrics import binary_report, degeneracy
+from model_store.operating_point import OPERATING_POINT_RULES, choose_threshold
 from model_store.report import compare_with_baseline, write_report
+from model_store.subgroups import subgroup_metrics
 from model_store.weights import describe_base_weights
 
 if TYPE_CHECKING:
@@ -70,6 +81,9 @@ class TrainingConfig:
     early_stopping_metric: str = constants.EARLY_STOPPING_METRIC
     seed: int = constants.SEED
     threshold: float = constants.DECISION_THRESHOLD
+    operating_point: str = "fixed"
+    target_sensitivity: float | None = None
+    calibration: str = "none"
     name: str = constants.MODEL_NAME
 
     def resolved_trainable_from(self) -> str | None:
@@ -97,12 +111,24 @@ class TrainingConfig:
             problems.append(f"early stopping metric must be {modes} (got {self.early_stopping_metric!r})")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold must be in (0, 1) (got {self.threshold})")
+        if self.operating_point not in OPERATING_POINT_RULES:
+            problems.append(f"operating point must be one of {', '.join(OPERATING_POINT_RULES)} "
+                            f"(got {self.operating_point!r})")
+        if self.operating_point == "sensitivity" and not 0 < (self.target_sensitivity or 0) <= 1:
+            problems.append(f"target sensitivity must be in (0, 1] (got {self.target_sensitivity})")
+        if self.calibration not in constants.CALIBRATION_METHODS:
+            methods = ", ".join(constants.CALIBRATION_METHODS)
+            problems.append(f"calibration must be one of {methods} (got {self.calibration!r})")
+        if (self.operating_point != "fixed" or self.calibration != "none") and self.validation_fraction <= 0:
+            problems.append("choosing a threshold or calibrating needs a validation part (--validation-fraction > 0)")
         if problems:
             raise UsageError("bad training options: " + "; ".join(problems), reason=Reason.BAD_TRAINING_OPTIONS)
 
 
 @dataclass(frozen=True)
 class TrainingResult:
+    """The saved artifact, the test report's files, and the evaluation they were written from."""
+
     artifact: ArtifactInfo
     report_files: dict[str, str]
     evaluation: dict[str, Any]
@@ -138,11 +164,14 @@ class FitResult:
 
 
 def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Settings | None = None,
-          progress: bool = True, feature_cache: Path | None = None) -> TrainingResult:
+          progress: bool = True, feature_cache: Path | None = None, group_by: Sequence[str] = ()) -> TrainingResult:
     """Train one model and write its artifact and test-split report into ``out_dir``.
 
     ``feature_cache``: a folder where the frozen prefix's outputs are kept between runs on the same data,
     split, seed and augmentation (see :func:`features_cache_key`), so that trying another head recipe skips them.
+    ``group_by``: CSV columns whose values get a subgroup table in the report. After fitting, the optional
+    calibration and the operating point are fitted on the validation part; a degenerate model (one class for a
+    whole part, or balanced accuracy at chance) is recorded as such in its metadata and report.
 
     Everything that can be wrong with the data (empty, one class, unreadable files, too few patients to
     split) raises :class:`DatasetError` before the model is built.
@@ -164,9 +193,15 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
                                    features_cache_key(dataset, split, cut, config))
     with _timed(timings, "fit_s"):
         fit = fit_suffix(suffix, features, dataset.labels, split, config, progress)
-    test_scores = positive_scores(suffix, features.test)
-    reference = drift_reference(suffix, features, images, split)
-    evaluation = evaluate_test_part(dataset, split, images, test_scores, config)
+    calibration, operating = calibrate_and_choose_threshold(suffix, features, dataset.labels, split, config)
+    test_scores = apply_calibration(positive_scores(suffix, features.test), calibration)
+    reference = drift_reference(suffix, features, images, split, calibration)
+    evaluation = evaluate_test_part(dataset, split, images, test_scores, config, operating["threshold"], group_by)
+    evaluation["calibration"] = calibration_summary(dataset.labels[split.test] == POSITIVE_CLASS, test_scores,
+                                                    calibration)
+    evaluation["operating_point"] = operating
+    evaluation["degenerate"] = degenerate_parts(suffix, features, dataset.labels, split, calibration,
+                                                operating["threshold"], evaluation["metrics"])
     timings["total_s"] = time.perf_counter() - started
     metadata = artifact_metadata(model, config, trainable_from, manifest(dataset, split), features, fit, reference,
                                  evaluation, timings)
@@ -266,19 +301,48 @@ def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray
     return FitResult(curves, class_weights, early_stopping=monitor is not None, monitor=monitor)
 
 
+def calibrate_and_choose_threshold(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray, split: Split,
+                                   config: TrainingConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the calibration (if asked), then choose the threshold on the calibrated scores, both on the validation
+    part only (the test part stays untouched)."""
+    if not len(split.validation):
+        return {"method": "none"}, choose_threshold([], [], "fixed", fixed=config.threshold, chosen_on="given")
+    is_positive = labels[split.validation] == POSITIVE_CLASS
+    where = f"the validation part ({len(split.validation)} images)"
+    raw = positive_scores(suffix, features.validation)
+    calibration = fit_calibration(is_positive, raw, config.calibration, where)
+    operating = choose_threshold(is_positive, apply_calibration(raw, calibration), config.operating_point,
+                                 fixed=config.threshold, target_sensitivity=config.target_sensitivity,
+                                 chosen_on=where if config.operating_point != "fixed" else "given")
+    return calibration, operating
+
+
+def degenerate_parts(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray, split: Split,
+                     calibration: dict[str, Any], threshold: float, test_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Whether the model is degenerate on the validation or the test part at its decision threshold."""
+    reasons = list(degeneracy(test_metrics, "test"))
+    if len(split.validation):
+        scores = apply_calibration(positive_scores(suffix, features.validation), calibration)
+        reasons = degeneracy(binary_report(labels[split.validation], scores, threshold=threshold, bootstrap=0),
+                             "validation") + reasons
+    return {"degenerate": bool(reasons), "reasons": reasons}
+
+
 def positive_scores(suffix: keras.Model, features: np.ndarray) -> np.ndarray:
     """P(positive class) per image, from its cached features."""
     return np.asarray(suffix.predict(features, batch_size=32, verbose=0))[:, CLASS_NAMES.index(POSITIVE_CLASS)]
 
 
-def drift_reference(suffix: keras.Model, features: CachedFeatures, images: np.ndarray, split: Split) -> dict[str, Any]:
+def drift_reference(suffix: keras.Model, features: CachedFeatures, images: np.ndarray, split: Split,
+                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reference the evaluation job compares served inputs with: the validation part, else the training part."""
     if len(split.validation):
         part, indices, part_features = "validation", split.validation, features.validation
     else:
         part, indices, part_features = "train", split.train, features.train[0]
     pixels = images[indices].reshape(len(indices), -1).astype(np.float64)
-    reference = training_reference(positive_scores(suffix, part_features), pixels.mean(axis=1), pixels.std(axis=1))
+    scores = apply_calibration(positive_scores(suffix, part_features), calibration)
+    reference = training_reference(scores, pixels.mean(axis=1), pixels.std(axis=1))
     reference["images"] = f"the {part} part ({len(indices)} images)"
     return reference
 
@@ -308,7 +372,10 @@ def artifact_metadata(model: keras.Model, config: TrainingConfig, trainable_from
         "preprocessing_version": PREPROCESSING_VERSION,
         "class_names": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
-        "decision_threshold": config.threshold,
+        "decision_threshold": evaluation["operating_point"]["threshold"],
+        "operating_point": evaluation["operating_point"],
+        "calibration": evaluation["calibration"]["method"],
+        "degenerate": evaluation["degenerate"],
         "hyperparameters": {**asdict(config), "trainable_from": trainable_from, "optimizer": "Adam",
                             "learning_rate_schedule": "InverseTimeDecay(lr, decay_steps=1, decay_rate=lr/epochs) "
                                                       "(the origin's Adam decay=lr/epochs)",
@@ -326,7 +393,9 @@ def artifact_metadata(model: keras.Model, config: TrainingConfig, trainable_from
         },
         "reference": reference,
         "metrics": {"test": evaluation["metrics"], "baseline_test": evaluation["baseline"]["metrics"],
-                    "shortcut_check": evaluation["baseline"]["comparison"]},
+                    "shortcut_check": evaluation["baseline"]["comparison"],
+                    "test_calibration": {key: evaluation["calibration"][key] for key in ("ece", "calibrated")},
+                    "test_subgroups": evaluation.get("subgroups", {})},
     }
 
 
@@ -416,13 +485,15 @@ def _progress_callback(epochs: int, enabled: bool) -> keras.callbacks.Callback:
 
 
 def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_scores: np.ndarray,
-                       config: TrainingConfig) -> dict[str, Any]:
+                       config: TrainingConfig, threshold: float | None = None,
+                       group_by: Sequence[str] = ()) -> dict[str, Any]:
     """The held-out test part's report, with the thumbnail baseline fitted on train + validation."""
     labels = dataset.labels
     fitted_on = np.concatenate([split.train, split.validation])
     baseline_scores = baseline.fit_and_score(images[fitted_on], labels[fitted_on] == POSITIVE_CLASS,
                                              images[split.test], config.seed)
-    model_metrics = binary_report(labels[split.test], test_scores, threshold=config.threshold, seed=config.seed)
+    threshold = config.threshold if threshold is None else threshold
+    model_metrics = binary_report(labels[split.test], test_scores, threshold=threshold, seed=config.seed)
     baseline_metrics = binary_report(labels[split.test], baseline_scores, threshold=0.5, seed=config.seed)
     test_counts = dataset.counts(split.test)
     return {
@@ -440,5 +511,8 @@ def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_
              "score": float(score), "baseline_score": float(base)}
             for i, score, base in zip(split.test, test_scores, baseline_scores, strict=False)
         ],
+        "subgroups": subgroup_metrics(labels[split.test], test_scores, group_attributes(dataset.subset(split.test),
+                                                                                       group_by),
+                                      model_metrics, threshold=threshold, seed=config.seed),
     }
 

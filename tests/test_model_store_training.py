@@ -232,5 +232,7 @@ def test_the_drift_reference_is_the_validation_part_else_the_training_part() -> 
 
 
 def test_the_best_epoch_is_the_lowest_validation_loss_else_the_last() -> None:
-    assert FitResult({"loss": [3, 2, 1], "val_loss": [2, 1, 1.5]}, {}, True).best_epoch == 2
+    assert FitResult({"loss": [3, 2, 1], "val_loss": [2, 1, 1.5]}, {}, True, "val_loss").best_epoch == 2
+    assert FitResult({"loss": [3, 2, 1], "val_balanced_accuracy": [0.5, 0.7, 0.7]}, {}, True,
+                     "val_balanced_accuracy").best_epoch == 2
     assert FitResult({"loss": [3, 2, 1]}, {}, False).best_epoch == 3

@@ -42,14 +42,25 @@ class LoadedModel:
     positive_class: str
     preprocessing_version: str | None
     forward: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
+    #: The score scaling fitted at training (metadata ``calibration``); ``None``: raw softmax output.
+    calibration: dict[str, Any] | None = None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``(N, len(class_names))`` probabilities for ``(N, 224, 224)`` uint8 images: one forward pass."""
+        """``(N, len(class_names))`` probabilities for ``(N, 224, 224)`` uint8 images: one forward pass, then the
+        model's calibration (if it has one) on the positive class, the other class its complement."""
         from model_store.architecture import to_model_input
 
         x = to_model_input(images)
         outputs = self.forward(x) if self.forward is not None else self.model(x, training=False)
-        return np.asarray(outputs, dtype=np.float64)
+        probabilities = np.asarray(outputs, dtype=np.float64)
+        if self.calibration and self.calibration.get("method", "none") != "none":
+            from model_store.calibration import apply_calibration
+
+            positive = self.class_names.index(self.positive_class)
+            scores = apply_calibration(probabilities[:, positive], self.calibration)
+            probabilities = np.stack([scores if i == positive else 1 - scores
+                                      for i in range(len(self.class_names))], axis=1)
+        return probabilities
 
     def label_for(self, positive_probability: float) -> str:
         """The positive class at or above the model's decision threshold, the other class below it."""
@@ -172,6 +183,7 @@ def describe(model: Any, record: Any) -> LoadedModel:
         class_names=class_names,
         positive_class=positive,
         preprocessing_version=metadata.get("preprocessing_version"),
+        calibration=metadata.get("calibration"),
     )
 
 

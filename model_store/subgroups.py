@@ -1,0 +1,47 @@
+"""Metrics per subgroup (origin, view, manufacturer, sex, age band...), each with its n and intervals.
+
+A subgroup whose ROC AUC interval lies entirely below the overall one is flagged: the overall figure hides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from model_store.metrics import binary_report
+
+#: The value a subgroup table shows for a case that lacks the attribute.
+MISSING = "(missing)"
+
+
+def subgroup_metrics(labels: Sequence[str] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                     attributes: Mapping[str, Sequence[str | None]], overall: Mapping[str, Any], *,
+                     threshold: float, seed: int = 0, bootstrap: int = 1000) -> dict[str, list[dict[str, Any]]]:
+    """Per attribute, one row per value (sorted by value): n, counts, accuracy, sensitivity, specificity (Wilson
+    intervals), ROC AUC (bootstrap interval; ``None`` with one class) and ``flag``.
+
+    ``overall`` is the whole set's :func:`~model_store.metrics.binary_report`; its AUC interval is the reference.
+    """
+    truth = np.asarray(labels, dtype=object)
+    values = np.asarray(scores, dtype=float)
+    overall_ci = (overall.get("roc_auc") or {}).get("ci")
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for attribute, per_case in attributes.items():
+        groups = np.asarray([MISSING if value in (None, "") else str(value) for value in per_case], dtype=object)
+        if groups.shape != truth.shape:
+            raise ValueError(f"attribute {attribute!r} has {groups.size} values for {truth.size} cases")
+        rows = []
+        for group in sorted(set(groups.tolist())):
+            chosen = groups == group
+            report = binary_report(truth[chosen], values[chosen], threshold=threshold, seed=seed, bootstrap=bootstrap)
+            auc = report["roc_auc"]
+            flag = None
+            if overall_ci and auc["ci"] and auc["ci"][1] < overall_ci[0]:
+                flag = "AUC interval entirely below the overall one"
+            rows.append({"group": group, "n": report["n"], "counts": report["counts"],
+                         "accuracy": report["accuracy"], "sensitivity": report["sensitivity"],
+                         "specificity": report["specificity"], "roc_auc": auc, "flag": flag})
+        tables[attribute] = rows
+    return tables
