@@ -139,3 +139,19 @@ def test_metrics_module_does_not_import_tensorflow() -> None:
     code = "import sys, model_store.metrics; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_degeneracy_detects_one_class_predictions_and_chance_balanced_accuracy() -> None:
+    from model_store.metrics import degeneracy
+
+    labels = ["covid", "covid", "normal", "normal", "normal"]
+    all_normal = binary_report(labels, [0.1, 0.2, 0.1, 0.3, 0.2], threshold=0.5, bootstrap=0)
+    reasons = degeneracy(all_normal, "test")
+    assert any("predicts 'normal' for all 5 images of the test part" in reason for reason in reasons)
+    assert any("balanced accuracy 0.500" in reason for reason in reasons)
+    chance = binary_report(labels, [0.9, 0.1, 0.9, 0.1, 0.1], threshold=0.5, bootstrap=0)  # sens 1/2, spec 2/3
+    assert degeneracy(chance, "validation") == []  # balanced 0.583: above chance + margin
+    inverted = binary_report(labels, [0.1, 0.1, 0.9, 0.1, 0.1], threshold=0.5, bootstrap=0)
+    assert any("at chance" in reason for reason in degeneracy(inverted, "validation"))
+    good = binary_report(labels, [0.9, 0.8, 0.1, 0.2, 0.3], threshold=0.5, bootstrap=0)
+    assert degeneracy(good, "test") == []

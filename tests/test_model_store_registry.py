@@ -199,3 +199,38 @@ def test_the_registry_records_when_and_by_what_command_a_version_was_activated(
     assert newest["activated_by"].startswith(f"covid-cxr models activate covid-cxr:{second.version} (by ")
     assert newest["activated_at"] >= rows[first.version]["activated_at"]  # the older activation stays on record
     assert not rows[first.version]["active"]
+
+
+@pytest.fixture(scope="module")
+def degenerate_artifact(tmp_path_factory: pytest.TempPathFactory) -> ArtifactInfo:
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(
+        keras.layers.GlobalAveragePooling2D()(inputs))
+    metadata = {**minimal_metadata(), "degenerate": {
+        "degenerate": True, "reasons": ["predicts 'normal' for all 63 images of the validation part (threshold 0.5)"]}}
+    return save_artifact(keras.Model(inputs, outputs), metadata, tmp_path_factory.mktemp("degenerate") / "run")
+
+
+def test_a_degenerate_model_is_registered_but_not_activated_without_force(
+        settings: Settings, artifacts: list[ArtifactInfo], degenerate_artifact: ArtifactInfo,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    data = ["--data-dir", str(settings.data_dir)]
+    good = import_artifact(settings, artifacts[0].directory, activate=True)
+    with pytest.raises(ModelError, match="is degenerate: predicts 'normal' for all 63") as refused:
+        import_artifact(settings, degenerate_artifact.directory, activate=True)
+    assert refused.value.reason == "degenerate_model"
+    assert get_active(settings, "covid-cxr").version == good.version  # nothing changed
+    import_artifact(settings, degenerate_artifact.directory)  # registering alone is allowed
+    capsys.readouterr()
+    assert main(["models", "activate", f"covid-cxr:{degenerate_artifact.version}", *data]) != 0
+    assert "degenerate_model" in capsys.readouterr().err
+    assert get_active(settings, "covid-cxr").version == good.version
+    assert main(["models", "activate", f"covid-cxr:{degenerate_artifact.version}", "--force", *data]) == 0
+    forced = get_active(settings, "covid-cxr")
+    assert forced.version == degenerate_artifact.version and forced.activated_by is not None
+    assert forced.activated_by.startswith(f"covid-cxr models activate --force covid-cxr:{degenerate_artifact.version}")
+    assert "FORCED despite degenerate model: predicts 'normal'" in forced.activated_by

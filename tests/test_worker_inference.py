@@ -94,3 +94,20 @@ def test_devices_are_reported_and_gpus_share_memory(caplog):
     assert names == [gpu.name for gpu in gpus]
     assert all(tf.config.experimental.get_memory_growth(gpu) for gpu in gpus)
     assert ("CPU only" in caplog.text) == (not gpus)
+
+
+def test_the_stored_calibration_rescales_the_served_probabilities():
+    raw = np.array([[0.9, 0.1], [0.2, 0.8]])
+
+    def forward(x):
+        return raw[: len(x)]
+
+    plain = describe(object(), _record("v1"))
+    plain.forward = forward
+    images = np.zeros((2, 224, 224), dtype=np.uint8)
+    assert np.allclose(plain.probabilities(images), raw)
+    calibrated = describe(object(), _record("v2", calibration={"method": "temperature", "temperature": 2.0}))
+    calibrated.forward = forward
+    served = calibrated.probabilities(images)
+    # temperature 2 halves the logit: logit(0.9) = ln 9 -> sigmoid(ln 3) = 0.75; logit(0.2) = -ln 4 -> 1/3
+    assert served[:, 0] == pytest.approx([0.75, 1 / 3]) and np.allclose(served.sum(axis=1), 1.0)
