@@ -258,6 +258,10 @@ class Reason(StrEnum):
         "model_not_found", ReasonKind.ERROR,
         "No model of that name and version is registered",
     )
+    NO_STORED_IMAGE = (
+        "no_stored_image", ReasonKind.ERROR,
+        "The instance has no stored normalized image to explain (unknown id, rejected, or not yet ingested)",
+    )
     DEGENERATE_MODEL = (
         "degenerate_model", ReasonKind.ERROR,
         "Training flagged the model as degenerate (one class for a whole part, or balanced accuracy at chance); "

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import UsageError
+from covid_cxr.settings import Settings
+
+#: Writes a heatmap of one file with the active model (``settings, file, out`` -> summary); the composition root
+#: passes :func:`model_store.explain.explain_file`, which this layer may not import.
+Explainer = Callable[[Settings, Path, Path], dict[str, Any]]
 
 
-def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
-    """Add ``inspect``; `common` is the parent parser with the installation flags."""
+def register(subparsers: Subparsers, common: argparse.ArgumentParser, explain: Explainer | None = None) -> None:
+    """Add ``inspect``; `common` is the parent parser with the installation flags; with ``explain``, ``--explain``."""
     inspect = subparsers.add_parser(
         "inspect",
         parents=[common],
@@ -25,7 +32,10 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     inspect.add_argument("--png", type=Path, metavar="OUT",
                          help="write the normalized 224x224 image here (accepted files)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    inspect.set_defaults(func=_inspect)
+    if explain is not None:
+        inspect.add_argument("--explain", type=Path, metavar="OUT.png",
+                             help="write a Grad-CAM heatmap of the active model over the 224x224 input (if accepted)")
+    inspect.set_defaults(func=_inspect, explainer=explain)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -46,5 +56,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror or exc}") from exc
     report["pseudonym_key"] = key
+    if getattr(args, "explain", None) is not None and report["accepted"]:
+        report["explain"] = args.explainer(settings, path, args.explain)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -67,6 +67,10 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report.get("png"):
         lines.append(("png", f"{report['png']} (what the model sees)"))
+    if report.get("explain"):
+        explained = report["explain"]
+        lines.append(("explain", f"{explained['explain']} (Grad-CAM at {explained['layer']} of {explained['model']}; "
+                                 f"P(covid) {explained['score']:.4f}, threshold {explained['threshold']})"))
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)
 

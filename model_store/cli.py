@@ -84,6 +84,15 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     train.set_defaults(func=_train)
 
+    explaining = subparsers.add_parser(
+        "explain", parents=[common], help="Grad-CAM heatmap of the active model for one stored instance",
+        description="Write a Grad-CAM heatmap (at block5_conv3) of the active model's P(covid) for the stored "
+                    "normalized image of INSTANCE_ID, overlaid on the 224x224 input. One image on demand; never "
+                    "part of the batch path. For a file, use `covid-cxr inspect FILE --explain OUT.png`.")
+    explaining.add_argument("instance_id", type=int, metavar="INSTANCE_ID")
+    explaining.add_argument("out", type=Path, metavar="OUT.png")
+    explaining.set_defaults(func=_explain)
+
     models = subparsers.add_parser("models", help="the model registry: list, show, import, export, activate, evaluate")
     actions = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = actions.add_parser("list", parents=[common], help="registered versions, active ones marked")
@@ -149,6 +158,15 @@ def _dataset(args: argparse.Namespace) -> Dataset:
         return from_folder(args.folder, CLASS_NAMES)
     return from_csvs(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
                     patient_column=args.patient_column, where=parse_where(args.where))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from model_store.explain import explain_instance
+
+    explained = explain_instance(settings_from_args(args), args.instance_id, args.out)
+    print(f"{explained['explain']}: Grad-CAM at {explained['layer']} of {explained['model']}; "
+          f"P(covid) {explained['score']:.4f}, threshold {explained['threshold']}")
+    return 0
 
 
 def _threshold_option(text: str) -> float | str:

@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import db.cli
 import ingest.cli
 import ingest.retention_cli
 import model_store.cli
+import model_store.explain
 import model_store.quality_cli
 import taskqueue.cli
 import worker.cli
@@ -23,7 +25,7 @@ from service import deliver_command, ingest_command, receive_command, serve_comm
 
 #: Functions that add subcommands, in the order they appear in ``--help``.
 REGISTRARS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
-    ingest.cli.register,  # inspect
+    partial(ingest.cli.register, explain=model_store.explain.explain_file),  # inspect
     ingest_command.register,  # ingest
     receive_command.register,  # receive
     serve_command.register,  # serve
