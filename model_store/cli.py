@@ -110,6 +110,11 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     exporting.add_argument("model", help="NAME[:VERSION] (NAME defaults to COVID_CXR_MODEL_NAME)")
     exporting.add_argument("out", type=Path)
     exporting.set_defaults(func=_export)
+    carding = actions.add_parser("card", parents=[common],
+                                 help="write a version's model card (Markdown and HTML) from its metadata and reports")
+    carding.add_argument("model", nargs="?", help="NAME[:VERSION] (default: the active COVID_CXR_MODEL_NAME)")
+    carding.add_argument("--out", type=Path, help="folder (default: REPORTS/model-card-NAME-VERSION)")
+    carding.set_defaults(func=_card)
     activating = actions.add_parser("activate", parents=[common], help="make a version the one the workers serve")
     activating.add_argument("model", help="NAME:VERSION (NAME defaults to COVID_CXR_MODEL_NAME)")
     activating.add_argument("--force", action="store_true",
@@ -158,6 +163,17 @@ def _dataset(args: argparse.Namespace) -> Dataset:
         return from_folder(args.folder, CLASS_NAMES)
     return from_csvs(args.csv, CLASS_NAMES, label_column=args.label_column, path_column=args.path_column,
                     patient_column=args.patient_column, where=parse_where(args.where))
+
+
+def _card(args: argparse.Namespace) -> int:
+    from model_store.card import registered_card_context, write_card
+
+    settings = settings_from_args(args)
+    context = registered_card_context(settings, *_parse_model(args.model, settings))
+    out = args.out or settings.reports / f"model-card-{context['name']}-{context['version']}"
+    files = write_card(context, out)
+    print("written: " + ", ".join(files.values()))
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:

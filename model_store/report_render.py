@@ -30,7 +30,7 @@ PLOT_DPI = 110
 # --- text ------------------------------------------------------------------------------------------
 
 
-def _interval_text(entry: Mapping[str, Any]) -> str:
+def interval_text(entry: Mapping[str, Any]) -> str:
     """``0.8333 (95% bootstrap percentile 0.5000-1.0000, 1000 resamples)``, or ``undefined``."""
     if entry.get("value") is None:
         return "undefined"
@@ -54,8 +54,8 @@ def metrics_lines(report: Mapping[str, Any], indent: str = "") -> list[str]:
         f"specificity: {format_proportion(report['specificity'])}",
         f"PPV: {format_proportion(report['ppv'])}",
         f"NPV: {format_proportion(report['npv'])}",
-        f"F1 ({report['positive']}): {_interval_text(report['f1'])}",
-        f"ROC AUC: {_interval_text(report['roc_auc'])}",
+        f"F1 ({report['positive']}): {interval_text(report['f1'])}",
+        f"ROC AUC: {interval_text(report['roc_auc'])}",
         f"Brier score: {_brier_text(report)}",
         "per class (COVID-Net style):",
     ]
@@ -137,7 +137,7 @@ def trust_lines(evaluation: Mapping[str, Any]) -> list[str]:
         lines += ["", f"subgroups by {attribute} (n, counts, Wilson intervals; AUC bootstrap interval):"]
         lines += [f"  {row['group']}: n={row['n']} ({', '.join(f'{v} {k}' for k, v in row['counts'].items())}); "
                   f"acc {format_proportion(row['accuracy'])}; sens {format_proportion(row['sensitivity'])}; "
-                  f"spec {format_proportion(row['specificity'])}; AUC {_interval_text(row['roc_auc'])}"
+                  f"spec {format_proportion(row['specificity'])}; AUC {interval_text(row['roc_auc'])}"
                   + (f"  FLAG: {row['flag']}" if row["flag"] else "") for row in rows]
     return lines
 
@@ -362,7 +362,7 @@ def _headline_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows = [(label, format_proportion(report[key])) for label, key in (
         ("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv"),
         ("NPV", "npv"))]
-    rows += [("F1", _interval_text(report["f1"])), ("ROC AUC", _interval_text(report["roc_auc"])),
+    rows += [("F1", interval_text(report["f1"])), ("ROC AUC", interval_text(report["roc_auc"])),
              ("Brier score", _brier_text(report))]
     return rows
 

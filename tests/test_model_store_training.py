@@ -38,9 +38,9 @@ def write_small_csv(cxr_dir: Path, target: Path, per_class: int = PER_CLASS) -> 
     path = target / "small.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id"])
+        writer.writerow(["path", "label", "patient_id", "view"])
         for row in chosen:
-            writer.writerow([str(cxr_dir / row["file"]), row["label"], row["patient_id"]])
+            writer.writerow([str(cxr_dir / row["file"]), row["label"], row["patient_id"], row["view"]])
     return path
 
 
@@ -51,7 +51,7 @@ SMALL_CONFIG = TrainingConfig(epochs=1, test_fraction=0.25, validation_fraction=
 def trained(cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("training")
     dataset = from_csv(write_small_csv(cxr_dir, root), CLASS_NAMES)
-    return dataset, train(dataset, SMALL_CONFIG, root / "run", progress=False)
+    return dataset, train(dataset, SMALL_CONFIG, root / "run", progress=False, group_by=["view"])
 
 
 @pytest.mark.slow
@@ -80,6 +80,29 @@ def test_training_writes_a_complete_artifact(trained) -> None:  # type: ignore[n
     assert metadata["metrics"]["test"]["n"] == 2
     assert "beats_baseline" in metadata["metrics"]["shortcut_check"]
     assert metadata["reference"]["prob_covid"]["n"] == 2  # the validation part
+    assert metadata["calibration"] == {"method": "none"} and metadata["operating_point"]["rule"] == "fixed"
+    assert set(metadata["degenerate"]) == {"degenerate", "reasons"}
+    assert sum(row["n"] for row in metadata["metrics"]["test_subgroups"]["view"]) == 2
+
+
+@pytest.mark.slow
+def test_the_model_card_states_the_figures_of_the_report_it_cites(trained) -> None:  # type: ignore[no-untyped-def]
+    from model_store.card import card_context, render_card
+    from model_store.metrics import format_proportion
+    from model_store.report_render import interval_text
+
+    _, result = trained
+    metadata = read_metadata(result.artifact.directory)
+    report = json.loads(Path(result.report_files["json"]).read_text())
+    markdown, html = render_card(card_context(metadata))
+    figures = [format_proportion(report["metrics"][key]) for key in ("accuracy", "sensitivity", "specificity")]
+    figures += [format_proportion(report["baseline"]["metrics"]["accuracy"]), metadata["version"],
+                metadata["data"]["sha256"], "NOT a medical device", "Known limitations", "by view"]
+    if report["metrics"]["roc_auc"]["value"] is not None:
+        figures.append(interval_text(report["metrics"]["roc_auc"]))
+    for figure in figures:
+        assert figure in markdown and figure in html
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html
 
 
 @pytest.mark.slow
@@ -90,7 +113,9 @@ def test_training_writes_the_report_and_plots(trained) -> None:  # type: ignore[
     for expected in ("acc:", "sensitivity:", "specificity:", "95% CI", "ROC AUC", "Brier", "precision",
                      "confusion matrix", "shortcut check: logistic regression", result.artifact.version):
         assert expected in text
-    for kind in ("confusion_matrix", "roc_curve", "training_curves"):
+    assert "calibration: scores NOT calibrated" in text and "expected calibration error" in text
+    assert "operating point: threshold 0.5000 (given)" in text and "subgroups by view" in text
+    for kind in ("confusion_matrix", "roc_curve", "training_curves", "reliability"):
         assert Path(files[kind]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(Path(files["json"]).read_text())
     assert len(report["predictions"]) == 2 and report["metrics"]["n"] == 2
