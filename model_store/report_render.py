@@ -171,6 +171,7 @@ def render_window_text(metrics: Mapping[str, Any], flags: Sequence[str], *, mode
     if "quality" in metrics:
         lines += [""] + _quality_lines(metrics["quality"], level)
     lines += [""] + _drift_lines(metrics["drift"])
+    lines += trust_lines({key: metrics[key] for key in ("calibration", "subgroups") if key in metrics})
     lines += ["", f"flags: {', '.join(flags) if flags else 'none'}"]
     return "\n".join(lines) + "\n"
 

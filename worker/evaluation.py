@@ -110,7 +110,7 @@ def run_evaluation(settings: Settings, window: str = DEFAULT_EVALUATION_WINDOW, 
 def _write_one(session: Session, settings: Settings, window: Window, version: str, model_name: str, level: str,
                cases: Cases, metadata: dict[str, Any], rejects: dict[str, Any],
                quality: dict[str, Any]) -> ReportSummary:
-    metrics, flags = compute_report(cases, level, metadata.get("reference"))
+    metrics, flags = compute_report(cases, level, metadata.get("reference"), calibration=metadata.get("calibration"))
     metrics["rejects"] = rejects
     metrics["quality"] = quality
     metrics["model"] = {"name_version": model_name,

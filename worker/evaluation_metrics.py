@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
+from model_store.calibration import calibration_summary
 from model_store.drift import QUANTITIES, drift_report
 from model_store.metrics import binary_report
+from model_store.subgroups import subgroup_metrics
 
 #: The levels a report is computed at, in report order.
 LEVELS: tuple[str, ...] = ("image", "study")
@@ -39,6 +41,8 @@ class Cases:
     threshold: float
     image_mean: np.ndarray = field(default_factory=lambda: np.empty(0))
     image_std: np.ndarray = field(default_factory=lambda: np.empty(0))
+    #: Per subgroup attribute (``view_position``, ``manufacturer``...), one value per case.
+    attributes: dict[str, list[str | None]] = field(default_factory=dict)
 
     @property
     def labelled(self) -> np.ndarray:
@@ -70,12 +74,22 @@ def score_distribution(cases: Cases) -> dict[str, Any]:
 
 
 def compute_report(cases: Cases, level: str, reference: dict[str, Any] | None,
-                   bootstrap: int | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The metrics JSON of one report and its flags; pure (no database, no files)."""
+                   bootstrap: int | None = None,
+                   calibration: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The metrics JSON of one report and its flags; pure (no database, no files).
+
+    ``calibration`` is the model's stored scaling (the served scores already went through it); the report says
+    whether scores were calibrated, their calibration error, and the subgroup tables of ``cases.attributes``.
+    """
     labelled = cases.labelled
+    resamples = BOOTSTRAP_RESAMPLES if bootstrap is None else bootstrap
     performance = binary_report(cases.labelled_truth, cases.prob_covid[labelled], threshold=cases.threshold,
-                                positive=POSITIVE_CLASS, classes=CLASS_NAMES,
-                                bootstrap=BOOTSTRAP_RESAMPLES if bootstrap is None else bootstrap)
+                                positive=POSITIVE_CLASS, classes=CLASS_NAMES, bootstrap=resamples)
+    truth = np.array(cases.labelled_truth, dtype=object)
+    subgroups = subgroup_metrics(truth, cases.prob_covid[labelled],
+                                 {name: [v for v, keep in zip(values, labelled, strict=True) if keep]
+                                  for name, values in cases.attributes.items()},
+                                 performance, threshold=cases.threshold, bootstrap=resamples)
     served = np.array([label == POSITIVE_CLASS for label in cases.predicted_label], dtype=bool)
     mismatches = int(np.sum(served != (cases.prob_covid >= cases.threshold)))
     conflicts = sum(1 for status in cases.label_status if status == "conflict")
@@ -101,7 +115,8 @@ def compute_report(cases: Cases, level: str, reference: dict[str, Any] | None,
     if mismatches:
         flags.append(FLAG_DECISION_MISMATCH)
     metrics = {"performance": performance, "population": population, "score_distribution": score_distribution(cases),
-               "drift": drift}
+               "drift": drift, "subgroups": subgroups,
+               "calibration": calibration_summary(truth == POSITIVE_CLASS, cases.prob_covid[labelled], calibration)}
     return metrics, flags
 
 

@@ -69,6 +69,10 @@ def model_versions_in_window(session: Session, window: Window) -> list[str]:
     return sorted(session.scalars(query))
 
 
+#: The DICOM attributes of the image-level report's subgroup tables (columns of ``v_image_results``).
+IMAGE_SUBGROUP_ATTRIBUTES: tuple[str, ...] = ("manufacturer", "modality", "view_position")
+
+
 def model_record(session: Session, settings: Settings, version: str) -> ModelVersion | None:
     """The registry's record of ``version``, preferring the installation's model name; ``None`` if unregistered."""
     records = session.scalars(select(ModelVersion).where(ModelVersion.version == version)).all()
@@ -110,14 +114,16 @@ def flagged_cases(session: Session, window: Window, version: str) -> dict[str, i
     return counts
 
 
-def _cases(rows: Sequence[Row[Any]], threshold: float, **pixel_statistics: np.ndarray) -> Cases:
+def _cases(rows: Sequence[Row[Any]], threshold: float, image_mean: np.ndarray | None = None,
+           image_std: np.ndarray | None = None) -> Cases:
     return Cases(
         prob_covid=np.array([r.prob_covid for r in rows], dtype=float),
         predicted_label=[r.predicted_label for r in rows],
         true_label=[r.true_label for r in rows],
         label_status=[r.label_status for r in rows],
         threshold=threshold,
-        **pixel_statistics,
+        image_mean=np.empty(0) if image_mean is None else image_mean,
+        image_std=np.empty(0) if image_std is None else image_std,
     )
 
 
@@ -126,11 +132,14 @@ def image_cases(session: Session, window: Window, version: str, record: ModelVer
     """Every image prediction of ``version`` in the window (flagged ones only if ``include_flagged``), with its
     resolved label and pixel statistics."""
     rows = _case_rows(session, image_results, version, window, time_column="predicted_at",
-                      order_column="prediction_id", extra=("threshold", "image_mean", "image_std"),
+                      order_column="prediction_id", extra=("threshold", "image_mean", "image_std",
+                                                           *IMAGE_SUBGROUP_ATTRIBUTES),
                       include_flagged=include_flagged)
-    return _cases(rows, _threshold([r.threshold for r in rows], record),
-                  image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
-                  image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float))
+    cases = _cases(rows, _threshold([r.threshold for r in rows], record),
+                   image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
+                   image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float))
+    cases.attributes = {name: [getattr(r, name) for r in rows] for name in IMAGE_SUBGROUP_ATTRIBUTES}
+    return cases
 
 
 def study_cases(session: Session, window: Window, version: str, threshold: float, *,
