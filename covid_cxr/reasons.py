@@ -258,6 +258,10 @@ class Reason(StrEnum):
         "model_not_found", ReasonKind.ERROR,
         "No model of that name and version is registered",
     )
+    BAD_THRESHOLD = (
+        "bad_threshold", ReasonKind.ERROR,
+        "A decision threshold outside (0, 1) was given",
+    )
     NO_STORED_IMAGE = (
         "no_stored_image", ReasonKind.ERROR,
         "The instance has no stored normalized image to explain (unknown id, rejected, or not yet ingested)",

@@ -193,6 +193,10 @@ class ModelVersion(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), doc="when it was last activated")
     activated_by: Mapped[str | None] = mapped_column(Text, doc="the command that last activated it, and who ran it")
+    threshold_override: Mapped[float | None] = mapped_column(
+        Float, doc="decision threshold set at activation (models activate --threshold); null: the metadata's")
+    threshold_set_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    threshold_set_by: Mapped[str | None] = mapped_column(Text, doc="the command that set the override, and who ran it")
     metadata_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     artifact: Mapped[bytes] = deferred(mapped_column(LargeBinary))
 

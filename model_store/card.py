@@ -51,7 +51,7 @@ def card_context(metadata: Mapping[str, Any], nightly: Sequence[Mapping[str, Any
     source = data.get("source") or {}
     paths = source.get("path")
     degenerate = metadata.get("degenerate") or {"degenerate": False, "reasons": []}
-    calibration = metadata.get("calibration") or {"method": "none"}
+    calibration = {"fitted_on": None, **(metadata.get("calibration") or {"method": "none"})}
     return {
         "name": metadata.get("name"), "version": metadata.get("version"), "sha256": metadata.get("sha256"),
         "created_at": metadata.get("created_at"),
@@ -66,11 +66,10 @@ def card_context(metadata: Mapping[str, Any], nightly: Sequence[Mapping[str, Any
                                                          for part in ("train", "validation", "test")}},
         "test": metrics.get("test"), "baseline": metrics.get("baseline_test"),
         "shortcut": metrics.get("shortcut_check"), "calibration": calibration,
-        "test_calibration": metrics.get("test_calibration") or {},
+        "test_calibration": {"ece": None, "calibrated": False, **(metrics.get("test_calibration") or {})},
         "subgroups": metrics.get("test_subgroups") or {},
-        "operating_point": metadata.get("operating_point") or {"rule": "fixed",
-                                                               "threshold": metadata.get("decision_threshold")},
-        "threshold": metadata.get("decision_threshold"), "degenerate": degenerate,
+        "operating_point": {"rule": "fixed", "chosen_on": "given", **(metadata.get("operating_point") or {})},
+        "threshold": float(metadata.get("decision_threshold", 0.5)), "degenerate": degenerate,
         "nightly": list(nightly), "activation": dict(activation) if activation else None,
         "limitations": list(KNOWN_LIMITATIONS),
     }
@@ -99,7 +98,8 @@ def registered_card_context(settings: Any, name: str, version: str | None) -> di
                     "level": report.level, "n": report.n, "metrics": report.metrics, "flags": report.flags}
                    for report in reports]
     activation = ({"activated_at": record.activated_at.isoformat(timespec="seconds"),
-                   "activated_by": record.activated_by} if record.activated_at else None)
+                   "activated_by": record.activated_by, "threshold_override": record.threshold_override}
+                  if record.activated_at else None)
     return card_context(dict(record.metadata_json), nightly, activation)
 
 

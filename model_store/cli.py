@@ -119,6 +119,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     activating.add_argument("model", help="NAME:VERSION (NAME defaults to COVID_CXR_MODEL_NAME)")
     activating.add_argument("--force", action="store_true",
                             help="activate even a model its training flagged as degenerate (recorded)")
+    activating.add_argument("--threshold", type=float,
+                            help="serve with this decision threshold instead of the model's stored one (recorded)")
     activating.set_defaults(func=_activate)
     evaluating = actions.add_parser(
         "evaluate", parents=[common, data], help="score a model on a labelled set: report text, JSON and plots",
@@ -300,9 +302,9 @@ def _activate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     name, version = _parse_model_version(args.model, settings)
-    forced = " --force" if args.force else ""
-    record = activate(settings, name, version, force=args.force,
-                      activated_by=activation_note(f"covid-cxr models activate{forced} {name}:{version}"))
+    options = (" --force" if args.force else "") + (f" --threshold {args.threshold}" if args.threshold else "")
+    record = activate(settings, name, version, force=args.force, threshold=args.threshold,
+                      activated_by=activation_note(f"covid-cxr models activate{options} {name}:{version}"))
     print(f"active: {record.name} {record.version}")
     return 0
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel
+from covid_cxr.errors import ModelError, ModelIntegrityError, NoActiveModel, UsageError
 from covid_cxr.hashing import file_sha256
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
@@ -151,19 +151,33 @@ def _checked_note(record: ModelVersion, activated_by: str | None, force: bool) -
 
 
 def activate(settings: Settings, name: str, version: str, activated_by: str | None = None,
-             force: bool = False) -> ModelVersion:
+             force: bool = False, threshold: float | None = None) -> ModelVersion:
     """Make ``name:version`` the one active version of ``name`` (the one the workers serve).
 
     ``activated_by`` (see :func:`activation_note`) is recorded with the time of activation. A version whose
     training flagged it as degenerate is refused (:class:`ModelError`, ``degenerate_model``) unless ``force``;
-    a forced activation is recorded as such in ``activated_by``.
+    a forced activation is recorded as such in ``activated_by``. ``threshold`` overrides the model's stored
+    decision threshold for serving (recorded with the time and ``activated_by``); ``None`` keeps any earlier one.
     """
+    if threshold is not None and not 0 < threshold < 1:
+        raise UsageError(f"threshold must be in (0, 1), got {threshold}", reason=Reason.BAD_THRESHOLD)
     with _session(settings) as session:
         record = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version))
         if record is None:
             raise ModelError(f"no model {name} version {version} is registered", reason=Reason.MODEL_NOT_FOUND)
         _activate(session, record, _checked_note(record, activated_by, force))
+        if threshold is not None:
+            record.threshold_override = float(threshold)
+            record.threshold_set_at = record.activated_at
+            record.threshold_set_by = activated_by
         return record
+
+
+def serving_threshold(record: ModelVersion) -> float:
+    """The threshold the workers apply: the override set at activation, else the one stored at training."""
+    if record.threshold_override is not None:
+        return float(record.threshold_override)
+    return float((record.metadata_json or {}).get("decision_threshold", 0.5))
 
 
 def list_models(settings: Settings) -> list[ModelVersion]:
@@ -248,6 +262,11 @@ def summary(record: ModelVersion) -> dict[str, Any]:
         "created_at": record.created_at.isoformat() if record.created_at else None,
         "activated_at": record.activated_at.isoformat() if record.activated_at else None,
         "activated_by": record.activated_by,
+        "threshold": serving_threshold(record),
+        "threshold_override": record.threshold_override,
+        "threshold_set_at": record.threshold_set_at.isoformat() if record.threshold_set_at else None,
+        "threshold_set_by": record.threshold_set_by,
+        "degenerate": bool(degenerate_reasons(record)),
         "sha256": record.sha256,
         "base_weights": (metadata.get("base_weights") or {}).get("source"),
         "preprocessing_version": metadata.get("preprocessing_version"),

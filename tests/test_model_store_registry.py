@@ -234,3 +234,28 @@ def test_a_degenerate_model_is_registered_but_not_activated_without_force(
     assert forced.version == degenerate_artifact.version and forced.activated_by is not None
     assert forced.activated_by.startswith(f"covid-cxr models activate --force covid-cxr:{degenerate_artifact.version}")
     assert "FORCED despite degenerate model: predicts 'normal'" in forced.activated_by
+
+
+def test_activate_may_override_the_threshold_and_records_who_and_when(
+        settings: Settings, artifacts: list[ArtifactInfo], capsys: pytest.CaptureFixture[str]) -> None:
+    from model_store.registry import serving_threshold
+    from service.cli import main
+    from worker.inference import describe
+
+    first = artifacts[0]
+    data = ["--data-dir", str(settings.data_dir)]
+    assert main(["models", "import", str(first.directory), "--activate", *data]) == 0
+    assert serving_threshold(get_active(settings, "covid-cxr")) == 0.5  # the metadata's
+    assert main(["models", "activate", f"covid-cxr:{first.version}", "--threshold", "0.3", *data]) == 0
+    record = get_active(settings, "covid-cxr")
+    assert record.threshold_override == 0.3 and serving_threshold(record) == 0.3
+    assert record.threshold_set_by is not None and "--threshold 0.3" in record.threshold_set_by
+    assert record.threshold_set_at is not None
+    assert describe(object(), record).threshold == 0.3  # what the workers serve
+    capsys.readouterr()
+    assert main(["models", "activate", f"covid-cxr:{first.version}", "--threshold", "1.5", *data]) != 0
+    assert "bad_threshold" in capsys.readouterr().err
+    assert main(["models", "card", f"covid-cxr:{first.version}", "--out", str(settings.data_dir / "card"), *data]) == 0
+    card = (settings.data_dir / "card" / "model_card.md").read_text()
+    assert "0.3 (override set at activation)" in card and "NOT a medical device" in card
+    assert (settings.data_dir / "card" / "model_card.html").read_text().startswith("<!DOCTYPE html>")

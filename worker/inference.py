@@ -179,7 +179,8 @@ def describe(model: Any, record: Any) -> LoadedModel:
         name=record.name,
         version=str(record.version),
         sha256=record.sha256,
-        threshold=float(metadata.get("decision_threshold", 0.5)),
+        threshold=float(override if (override := getattr(record, "threshold_override", None)) is not None
+                        else metadata.get("decision_threshold", 0.5)),
         class_names=class_names,
         positive_class=positive,
         preprocessing_version=metadata.get("preprocessing_version"),
