@@ -30,8 +30,11 @@ _STRING_KEYWORDS: dict[str, str] = {
     "study_date": "StudyDate",
     "accession_number": "AccessionNumber",
     "manufacturer": "Manufacturer",
+    "institution_name": "InstitutionName",
     "photometric_interpretation": "PhotometricInterpretation",
 }
+#: PatientSex values kept (PS3.3 C.7.1.1); anything else is stored as ``None``.
+_SEXES = frozenset({"M", "F", "O"})
 #: Header keywords copied as int.
 _INT_KEYWORDS: dict[str, str] = {
     "rows": "Rows",
@@ -67,6 +70,10 @@ class InstanceMetadata:
     bits_stored: int | None = None
     number_of_frames: int | None = None
     patient_pseudonym: str | None = None
+    institution_name: str | None = None
+    #: ``M``, ``F`` or ``O``; and the age as a decade band only (``"60-69"``), for subgroup reports.
+    patient_sex: str | None = None
+    age_band: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of all fields (JSON-serialisable)."""
@@ -88,7 +95,42 @@ class InstanceMetadata:
         values["transfer_syntax_uid"] = transfer_syntax_of(ds)
         patient_id = _text(ds, "PatientID")
         values["patient_pseudonym"] = pseudonymize(patient_id, pseudonym_secret) if patient_id else None
+        if values["institution_name"]:
+            values["institution_name"] = values["institution_name"][:64]  # LO: at most 64 characters
+        sex = (_text(ds, "PatientSex") or "").upper()
+        values["patient_sex"] = sex if sex in _SEXES else None
+        values["age_band"] = age_band(_text(ds, "PatientAge")) or age_band(
+            _age_from_dates(_text(ds, "PatientBirthDate"), values["study_date"]))
         return cls(**values)
+
+
+def age_band(age: str | None) -> str | None:
+    """A decade band (``"60-69"``) from an age in years (``"66"``) or a DICOM AS value (``"066Y"``; months, weeks
+    and days give ``"0-9"``); ``None`` when there is no plausible age. Only the band is ever kept."""
+    text = (age or "").strip().upper()
+    if not text:
+        return None
+    unit, digits = (text[-1], text[:-1]) if text[-1] in "YMWD" else ("Y", text)
+    try:
+        years = float(digits) if unit == "Y" else 0.0
+    except ValueError:
+        return None
+    if not 0 <= years <= 130:
+        return None
+    low = int(years // 10) * 10
+    return f"{low}-{low + 9}"
+
+
+def _age_from_dates(birth_date: str | None, study_date: str | None) -> str | None:
+    """Whole years between two DICOM DA values (``YYYYMMDD``), as text; ``None`` if either is unreadable."""
+    if not birth_date or not study_date or len(birth_date) < 8 or len(study_date) < 8:
+        return None
+    try:
+        born = (int(birth_date[:4]), int(birth_date[4:6]), int(birth_date[6:8]))
+        studied = (int(study_date[:4]), int(study_date[4:6]), int(study_date[6:8]))
+    except ValueError:
+        return None
+    return str(studied[0] - born[0] - (1 if studied[1:] < born[1:] else 0))
 
 
 def pseudonymize(patient_id: str, secret: bytes) -> str:

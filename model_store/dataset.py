@@ -382,27 +382,9 @@ def describe_source(source: dict[str, Any]) -> str:
     return f"folder {source.get('path')}"
 
 
-def age_band(value: str | None) -> str | None:
-    """A decade band (``"60-69"``) from an age in years (``"66"``, or DICOM's ``"066Y"``); months, weeks and days
-    give ``"0-9"``; ``None`` when there is no readable age. Only the band is kept, never the age."""
-    text = (value or "").strip().upper()
-    if not text:
-        return None
-    unit = text[-1] if text[-1] in "YMWD" else "Y"
-    digits = text[:-1] if text[-1] in "YMWD" else text
-    try:
-        years = float(digits) if unit == "Y" else 0.0
-    except ValueError:
-        return None
-    if years < 0 or years > 130:
-        return None
-    low = int(years // 10) * 10
-    return f"{low}-{low + 9}"
-
-
 def group_attributes(dataset: Dataset, columns: Sequence[str]) -> dict[str, list[str | None]]:
     """Per ``--group-by`` column, each item's value from its CSV row; a column named ``age`` becomes decade bands
-    (``age_band``). An unknown column raises :class:`UsageError` naming the columns there are."""
+    (:func:`ingest.metadata.age_band`). An unknown column raises :class:`UsageError` naming the columns there are."""
     known = set().union(*(item.attributes.keys() for item in dataset.items)) if dataset.items else set()
     attributes: dict[str, list[str | None]] = {}
     for column in columns:
@@ -411,6 +393,8 @@ def group_attributes(dataset: Dataset, columns: Sequence[str]) -> dict[str, list
                              reason=Reason.BAD_FILTER)
         values = [item.attributes.get(column) for item in dataset.items]
         if column == "age":
+            from ingest.metadata import age_band
+
             attributes["age_band"] = [age_band(value) for value in values]
         else:
             attributes[column] = values

@@ -20,13 +20,14 @@ CONTRACT_FIELDS = [
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid", "modality", "view_position",
     "body_part_examined", "study_date", "accession_number", "manufacturer", "rows", "columns",
     "photometric_interpretation", "transfer_syntax_uid", "bits_stored", "number_of_frames", "patient_pseudonym",
+    "institution_name", "patient_sex", "age_band",
 ]
 
 
 def test_fields_are_the_contract_and_hold_no_clear_patient_data() -> None:
     names = [field.name for field in dataclasses.fields(InstanceMetadata)]
     assert names == CONTRACT_FIELDS
-    assert not {"patient_id", "patient_name", "patient_birth_date"} & set(names)
+    assert not {"patient_id", "patient_name", "patient_birth_date", "patient_age"} & set(names)
     with pytest.raises(dataclasses.FrozenInstanceError):
         InstanceMetadata().modality = "CR"  # type: ignore[misc]
 
@@ -53,6 +54,9 @@ def test_from_a_real_header(dicom_dir: Path) -> None:
         "bits_stored": 15,
         "number_of_frames": None,
         "patient_pseudonym": pseudonymize(str(ds.PatientID), SECRET),
+        "institution_name": meta.institution_name,
+        "patient_sex": meta.patient_sex,
+        "age_band": meta.age_band,
     }
 
 
@@ -108,3 +112,20 @@ def test_pseudonym_is_hmac_sha256_of_the_id() -> None:
 def test_pseudonym_needs_a_secret() -> None:
     with pytest.raises(ValueError):
         pseudonymize("PAT-001", b"")
+
+
+@pytest.mark.parametrize(("elements", "sex", "band"), [
+    ({"PatientSex": "F", "PatientAge": "066Y"}, "F", "60-69"),
+    ({"PatientSex": "m", "PatientAge": "007M"}, "M", "0-9"),
+    ({"PatientSex": "X", "PatientBirthDate": "19500315", "StudyDate": "20200301"}, None, "60-69"),  # 69 years
+    ({"PatientBirthDate": "19500301", "StudyDate": "20200301"}, None, "70-79"),  # the 70th birthday
+    ({"PatientAge": "garbage", "PatientBirthDate": "1950"}, None, None),
+])
+def test_sex_and_age_band_are_kept_and_nothing_finer(elements: dict[str, str], sex: str | None,
+                                                      band: str | None) -> None:
+    ds = pydicom.Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    meta = InstanceMetadata.from_dataset(ds, pseudonym_secret=SECRET)
+    assert (meta.patient_sex, meta.age_band) == (sex, band)
+    assert not any(value in str(meta.to_dict()) for value in ("066Y", "19500315", "19500301", "007M"))

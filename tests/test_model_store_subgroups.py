@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model_store.dataset import Dataset, Item, age_band, group_attributes
+from ingest.metadata import age_band
+from model_store.dataset import Dataset, Item, group_attributes
 from model_store.metrics import binary_report
 from model_store.subgroups import MISSING, subgroup_metrics
 

@@ -179,6 +179,12 @@ def test_metrics_equal_hand_computed_values(evaluated):
     }
     assert report.flags == ["label_conflicts"]
     assert "acc: 0.7143 (5/7" in report.text_report
+    subgroups = report.metrics["subgroups"]
+    assert set(subgroups) == {"manufacturer", "modality", "view_position", "institution_name", "patient_sex",
+                              "age_band"}
+    assert sum(row["n"] for row in subgroups["view_position"]) == 7  # the labelled images, each in one group
+    assert "subgroups by view_position" in report.text_report
+    assert "calibration: scores NOT calibrated" in report.text_report and report.metrics["calibration"]["ece"] >= 0
 
 
 def test_a_class_with_no_positives_gives_undefined_metrics_not_zero(evaluated):

@@ -71,6 +71,8 @@ def model_versions_in_window(session: Session, window: Window) -> list[str]:
 
 #: The DICOM attributes of the image-level report's subgroup tables (columns of ``v_image_results``).
 IMAGE_SUBGROUP_ATTRIBUTES: tuple[str, ...] = ("manufacturer", "modality", "view_position")
+#: Further subgroup attributes read from the ``instances`` table (sex and age band only, nothing identifying).
+INSTANCE_SUBGROUP_ATTRIBUTES: tuple[str, ...] = ("institution_name", "patient_sex", "age_band")
 
 
 def model_record(session: Session, settings: Settings, version: str) -> ModelVersion | None:
@@ -133,12 +135,18 @@ def image_cases(session: Session, window: Window, version: str, record: ModelVer
     resolved label and pixel statistics."""
     rows = _case_rows(session, image_results, version, window, time_column="predicted_at",
                       order_column="prediction_id", extra=("threshold", "image_mean", "image_std",
-                                                           *IMAGE_SUBGROUP_ATTRIBUTES),
+                                                           "instance_id", *IMAGE_SUBGROUP_ATTRIBUTES),
                       include_flagged=include_flagged)
     cases = _cases(rows, _threshold([r.threshold for r in rows], record),
                    image_mean=np.array([r.image_mean for r in rows if r.image_mean is not None], dtype=float),
                    image_std=np.array([r.image_std for r in rows if r.image_std is not None], dtype=float))
     cases.attributes = {name: [getattr(r, name) for r in rows] for name in IMAGE_SUBGROUP_ATTRIBUTES}
+    stored = {row.id: row for row in session.execute(
+        select(Instance.id, *(getattr(Instance, name) for name in INSTANCE_SUBGROUP_ATTRIBUTES))
+        .where(Instance.id.in_({r.instance_id for r in rows})))} if rows else {}
+    for name in INSTANCE_SUBGROUP_ATTRIBUTES:
+        cases.attributes[name] = [getattr(stored[r.instance_id], name) if r.instance_id in stored else None
+                                  for r in rows]
     return cases
 
 
