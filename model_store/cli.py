@@ -105,6 +105,8 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     importing.add_argument("path", type=Path, help="artifact folder (model.keras + metadata.json) or its model.keras")
     importing.add_argument("--name", help="register under this name instead of the metadata's")
     importing.add_argument("--activate", action="store_true")
+    importing.add_argument("--force", action="store_true",
+                           help="with --activate: activate even a model its training flagged as degenerate (recorded)")
     importing.set_defaults(func=_import)
     exporting = actions.add_parser("export", parents=[common], help="write a version as an artifact folder")
     exporting.add_argument("model", help="NAME[:VERSION] (NAME defaults to COVID_CXR_MODEL_NAME)")
@@ -281,8 +283,10 @@ def _show(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from model_store.registry import activation_note, import_artifact
 
+    forced = " --force" if args.force else ""
     record = import_artifact(settings_from_args(args), args.path, activate=args.activate, name=args.name,
-                             activated_by=activation_note(f"covid-cxr models import {args.path} --activate"))
+                             force=args.force,
+                             activated_by=activation_note(f"covid-cxr models import {args.path} --activate{forced}"))
     print(f"registered {record.name} {record.version} (sha256 {record.sha256}){' (active)' if record.active else ''}")
     return 0
 

@@ -100,9 +100,15 @@ def test_train_register_list_evaluate_export(cxr_dir: Path, tmp_path: Path, caps
     code, out, err = run(capsys, "train", *data, *dataset, "--epochs", "1", "--augment-copies", "1",
                          "--test-fraction", "0.25", "--validation-fraction", "0", "--out", str(tmp_path / "run"),
                          "--activate", "--no-progress")
-    assert code == 0, err
-    assert "acc:" in out and "shortcut check" in out and "(active)" in out
+    # One epoch on 6 images: the model predicts one class for the whole test part, so it is flagged and refused.
     metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["degenerate"]["degenerate"] and "for all 2 images of the test part" in out
+    assert code == 1 and "[degenerate_model]" in err and "FLAG: DEGENERATE MODEL" in out
+    assert "acc:" in out and "shortcut check" in out and "(active)" not in out
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "run"), "--activate", *data)
+    assert code == 1 and "[degenerate_model]" in err
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "run"), "--activate", "--force", *data)
+    assert code == 0, err
     assert metadata["data"]["source"]["where"] == {"site": ["shared"]}
     assert metadata["training"]["early_stopping"] is False
 
