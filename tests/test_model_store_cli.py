@@ -172,3 +172,33 @@ def test_a_model_name_that_is_a_path_is_refused_before_training(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "train", "--folder", str(tmp_path), "--name", "../../outside")
     assert code == EXIT_ERROR and "[invalid_model_name]" in err
+
+
+@pytest.mark.slow
+def test_calibration_and_operating_point_fitted_at_training_are_applied_by_evaluate(
+        cxr_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path = small_csv(cxr_dir, tmp_path, per_class=5)
+    dataset = ["--csv", str(csv_path), "--where", "site=shared"]
+    code, out, err = run(capsys, "train", "--data-dir", str(tmp_path / "data"), *dataset, "--epochs", "1",
+                         "--augment-copies", "1", "--test-fraction", "0.2", "--validation-fraction", "0.5",
+                         "--calibration", "platt", "--target-sensitivity", "0.9", "--group-by", "site",
+                         "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 0, err
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    calibration, operating = metadata["calibration"], metadata["operating_point"]
+    assert calibration["method"] == "platt" and calibration["fitted_on"].startswith("the validation part")
+    assert operating["rule"] == "sensitivity" and operating["target_sensitivity"] == 0.9
+    assert metadata["decision_threshold"] == operating["threshold"]
+    assert "calibrated (platt scaling fitted on the validation part" in out and "target sensitivity 0.9" in out
+    code, out, err = run(capsys, "models", "evaluate", "--data-dir", str(tmp_path / "data"), "--artifact",
+                         str(tmp_path / "run"), *dataset, "--part", "test", "--group-by", "site",
+                         "--out", str(tmp_path / "eval"), "--no-progress")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())
+    training = json.loads((tmp_path / "run" / "report.json").read_text())
+    # the stored scaling and threshold applied offline reproduce the training report's calibrated scores
+    assert [row["score"] for row in evaluated["predictions"]] == pytest.approx(
+        [row["score"] for row in training["predictions"]], abs=1e-5)
+    assert evaluated["metrics"]["confusion_matrix"] == metadata["metrics"]["test"]["confusion_matrix"]
+    assert evaluated["calibration"]["calibrated"] and evaluated["subgroups"]["site"][0]["group"] == "shared"
+    assert (tmp_path / "eval" / "reliability.png").is_file()

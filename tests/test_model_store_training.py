@@ -212,6 +212,30 @@ def test_bad_options_are_refused() -> None:
         TrainingConfig(epochs=0).check()
     with pytest.raises(UsageError, match="class weight"):
         TrainingConfig(class_weight="inverse").check()
+    with pytest.raises(UsageError, match="early stopping metric"):
+        TrainingConfig(early_stopping_metric="accuracy").check()
+    with pytest.raises(UsageError, match="target sensitivity"):
+        TrainingConfig(operating_point="sensitivity").check()
+    with pytest.raises(UsageError, match="needs a validation part"):
+        TrainingConfig(calibration="temperature", validation_fraction=0).check()
+
+
+def test_prefix_outputs_are_cached_on_disk_and_reused(tmp_path: Path) -> None:
+    from model_store.training import cached_features
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 224, 224), dtype=np.uint8)
+    config = TrainingConfig(augment=False)
+    first = cached_features(None, "input", images, _split([0, 1], [2], [3]), config, False, tmp_path, "k1")
+    assert (tmp_path / "features-k1.npz").is_file()
+
+    class Exploding:
+        def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            raise AssertionError("the prefix ran although its outputs were cached")
+
+    again = cached_features(Exploding(), "block4_pool", images, _split([0, 1], [2], [3]), config, False, tmp_path,
+                            "k1")
+    assert again.cut == "input" and np.array_equal(again.train, first.train)
+    assert np.array_equal(again.test, first.test)
 
 
 def test_trainable_from_auto_depends_on_the_base_weights() -> None:
