@@ -111,7 +111,7 @@ def explain_instance(settings: Settings, instance_id: int, out: Path) -> dict[st
     prepare_database(settings)
     with session_scope(settings) as session:
         stored = session.get(NormalizedImage, instance_id)
-        png = None if stored is None else bytes(stored.png)
+        png = None if stored is None or stored.png is None else bytes(stored.png)  # purged images keep no PNG
     if png is None:
         raise UsageError(f"instance {instance_id} has no stored normalized image", reason=Reason.NO_STORED_IMAGE)
     image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
