@@ -277,8 +277,9 @@ def cached_features(prefix: keras.Model | None, cut: str, images: np.ndarray, sp
 def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray, split: Split,
                config: TrainingConfig, progress: bool) -> FitResult:
     """Fit the trainable suffix on the cached features: the origin's Adam with time decay, early stopping when
-    there is a validation part, on ``config.early_stopping_metric`` (balanced accuracy by default: on imbalanced
-    classes the validation loss can keep falling while the model predicts one class)."""
+    there is a validation part, on ``config.early_stopping_metric`` (the origin's validation loss by default;
+    balanced accuracy or AUC on request). A model that still predicts one class is caught afterwards by
+    :func:`degenerate_parts`."""
     import keras
 
     weights, class_weights = _sample_weights(labels[split.train], config.class_weight)

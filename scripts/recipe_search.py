@@ -28,11 +28,12 @@ from model_store.training import (
 )
 
 RECIPES = {
-    "lr1e-4_balanced_stop-balacc": {"learning_rate": 1e-4},
+    "lr1e-4_balanced_stop-balacc": {"learning_rate": 1e-4, "early_stopping_metric": "val_balanced_accuracy"},
     "origin_lr1e-3_balanced_stop-valloss": {"early_stopping_metric": "val_loss"},
-    "lr1e-3_balanced_stop-balacc": {},
-    "lr3e-5_balanced_stop-balacc": {"learning_rate": 3e-5},
-    "lr1e-4_unweighted_stop-balacc": {"learning_rate": 1e-4, "class_weight": "none"},
+    "lr1e-3_balanced_stop-balacc": {"early_stopping_metric": "val_balanced_accuracy"},
+    "lr3e-5_balanced_stop-balacc": {"learning_rate": 3e-5, "early_stopping_metric": "val_balanced_accuracy"},
+    "lr1e-4_unweighted_stop-balacc": {"learning_rate": 1e-4, "class_weight": "none",
+                                      "early_stopping_metric": "val_balanced_accuracy"},
 }
 
 
