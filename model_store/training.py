@@ -183,6 +183,7 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     config.check()
     trainable_from = config.resolved_trainable_from()
     split = split_dataset(dataset, config.test_fraction, config.validation_fraction, config.seed)
+    group_attributes(dataset, group_by)  # an unknown --group-by column fails now, not after the fit
     with _timed(timings, "decode_s"):
         images = load_images(dataset, settings, progress)
     model = build_seeded_model(config, trainable_from)
