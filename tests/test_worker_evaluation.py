@@ -251,11 +251,11 @@ def test_running_twice_replaces_the_report(db_settings):
 
 def test_plots_and_a_self_contained_html_page_are_written(evaluated):
     report = stored(evaluated, "v1")
-    assert set(report.plot_paths) == {"confusion_matrix", "roc_curve", "score_histogram"}
+    assert set(report.plot_paths) == {"confusion_matrix", "roc_curve", "score_histogram", "reliability"}
     for path in report.plot_paths.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(report.html_path).read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page and str(evaluated.reports) not in page
     assert "label_conflicts" in page and "5/7" in page
 

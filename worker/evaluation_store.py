@@ -18,7 +18,13 @@ from covid_cxr.settings import Settings
 from db.models import EvaluationReport
 from db.session import session_scope
 from db.upsert import insert_or_update
-from model_store.report_render import RocCurve, plot_confusion_matrix, plot_roc, plot_score_histogram
+from model_store.report_render import (
+    RocCurve,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_roc,
+    plot_score_histogram,
+)
 from worker.evaluation_metrics import LEVELS, Cases
 from worker.evaluation_window import Window
 
@@ -33,7 +39,8 @@ def report_dir(settings: Settings, window: Window, model_version: str, level: st
 
 
 def write_plots(metrics: dict[str, Any], cases: Cases, out_dir: Path, title: str) -> dict[str, str]:
-    """PNG plots of one report: the confusion matrix needs labelled cases, the ROC curve both classes."""
+    """PNG plots of one report: the confusion matrix and the reliability diagram need labelled cases, the ROC
+    curve both classes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
     performance = metrics["performance"]
@@ -46,6 +53,10 @@ def write_plots(metrics: dict[str, Any], cases: Cases, out_dir: Path, title: str
         paths["roc_curve"] = str(out_dir / "roc_curve.png")
     plot_score_histogram(metrics["score_distribution"], performance, out_dir / "score_histogram.png", title)
     paths["score_histogram"] = str(out_dir / "score_histogram.png")
+    calibration = metrics.get("calibration")
+    if performance["n"] and calibration and any(row["n"] for row in calibration["bins"]):
+        plot_reliability(calibration, out_dir / "reliability.png")
+        paths["reliability"] = str(out_dir / "reliability.png")
     return paths
 
 
