@@ -295,7 +295,10 @@ def test_redis_restart_mid_burst_loses_no_batch(fleet, dicom_dir, record_propert
     fleet.redis.start()  # empty: the queue and the message the worker held are gone
     fault_ended = _now()
     assert_recovered(fleet.settings, names, fault_ended, "Redis restart (no persistence)", record_property)
-    assert "the broker restarted" in (fleet.root / "ingest.log").read_text(errors="replace")
+    log = (fleet.root / "ingest.log").read_text(errors="replace")
+    # Which path re-sends depends on where the burst was when Redis went: batches already sent are
+    # found by the broker's restart time, instances not yet sent by the ordinary reconciliation.
+    assert "the broker restarted" in log or "re-enqueued" in log
 
 
 def test_a_whole_worker_sigkilled_on_redis_is_replaced_and_its_batch_resent(fleet, dicom_dir, record_property):
