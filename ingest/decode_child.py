@@ -1,0 +1,96 @@
+"""The program of one decode process: reads files sent by :class:`~ingest.decode_pool.DecodePool`, under a memory cap.
+
+Run as ``python -m ingest.decode_child MEMORY_MB LOG_LEVEL`` by the pool, never by hand. It
+imports the reader and nothing above ``ingest`` (no TensorFlow, no database), caps its own
+address space (``RLIMIT_AS``), asks the kernel to kill it when its parent dies, and then
+answers messages on stdin/stdout (:mod:`multiprocessing.connection` framing, pickled):
+
+* ``("policy", ReaderPolicy)``: the acceptance policy for what follows (no answer);
+* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``.
+
+A read that ran out of memory is answered ``too_large`` with ``exiting`` true, and the
+process exits: its heap may be fragmented or a C library left in a bad state, and a fresh
+process costs about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger("ingest.decode_child")
+
+
+def main(argv: list[str]) -> int:
+    memory_mb, log_level = int(argv[1]), argv[2]
+    parent = os.getppid()
+    _die_with_parent(parent)
+    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
+    answers = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    requests = Connection(0, writable=False)
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s")
+
+    import cv2
+
+    from covid_cxr.errors import InputRejected
+    from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
+    from ingest.reasons import RejectReason
+
+    cv2.setNumThreads(1)  # the pool runs one process per core; threads inside would only compete
+    limit = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    policy: ReaderPolicy | None = None
+    while True:
+        try:
+            message: Any = requests.recv()
+        except EOFError:  # the pool closed the pipe: stop
+            return 0
+        if message[0] == "policy":
+            policy = message[1]
+            continue
+        _, job, data, sha256 = message
+        if policy is None:
+            raise RuntimeError("a read request arrived before the policy")
+        result = read_radiograph(data, policy, sha256=sha256)
+        del data
+        exiting = not result.accepted and _ran_out_of_memory(result.rejection)
+        if exiting:
+            rejection = InputRejected(f"decoding needed more than the {memory_mb} MiB a decode process may use "
+                                      "(COVID_CXR_DECODE_MEMORY_MB)", reason=RejectReason.TOO_LARGE)
+            result = RejectedResult(result.sha256, result.metadata, rejection, result.flags)
+            log.warning("sha256=%s: out of memory; this decode process exits and is replaced", sha256)
+        answers.send(("result", job, result, exiting))
+        if exiting:
+            return 0
+
+
+def _ran_out_of_memory(rejection: BaseException) -> bool:
+    """Whether a rejection was caused by a ``MemoryError`` (anywhere in its chain of causes)."""
+    seen: BaseException | None = rejection
+    while seen is not None:
+        if isinstance(seen, MemoryError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return str(rejection).startswith("internal error: MemoryError")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Get SIGKILL when the ingester dies (Linux), so that no decode process outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
