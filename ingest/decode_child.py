@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 log = logging.getLogger("ingest.decode_child")
+#: How running out of memory reads in a message: Python's and numpy's errors, C++'s, C libraries'.
+_OUT_OF_MEMORY_SIGNS = ("MemoryError", "Unable to allocate", "bad_alloc", "out of memory", "Out of memory")
 
 
 def main(argv: list[str]) -> int:
@@ -72,13 +74,14 @@ def main(argv: list[str]) -> int:
 
 
 def _ran_out_of_memory(rejection: BaseException) -> bool:
-    """Whether a rejection was caused by a ``MemoryError`` (anywhere in its chain of causes)."""
+    """Whether a rejection came from running out of memory: a ``MemoryError`` in its chain of causes, or named in
+    a message (pydicom reports the errors of all its plugins in one ``RuntimeError`` of their messages)."""
     seen: BaseException | None = rejection
     while seen is not None:
-        if isinstance(seen, MemoryError):
+        if isinstance(seen, MemoryError) or any(sign in str(seen) for sign in _OUT_OF_MEMORY_SIGNS):
             return True
         seen = seen.__cause__ or seen.__context__
-    return str(rejection).startswith("internal error: MemoryError")
+    return False
 
 
 def _die_with_parent(parent: int) -> None:
