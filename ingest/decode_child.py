@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
     import cv2
 
     from covid_cxr.errors import InputRejected
+    from covid_cxr.reasons import Reason
     from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
-    from ingest.reasons import RejectReason
 
     cv2.setNumThreads(1)  # the pool runs one process per core; threads inside would only compete
     limit = memory_mb << 20
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         exiting = not result.accepted and _ran_out_of_memory(result.rejection)
         if exiting:
             rejection = InputRejected(f"decoding needed more than the {memory_mb} MiB a decode process may use "
-                                      "(COVID_CXR_DECODE_MEMORY_MB)", reason=RejectReason.TOO_LARGE)
+                                      "(COVID_CXR_DECODE_MEMORY_MB)", reason=Reason.TOO_LARGE)
             result = RejectedResult(result.sha256, result.metadata, rejection, result.flags)
             log.warning("sha256=%s: out of memory; this decode process exits and is replaced", sha256)
         answers.send(("result", job, result, exiting))

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.errors import InputRejected
+from covid_cxr.reasons import Reason
 from ingest.reader import ReaderPolicy, ReadResult, RejectedResult
-from ingest.reasons import RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class _Slot:
                 self.stop()
                 if attempt == 2:
                     return _rejected(sha256, f"no decode process could be started: {exc}",
-                                     RejectReason.INTERNAL_ERROR)
+                                     Reason.INTERNAL_ERROR)
                 continue
             return self.await_answer(sha256)
         raise AssertionError("unreachable")
@@ -211,12 +211,12 @@ class _Slot:
             code = self.process.returncode
             self.stop()
             return _rejected(sha256, f"the decode process died ({_describe_exit(code)}) while reading this file",
-                             RejectReason.DECODE_FAILED)
+                             Reason.DECODE_FAILED)
         log.warning("sha256=%s: reading took longer than %.0f s; killing decode process %d", sha256, timeout,
                     self.process.pid)
         self.stop(kill=True)
         return _rejected(sha256, f"reading the file took longer than the limit of {timeout:g} s "
-                                 "(COVID_CXR_DECODE_TIMEOUT_SECONDS)", RejectReason.DECODE_TIMEOUT)
+                                 "(COVID_CXR_DECODE_TIMEOUT_SECONDS)", Reason.DECODE_TIMEOUT)
 
     def ensure_started(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -255,7 +255,7 @@ class _Slot:
             process.wait()
 
 
-def _rejected(sha256: str, message: str, reason: RejectReason) -> RejectedResult:
+def _rejected(sha256: str, message: str, reason: Reason) -> RejectedResult:
     return RejectedResult(sha256, None, InputRejected(message, reason=reason))
 
 
