@@ -115,6 +115,12 @@ class DecodePool:
         """How many more files could start decoding now."""
         return max(0, self.processes - self.in_flight)
 
+    @property
+    def results_waiting(self) -> bool:
+        """Whether results are ready to be collected."""
+        with self._lock:
+            return bool(self._done)
+
     def results(self) -> list[tuple[Hashable, ReadResult]]:
         """The results ready now (each returned once), in the order they finished."""
         ready: list[tuple[Hashable, ReadResult]] = []

@@ -227,9 +227,9 @@ class IngestService:
                 if now >= next_reconcile:
                     self.reconcile()
                     next_reconcile = now + self.settings.reconcile_interval_seconds
+                self._finish_decoded()  # first: it makes room for the next files
                 self._ready.extend(self.watcher.take_ready())
                 self._start_files()
-                self._finish_decoded()
                 self._send_due_batch()  # a long burst must not hold a partial batch past its wait
                 if time.monotonic() >= next_progress:
                     last_reported = self.report_progress(last_reported)
@@ -252,6 +252,8 @@ class IngestService:
             self._finish_decoded()
 
     def _sleep_seconds(self, next_reconcile: float) -> float:
+        if self.pool.results_waiting:
+            return 0.0
         waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
         for wait in (self.watcher.seconds_until_next_check(), self.batcher.seconds_until_due()):
             if wait is not None:
