@@ -2,10 +2,10 @@
 
 The protocol (docs: Operate, "Several ingesters on one inbox"):
 
-* Every ingester owns ``INBOX/.claims/<id>/``, ``<id>`` being host, process id and a random part.
-  Its ``.owner.json`` names the host (and the kernel boot and process namespace it runs in)
-  and the process; the ingester touches the file every ``lease / 4`` seconds, from a thread
-  of its own, as its heartbeat.
+* Every ingester owns ``INBOX/.claims/<host>-<pid>-<machine>-<random>/``: its host name, process
+  id, a hash of the kernel boot and process namespace it runs in, and a random part. It
+  touches the folder (its mtime) every ``lease / 4`` seconds, from a thread of its own, as its
+  heartbeat; the folder holds nothing but claimed files, so the inbox shows no file of its own.
 * To take an inbox file, an ingester renames it to the same relative path under its own
   folder. A rename within one file system is atomic, on a local disk and on an NFS or SMB
   share alike: of several ingesters exactly one succeeds, the others find the file gone and
@@ -26,7 +26,8 @@ The protocol (docs: Operate, "Several ingesters on one inbox"):
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
+import hashlib
 import logging
 import os
 import secrets
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Folder under the inbox that holds one claim folder per running ingester (hidden: never ingested).
 CLAIMS_FOLDER = ".claims"
-#: The heartbeat file in each claim folder.
-OWNER_FILE = ".owner.json"
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,8 @@ class ClaimFolder:
         self.inbox = inbox.resolve()
         self.lease_seconds = lease_seconds
         self.clock = clock
-        self.ingester_id = ingester_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.ingester_id = ingester_id or (f"{socket.gethostname()}-{os.getpid()}-{machine_hash()}-"
+                                           f"{secrets.token_hex(3)}")
         self.root = self.inbox / CLAIMS_FOLDER
         self.folder = self.root / self.ingester_id
         self._observed: dict[str, _Observed] = {}
@@ -93,13 +93,8 @@ class ClaimFolder:
 
     # --- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:
-        """Create the folder and its owner file, and start the heartbeat."""
+        """Create the folder and start the heartbeat."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        owner = {"host": socket.gethostname(), "machine": machine_identity(), "pid": os.getpid(),
-                 "lease_seconds": self.lease_seconds, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        temporary = self.folder / f"{OWNER_FILE}.tmp"
-        temporary.write_text(json.dumps(owner, indent=2) + "\n")
-        os.replace(temporary, self.folder / OWNER_FILE)
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="claims-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -126,9 +121,9 @@ class ClaimFolder:
         interval = max(0.05, self.lease_seconds / 4)
         while not self._stop.wait(interval):
             try:
-                os.utime(self.folder / OWNER_FILE)
+                os.utime(self.folder)
             except OSError:  # adopted by another ingester (it took us for dead), or the share is away
-                log.warning("cannot refresh the heartbeat %s", self.folder / OWNER_FILE, exc_info=True)
+                log.warning("cannot refresh the heartbeat of %s", self.folder, exc_info=True)
 
     # --- claiming -----------------------------------------------------------------------------
     def claim(self, path: Path) -> Claim | None:
@@ -220,17 +215,14 @@ class ClaimFolder:
         return adopted
 
     def _is_dead(self, folder: Path, now: float) -> bool:
-        owner_file = folder / OWNER_FILE
         try:
-            info = os.stat(owner_file)
-            signature: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
-            owner = json.loads(owner_file.read_text())
-        except (OSError, ValueError):
-            signature, owner = None, {}
-        if isinstance(owner, dict) and owner.get("machine") == machine_identity():
-            pid = owner.get("pid")
-            if isinstance(pid, int) and not process_alive(pid):
-                return True
+            info = os.stat(folder)
+            signature: tuple[int, int] | None = (info.st_mtime_ns, info.st_ino)
+        except OSError:
+            signature = None
+        _, pid, machine = _owner(folder.name)
+        if machine == machine_hash() and pid is not None and not process_alive(pid):
+            return True
         seen = self._observed.get(folder.name)
         if seen is None or seen.signature != signature:
             self._observed[folder.name] = _Observed(signature, now)
@@ -238,6 +230,20 @@ class ClaimFolder:
         return now - seen.since >= self.lease_seconds
 
 
+def _owner(name: str) -> tuple[str, int | None, str]:
+    """(host, pid, machine hash) from a claim folder's name; pid ``None`` when the name is not one of ours."""
+    parts = name.rsplit("-", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return name, None, ""
+    return parts[0], int(parts[1]), parts[2]
+
+
+def machine_hash() -> str:
+    """A short hash of :func:`machine_identity`, as it appears in claim folder names."""
+    return hashlib.sha256(machine_identity().encode()).hexdigest()[:8]
+
+
+@functools.cache
 def machine_identity() -> str:
     """Host name, kernel boot id and process-namespace inode: equal only where process ids mean the same process."""
     try:
@@ -268,8 +274,6 @@ def _files_in(folder: Path, inbox: Path) -> Iterator[Claim]:
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name
-            if path.parent == folder and name.startswith(OWNER_FILE):
-                continue
             yield Claim(path, path.relative_to(folder), inbox)
 
 
@@ -292,9 +296,7 @@ def _prune_empty(folder: Path, top: Path) -> None:
 
 
 def _remove_folder(folder: Path) -> None:
-    """Remove a claim folder that holds no file any more (its owner file and empty sub-folders)."""
-    for name in (OWNER_FILE, f"{OWNER_FILE}.tmp"):
-        (folder / name).unlink(missing_ok=True)
+    """Remove a claim folder that holds no file any more (its empty sub-folders with it)."""
     for root, _, _ in sorted(os.walk(folder), key=lambda item: -len(item[0])):
         with contextlib.suppress(OSError):  # not empty: a file arrived, it is adopted next round
             os.rmdir(root)

@@ -109,8 +109,8 @@ def _count(settings: Settings) -> int:
 
 
 def _inbox_files(settings: Settings) -> list[Path]:
-    """Files in the inbox, claimed ones included (the claim folders' heartbeat files are not files to ingest)."""
-    return [p for p in settings.inbox.rglob("*") if p.is_file() and not p.name.startswith(".owner")]
+    """Files in the inbox, claimed ones included."""
+    return [p for p in settings.inbox.rglob("*") if p.is_file()]
 
 
 def _assert_each_file_recorded_and_archived_once(settings: Settings, names: list[str],
@@ -156,8 +156,7 @@ def test_the_files_of_a_killed_ingester_are_finished_by_the_others(settings, dic
 
         def victim_holds_files() -> Path | None:
             folder = victim.claim_folder()
-            held = folder is not None and victim.recorded() >= 10 and any(
-                p.is_file() and not p.name.startswith(".") for p in folder.rglob("*"))
+            held = folder is not None and victim.recorded() >= 10 and any(p.is_file() for p in folder.rglob("*"))
             return folder if held else None
 
         folder = wait_until(victim_holds_files, timeout=120, interval=0.01, what="the victim holding claims")
