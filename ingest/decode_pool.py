@@ -178,6 +178,11 @@ class _Slot:
 
     def run(self) -> None:
         try:
+            try:
+                self.ensure_started()  # at once, so that the first file does not wait for the interpreter
+            except OSError:
+                log.warning("could not start decode process %d; trying again with the first file", self.index,
+                            exc_info=True)
             while True:
                 job = self.pool._jobs.get()
                 if job is _STOP:

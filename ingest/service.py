@@ -380,6 +380,7 @@ class IngestService:
         Failures propagate, with the file given back to the inbox. Not for use while :meth:`run`
         runs (the loop collects every decode result).
         """
+        pool = self.pool  # also opens the claim folder
         try:
             claim = self.claims.claim(path)
         except FileNotFoundError:
@@ -391,9 +392,9 @@ class IngestService:
             if not isinstance(item, _InFlight):
                 return item
             key = next(self._keys)
-            self.pool.submit(key, item.data or b"", item.sha256)
-            while not (results := self.pool.results()):
-                self.pool.wait(1.0)
+            pool.submit(key, item.data or b"", item.sha256)
+            while not (results := pool.results()):
+                pool.wait(1.0)
             [(_, result)] = results
             return self._complete(item, result)
         except BaseException:
