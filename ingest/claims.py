@@ -156,7 +156,10 @@ class ClaimFolder:
         return Claim(target, relative, self.inbox)
 
     def release(self, claim: Claim) -> Path:
-        """Give ``claim`` back to the inbox under its name (or the next free one); returns where it is now."""
+        """Give ``claim`` back to the inbox under its name (or the next free one); returns where it is now.
+
+        Safe in any thread; :meth:`done` (which removes the folders it leaves empty) is for the claiming one.
+        """
         destination = claim.inbox_path
         destination.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -172,7 +175,6 @@ class ClaimFolder:
                 break
             claim.path.unlink()
             break
-        _prune_empty(claim.path.parent, self.folder)
         return candidate
 
     def done(self, claim: Claim) -> None:

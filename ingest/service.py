@@ -1,7 +1,8 @@
 """The ingest loop: complete inbox files -> read -> record -> batch -> enqueue, plus periodic reconciliation.
 
-One thread claims, records and disposes of files (the watchdog observer thread only hints);
-decoding happens in a pool of decode processes. The steps, each testable alone:
+One thread claims files and keeps the books (the watchdog observer thread only hints); decoding
+happens in a pool of decode processes, and recording and moving in a few recorder threads, so that
+database round trips overlap with decoding. The steps, each testable alone:
 
 1. :class:`~ingest.watcher.InboxWatcher` hands out files that are complete, and
    :class:`~ingest.claims.ClaimFolder` claims each by renaming it into this ingester's claim folder
@@ -34,6 +35,7 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -179,8 +181,9 @@ class IngestService:
         #: Complete files handed out by the watcher and not claimed yet, and files adopted from dead ingesters.
         self._ready: deque[Path] = deque()
         self._adopted: deque[Claim] = deque()
-        #: Files whose bytes are with the decode pool, by job key.
+        #: Files whose bytes are with the decode pool, by job key, and files being recorded.
         self._in_flight: dict[int, _InFlight] = {}
+        self._recording: dict[Future[Outcome], _InFlight] = {}
         self._keys = itertools.count()
         self.started = threading.Event()
 
@@ -227,7 +230,8 @@ class IngestService:
                 if now >= next_reconcile:
                     self.reconcile()
                     next_reconcile = now + self.settings.reconcile_interval_seconds
-                self._finish_decoded()  # first: it makes room for the next files
+                self._collect_recorded()  # first: it makes room for the next files
+                self._finish_decoded()
                 self._ready.extend(self.watcher.take_ready())
                 self._start_files()
                 self._send_due_batch()  # a long burst must not hold a partial batch past its wait
@@ -247,12 +251,13 @@ class IngestService:
         while self._ready:
             self.watcher.retry_later(self._ready.popleft())
         deadline = time.monotonic() + self.settings.decode_timeout_seconds + 10.0
-        while self._in_flight and time.monotonic() < deadline:
-            self.pool.wait(0.2)
+        while (self._in_flight or self._recording) and time.monotonic() < deadline:
+            self.pool.wait(0.05)
             self._finish_decoded()
+            self._collect_recorded()
 
     def _sleep_seconds(self, next_reconcile: float) -> float:
-        if self.pool.results_waiting:
+        if self.pool.results_waiting or any(future.done() for future in self._recording):
             return 0.0
         waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
         for wait in (self.watcher.seconds_until_next_check(), self.batcher.seconds_until_due()):
@@ -264,7 +269,8 @@ class IngestService:
     def _start_files(self) -> None:
         """Claim, read and send to the decode processes as many ready files as they have room for."""
         room = IN_FLIGHT_PER_PROCESS * self.pool.processes
-        while (self._adopted or self._ready) and len(self._in_flight) < room and not self._stop.is_set():
+        while ((self._adopted or self._ready) and len(self._in_flight) + len(self._recording) < room
+               and not self._stop.is_set()):
             if self._adopted:
                 claim = self._adopted.popleft()
                 self._guarded(None, claim, functools.partial(self._begin, claim, None))
@@ -288,9 +294,20 @@ class IngestService:
         self._begin(claim, path)
 
     def _finish_decoded(self) -> None:
+        """Hand every decoded file to a recorder thread."""
+        recorders = self._resources.recorders
+        assert recorders is not None
         for key, result in self.pool.results():
             item = self._in_flight.pop(cast(int, key))
-            self._guarded(item.watcher_path, item.claim, functools.partial(self._complete, item, result))
+            future = recorders.submit(self._record_and_dispose, item, result)
+            future.add_done_callback(lambda _: self.watcher.wake())
+            self._recording[future] = item
+
+    def _collect_recorded(self) -> None:
+        """Book the files the recorder threads are done with (or list and retry those that failed)."""
+        for future in [future for future in self._recording if future.done()]:
+            item = self._recording.pop(future)
+            self._guarded(item.watcher_path, item.claim, functools.partial(self._after_record, item, future))
 
     def _process_claimed(self, path: Path) -> None:
         """One file handed out by the watcher, start to end, here and now (failures listed and retried)."""
@@ -322,10 +339,12 @@ class IngestService:
         if not os.path.lexists(claim.path):  # already disposed of: nothing to give back
             return None
         try:
-            return self.claims.release(claim)
+            back = self.claims.release(claim)
         except OSError:
             log.warning("could not give %s back to the inbox", claim.rel_name, exc_info=True)
             return None
+        self.claims.done(claim)
+        return back
 
     def _file_failed(self, path: Path, exc: Exception) -> None:
         if isinstance(exc, FileChanged):  # its writer is still at it: not a problem, just not yet
@@ -435,7 +454,11 @@ class IngestService:
         return item
 
     def _complete(self, item: _InFlight, result: ReadResult) -> Outcome:
-        """Record a read file and dispose of it (archive, keep, delete, quarantine)."""
+        """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now."""
+        return self._after_record(item, self._record_and_dispose(item, result))
+
+    def _record_and_dispose(self, item: _InFlight, result: ReadResult) -> Outcome:
+        """Record a read file and dispose of it; safe in a recorder thread (it touches no state of the loop)."""
         claim = item.claim
         if not is_unchanged(claim.path, item.identity):  # written to (or swapped) since: judge the final file
             raise FileChanged("changed after it was read")
@@ -449,6 +472,12 @@ class IngestService:
             final = carry_out(outcome.disposal, claim.path, reason, data=item.data)
         if final != outcome.disposal.destination:
             set_stored_path(self.settings, outcome.instance_id, final)
+        return outcome
+
+    def _after_record(self, item: _InFlight, recorded: Outcome | Future[Outcome]) -> Outcome:
+        """The loop's books for a recorded file: the claim, the watcher, the batch, the counts."""
+        outcome = recorded if isinstance(recorded, Outcome) else recorded.result()
+        claim = item.claim
         self._done(claim, item.watcher_path)
         if outcome.enqueue:
             self.batcher.add(outcome.instance_id)
@@ -555,6 +584,7 @@ class _Resources:
     def __init__(self, claims: ClaimFolder) -> None:
         self.claims = claims
         self.pool: DecodePool | None = None
+        self.recorders: ThreadPoolExecutor | None = None
         self._opened = False
 
     def start(self, settings: Settings, policy: object, wake: Callable[[], None]) -> DecodePool:
@@ -569,12 +599,19 @@ class _Resources:
             self.pool = DecodePool(policy, processes=settings.decode_process_count,
                                    memory_mb=settings.decode_memory_mb, timeout_seconds=settings.decode_timeout_seconds,
                                    on_result=wake)
+        if self.recorders is None:
+            # SQLite takes one writer at a time; a server database takes one per decode process.
+            threads = 1 if settings.database.startswith("sqlite") else settings.decode_process_count
+            self.recorders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recorder")
         return self.pool
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self.recorders is not None:
+            self.recorders.shutdown(wait=True)
+            self.recorders = None
         if self._opened:
             self.claims.close()
             self._opened = False
