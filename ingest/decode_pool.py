@@ -20,11 +20,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from covid_cxr.errors import InputRejected
 from covid_cxr.reasons import Reason
@@ -39,6 +40,14 @@ START_TIMEOUT_SECONDS = 60.0
 _CHILD_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                       "MALLOC_ARENA_MAX": "2"}
 _STOP = object()
+
+
+class Decoded(NamedTuple):
+    """One file's result: its key, what the reader made of it, and the seconds from sending it to the answer."""
+
+    key: Hashable
+    result: ReadResult
+    seconds: float
 
 
 class DecodePool:
@@ -68,7 +77,7 @@ class DecodePool:
         self.timeout_seconds = timeout_seconds
         self._on_result = on_result
         self._jobs: queue.Queue[Any] = queue.Queue()
-        self._done: deque[tuple[Hashable, ReadResult]] = deque()
+        self._done: deque[Decoded] = deque()
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._submitted = 0
@@ -121,9 +130,9 @@ class DecodePool:
         with self._lock:
             return bool(self._done)
 
-    def results(self) -> list[tuple[Hashable, ReadResult]]:
+    def results(self) -> list[Decoded]:
         """The results ready now (each returned once), in the order they finished."""
-        ready: list[tuple[Hashable, ReadResult]] = []
+        ready: list[Decoded] = []
         with self._lock:
             self._ready.clear()
             while self._done:
@@ -148,15 +157,16 @@ class DecodePool:
             if exhausted and self.in_flight == 0:
                 return
             self.wait(1.0)
-            yield from self.results()
+            for decoded in self.results():
+                yield decoded.key, decoded.result
 
     def wait(self, timeout: float) -> None:
         """Sleep until a result is ready (one may be already) or ``timeout`` seconds pass."""
         self._ready.wait(timeout)
 
-    def _finish(self, key: Hashable, result: ReadResult) -> None:
+    def _finish(self, key: Hashable, result: ReadResult, seconds: float) -> None:
         with self._lock:
-            self._done.append((key, result))
+            self._done.append(Decoded(key, result, seconds))
             self._ready.set()
         if self._on_result is not None:
             self._on_result()
@@ -188,7 +198,9 @@ class _Slot:
                 if job is _STOP:
                     return
                 key, data, sha256 = job
-                self.pool._finish(key, self.read(data, sha256))
+                started = time.monotonic()
+                result = self.read(data, sha256)
+                self.pool._finish(key, result, time.monotonic() - started)
         finally:
             self.stop()
 

@@ -17,6 +17,9 @@ database round trips overlap with decoding. The steps, each testable alone:
 6. Every ``reconcile_interval_seconds``: a full inbox scan and the ``requeue`` function (never-sent
    and lost messages).
 
+Files are taken only while the inbox folder is there (:mod:`ingest.inbox_presence` re-arms the
+watcher when it comes back) and the disk has room (:mod:`ingest.watermark`).
+
 The publishing functions are passed in by the composition root (:mod:`service`), normally
 :func:`taskqueue.producer.enqueue_batch` and :func:`taskqueue.producer.requeue_stale`: ingest
 never imports the queue.
@@ -56,7 +59,9 @@ from ingest.inbox import (
     relative_name,
     write_reason,
 )
+from ingest.inbox_presence import InboxPresence
 from ingest.limits import check_file_size
+from ingest.metrics import observe_file
 from ingest.recorder import (
     Outcome,
     counts_by_state,
@@ -66,6 +71,7 @@ from ingest.recorder import (
 )
 from ingest.stuck import clear_stuck, mark_stuck
 from ingest.watcher import InboxWatcher
+from ingest.watermark import DiskWatermark, forget_ingest_status, ingester_name, record_ingest_status
 
 if TYPE_CHECKING:
     from ingest.decode_pool import DecodePool
@@ -169,6 +175,10 @@ class IngestService:
         )
         self.batcher = Batcher(settings.batch_size, settings.batch_max_wait_seconds,
                                lambda ids: enqueue(settings, ids))
+        self.presence = InboxPresence(self.watcher)
+        self.watermark = DiskWatermark(settings)
+        self.watermark.on_change = lambda _: self.publish_status()
+        self._status_name = ingester_name(settings)
         self._requeue = requeue
         self._stop = threading.Event()
         self._progress_interval = progress_interval
@@ -215,6 +225,7 @@ class IngestService:
         """Scan, then process files as they become complete until :meth:`stop`."""
         self.settings.inbox.mkdir(parents=True, exist_ok=True)
         self.watcher.start()
+        self.presence.start()
         pool = self.pool
         log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs, "
                  "%d decode process(es))", self.settings.inbox.resolve(), self.settings.settle_seconds,
@@ -232,19 +243,22 @@ class IngestService:
                     next_reconcile = now + self.settings.reconcile_interval_seconds
                 self._collect_recorded()  # first: it makes room for the next files
                 self._finish_decoded()
-                self._ready.extend(self.watcher.take_ready())
-                self._start_files()
+                taking = self.may_take_files()
+                if taking:
+                    self._ready.extend(self.watcher.take_ready())
+                    self._start_files()
                 self._send_due_batch()  # a long burst must not hold a partial batch past its wait
                 if time.monotonic() >= next_progress:
                     last_reported = self.report_progress(last_reported)
                     next_progress = time.monotonic() + self._progress_interval
-                self.watcher.wait(self._sleep_seconds(next_reconcile))
+                self.watcher.wait(self._sleep_seconds(next_reconcile, taking))
         finally:
             self._wind_down()
             self._send_due_batch(force=True)
             self.watcher.stop()
             self.close()
             self.report_progress(None)
+            self._forget_status()
 
     def _wind_down(self) -> None:
         """Leave unclaimed files to the next run or another ingester; finish the files being decoded."""
@@ -256,14 +270,32 @@ class IngestService:
             self._finish_decoded()
             self._collect_recorded()
 
-    def _sleep_seconds(self, next_reconcile: float) -> float:
+    def _sleep_seconds(self, next_reconcile: float, taking: bool = True) -> float:
         if self.pool.results_waiting or any(future.done() for future in self._recording):
             return 0.0
         waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
-        for wait in (self.watcher.seconds_until_next_check(), self.batcher.seconds_until_due()):
+        settling = self.watcher.seconds_until_next_check() if taking else None
+        for wait in (settling, self.batcher.seconds_until_due()):
             if wait is not None:
                 waits.append(wait)
         return max(0.01, min(waits))
+
+    def may_take_files(self) -> bool:
+        """Files are taken while the inbox folder is there and the disk has room (:mod:`ingest.watermark`)."""
+        return self.presence.present() and not self.watermark.paused()
+
+    def publish_status(self) -> None:
+        """Write this ingester's watermark state where ``status`` reads it; a database away is no reason to stop."""
+        try:
+            record_ingest_status(self.settings, self._status_name, self.watermark)
+        except Exception as exc:
+            log.warning("could not record the ingest status: %s: %s", type(exc).__name__, exc)
+
+    def _forget_status(self) -> None:
+        try:
+            forget_ingest_status(self.settings, self._status_name)
+        except Exception as exc:
+            log.warning("could not remove the ingest status: %s: %s", type(exc).__name__, exc)
 
     # --- one file ----------------------------------------------------------------------------
     def _start_files(self) -> None:
@@ -297,9 +329,9 @@ class IngestService:
         """Hand every decoded file to a recorder thread."""
         recorders = self._resources.recorders
         assert recorders is not None
-        for key, result in self.pool.results():
+        for key, result, seconds in self.pool.results():
             item = self._in_flight.pop(cast(int, key))
-            future = recorders.submit(self._record_and_dispose, item, result)
+            future = recorders.submit(self._record_and_dispose, item, result, seconds)
             future.add_done_callback(lambda _: self.watcher.wake())
             self._recording[future] = item
 
@@ -354,6 +386,11 @@ class IngestService:
             self.watcher.retry_later(path, delay=self.settings.settle_seconds)
         elif isinstance(exc, InboxEntryError):
             self._stuck(path, exc.cause, exc.message)
+        elif isinstance(exc, FileNotFoundError) and not path.exists():
+            # Moved away under us (the inbox renamed, say): its row is kept, the move finished once it is back.
+            log.warning("%s vanished while being ingested (%s); it is finished when it reappears",
+                        self._name(path), exc.strerror or exc)
+            self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
         else:
             known = entry_error(exc) if isinstance(exc, OSError) else None
             if known is not None:
@@ -414,8 +451,8 @@ class IngestService:
             pool.submit(key, item.data or b"", item.sha256)
             while not (results := pool.results()):
                 pool.wait(1.0)
-            [(_, result)] = results
-            return self._complete(item, result)
+            [(_, result, seconds)] = results
+            return self._complete(item, result, seconds)
         except BaseException:
             self._give_back(claim)
             raise
@@ -442,6 +479,8 @@ class IngestService:
         if known is not None:
             self._finish_disposal(known, claim)
             self._done(claim, watcher_path)
+            if known.state == InstanceState.received:  # its move failed before it was batched: send it now
+                self.batcher.add(known.id)
             self.counts["already_recorded"] += 1
             log.info("%s: already recorded as instance %d (%s), not processed again", claim.rel_name, known.id,
                      known.state)
@@ -453,17 +492,18 @@ class IngestService:
             self.pool.submit(key, inbox_file.data, sha256)
         return item
 
-    def _complete(self, item: _InFlight, result: ReadResult) -> Outcome:
+    def _complete(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
         """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now."""
-        return self._after_record(item, self._record_and_dispose(item, result))
+        return self._after_record(item, self._record_and_dispose(item, result, decode_seconds))
 
-    def _record_and_dispose(self, item: _InFlight, result: ReadResult) -> Outcome:
+    def _record_and_dispose(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
         """Record a read file and dispose of it; safe in a recorder thread (it touches no state of the loop)."""
         claim = item.claim
         if not is_unchanged(claim.path, item.identity):  # written to (or swapped) since: judge the final file
             raise FileChanged("changed after it was read")
         outcome = record(self.settings, path=claim.inbox_path, rel_name=claim.rel_name, file_size=item.size,
                          result=result)
+        observe_file(outcome.state.value, outcome.reason, result, decode_seconds)
         if outcome.disposal.action == "keep":
             final: Path | None = self.claims.release(claim)
         else:
@@ -534,6 +574,7 @@ class IngestService:
         except OSError:
             log.warning("could not look for the files of dead ingesters under %s", self.claims.root, exc_info=True)
         self._forget_gone_stuck()
+        self.publish_status()
         try:
             return self._requeue(self.settings)
         except Exception:
