@@ -5,7 +5,8 @@ The protocol (docs: Operate, "Several ingesters on one inbox"):
 * Every ingester owns ``INBOX/.claims/<host>-<pid>-<machine>-<random>/``: its host name, process
   id, a hash of the kernel boot and process namespace it runs in, and a random part. It
   touches the folder (its mtime) every ``lease / 4`` seconds, from a thread of its own, as its
-  heartbeat; the folder holds nothing but claimed files, so the inbox shows no file of its own.
+  heartbeat. The folder holds nothing but claimed files and exists only while it holds some
+  (``.claims`` likewise), so an idle inbox shows nothing of the service's own.
 * To take an inbox file, an ingester renames it to the same relative path under its own
   folder. A rename within one file system is atomic, on a local disk and on an NFS or SMB
   share alike: of several ingesters exactly one succeeds, the others find the file gone and
@@ -93,8 +94,7 @@ class ClaimFolder:
 
     # --- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:
-        """Create the folder and start the heartbeat."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Start the heartbeat. The folder exists only while it holds files (the first claim creates it)."""
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="claims-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -116,13 +116,16 @@ class ClaimFolder:
         if returned:
             log.info("moved %d claimed file(s) back to the inbox", returned)
         _remove_folder(self.folder)
+        _remove_if_empty(self.root)
 
     def _beat(self) -> None:
         interval = max(0.05, self.lease_seconds / 4)
         while not self._stop.wait(interval):
             try:
                 os.utime(self.folder)
-            except OSError:  # adopted by another ingester (it took us for dead), or the share is away
+            except FileNotFoundError:  # it holds nothing now, so there is nothing to keep alive
+                continue
+            except OSError:  # the share is away
                 log.warning("cannot refresh the heartbeat of %s", self.folder, exc_info=True)
 
     # --- claiming -----------------------------------------------------------------------------
@@ -144,15 +147,23 @@ class ClaimFolder:
             before = os.lstat(source)
         except FileNotFoundError:
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(source, target)
-        except FileNotFoundError:
-            # Another ingester renamed it first, or (NFS) our own rename was done and its retransmission
-            # failed: the file is ours exactly when it now lies under our name.
-            if not _same_entry(target, before):
-                _prune_empty(target.parent, self.folder)
+        for _ in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                # Another ingester renamed it first, or (NFS) our own rename was done and its retransmission
+                # failed: the file is ours exactly when it now lies under our name. A source still in place
+                # means the folder went (another ingester removed an empty ``.claims``): make it again.
+                if _same_entry(target, before):
+                    break
+                if os.path.lexists(source):
+                    continue
+                self.done(Claim(target, relative, self.inbox))
                 return None
+            break
+        else:
+            raise FileNotFoundError(f"could not create the claim folder for {relative}")
         return Claim(target, relative, self.inbox)
 
     def release(self, claim: Claim) -> Path:
@@ -178,8 +189,10 @@ class ClaimFolder:
         return candidate
 
     def done(self, claim: Claim) -> None:
-        """Forget ``claim`` after its file left the claim folder (removes folders it leaves empty)."""
-        _prune_empty(claim.path.parent, self.folder)
+        """Forget ``claim`` after its file left the claim folder: remove the folders it leaves empty (this
+        ingester's own and ``.claims`` too), so that an idle inbox holds nothing of the service's own."""
+        _prune_empty(claim.path.parent, self.root)
+        _remove_if_empty(self.root)
 
     def held(self) -> Iterator[Claim]:
         """The files this ingester holds now."""
@@ -213,6 +226,7 @@ class ClaimFolder:
                             "claimed file(s)", entry.name, self.lease_seconds, taken)
             if not any(_files_in(folder, self.inbox)):
                 _remove_folder(folder)
+                _remove_if_empty(self.root)
                 self._observed.pop(entry.name, None)
         return adopted
 
@@ -302,3 +316,8 @@ def _remove_folder(folder: Path) -> None:
     for root, _, _ in sorted(os.walk(folder), key=lambda item: -len(item[0])):
         with contextlib.suppress(OSError):  # not empty: a file arrived, it is adopted next round
             os.rmdir(root)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (another ingester's folder), or already gone
+        folder.rmdir()
