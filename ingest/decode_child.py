@@ -36,8 +36,7 @@ def main(argv: list[str]) -> int:
     answers = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     requests = Connection(0, writable=False)
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s")
+    _configure_logging(log_level)
 
     import cv2
 
@@ -71,6 +70,19 @@ def main(argv: list[str]) -> int:
         answers.send(("result", job, result, exiting))
         if exiting:
             return 0
+
+
+def _configure_logging(level: str) -> None:
+    """As the ingester logs (``service.cli``): one line per record, control characters from headers escaped,
+    pydicom's tracebacks for a failing decoder demoted to DEBUG (the file's rejection says it in one line)."""
+    from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s"))
+    handler.addFilter(DemoteToDebug("pydicom"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _ran_out_of_memory(rejection: BaseException) -> bool:

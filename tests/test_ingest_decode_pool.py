@@ -158,3 +158,24 @@ def _states(settings) -> dict[str, tuple[str, str | None]]:  # type: ignore[no-u
 @pytest.fixture(autouse=True)
 def _quiet_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def test_a_decode_process_logs_header_values_escaped(dicom_dir: Path, capfd: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Rejections are logged by the decode process; a header's control characters must not reach the terminal."""
+    import io
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ingest")  # the decode processes log at the ingester's level
+
+    import pydicom
+
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.Modality = "\x1b[2J\x1b]0;OWNED\x07"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        result = _one(pool, "escape", buffer.getvalue())
+    assert result.reason == "wrong_modality"
+    logged = capfd.readouterr().err
+    assert "is not accepted" in logged and "\x1b" not in logged and "\x07" not in logged
