@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from covid_cxr.reasons import Reason
 
 
@@ -24,6 +26,15 @@ class CovidCxrError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"reason": self.reason, "message": self.message}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default pickles only ``args`` and would lose the keyword-only reason code; decode
+        # processes send rejections back to the ingester pickled.
+        return _rebuild, (type(self), self.message, self.reason)
+
+
+def _rebuild(cls: type[CovidCxrError], message: str, reason: Reason) -> CovidCxrError:
+    return cls(message, reason=reason)
 
 
 class ConfigurationError(CovidCxrError):

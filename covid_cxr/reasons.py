@@ -122,7 +122,19 @@ class Reason(StrEnum):
     )
     TOO_LARGE = (
         "too_large", ReasonKind.REJECTION,
-        "Rows x Columns x NumberOfFrames exceeds the configured pixel limit (decompression-bomb guard)",
+        "The file is larger than the configured file-size limit, Rows x Columns x NumberOfFrames exceeds the "
+        "configured pixel limit, or decoding needed more memory than a decode process may use (decompression-bomb "
+        "guards)",
+    )
+    CODESTREAM_MISMATCH = (
+        "codestream_mismatch", ReasonKind.REJECTION,
+        "The compressed pixel data declares other dimensions or more components than the header's Rows, Columns "
+        "and SamplesPerPixel (checked before decoding: a decompression bomb or a damaged file)",
+    )
+    DECODE_TIMEOUT = (
+        "decode_timeout", ReasonKind.REJECTION,
+        "Reading the file took longer than the configured per-file time limit; its decode process was stopped and "
+        "replaced",
     )
     INTERNAL_ERROR = (
         "internal_error", ReasonKind.REJECTION,

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
         frozenset({"CR", "DX"}), description="Modalities accepted as chest radiographs (comma- or space-separated)")
     max_pixels: int = Field(60_000_000, gt=0, description="Reject images whose Rows*Columns*NumberOfFrames exceeds "
                             "this (decompression-bomb guard)")
+    max_file_bytes: int = Field(128 * 1024 * 1024, gt=0, description="Reject files larger than this many bytes "
+                                "(too_large) before reading them; a single-frame radiograph, even uncompressed, "
+                                "is far smaller")
     multi_frame_policy: Literal["reject", "first_frame"] = Field(
         "reject", description="What to do with multi-frame images: reject them (multi_frame) or read frame 1 only "
         "(flag first_frame_only)")
@@ -156,6 +159,14 @@ class Settings(BaseSettings):
         "reject", description="The image check finds no frontal chest radiograph: reject (not_frontal_chest) or flag "
         "(qc_frontal_chest_flagged); a finding that is not confident is only flagged")
 
+    # --- decode processes -----------------------------------------------------------------------
+    decode_processes: int = Field(0, ge=0, description="Processes that decode files in parallel for one ingester "
+                                  "(and for training); 0: one per CPU core this process may use")
+    decode_memory_mb: int = Field(2048, ge=256, description="Address-space limit (RLIMIT_AS) of each decode process "
+                                  "in MiB; a file whose decoding needs more is rejected too_large")
+    decode_timeout_seconds: float = Field(30.0, gt=0, description="Wall-clock limit for reading one file in a "
+                                          "decode process; a file that takes longer is rejected decode_timeout")
+
     # --- inbox watcher -------------------------------------------------------------------------
     settle_seconds: float = Field(
         2.0, ge=0, description="A file is complete once size and mtime are unchanged this long")
@@ -165,6 +176,9 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A batch 'queued' this long without a sign of life (not waiting in the broker, no "
         "heartbeat of a worker running it) is lost: re-sent at the next reconciliation, and shown as overdue")
     use_polling_observer: bool = Field(False, description="Polling observer (network shares) instead of inotify")
+    claim_lease_seconds: float = Field(
+        60.0, gt=0, description="An ingester whose heartbeat file under INBOX/.claims has not changed this long is "
+        "taken as dead, and the others finish the files it claimed; keep it above DECODE_TIMEOUT_SECONDS")
     after_ingest: Literal["archive", "keep", "delete"] = Field(
         "archive", description="What happens to an accepted file: archive (move to the archive), keep (leave in the "
         "inbox) or delete")
@@ -357,6 +371,11 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return (self.data_dir / "broker").expanduser().resolve()
+
+    @property
+    def decode_process_count(self) -> int:
+        """``decode_processes``, with 0 resolved to the number of CPU cores this process may run on."""
+        return self.decode_processes or len(os.sched_getaffinity(0))
 
     @property
     def pseudonym_key_file(self) -> Path:

@@ -130,7 +130,7 @@ PRIVATE_FILE_MODE = 0o600
 
 # Hard links are the atomic "create only if absent" move; these errors mean the
 # file system cannot link across the two folders, so we copy instead.
-_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def move_no_clobber(source: Path, destination: Path) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            if exc.errno not in _NO_LINK_ERRNOS:
+            if exc.errno not in NO_LINK_ERRNOS:
                 raise
             return _copy_then_remove(source, destination)
         source.unlink()
@@ -276,7 +276,7 @@ def _copy_then_remove(source: Path, destination: Path) -> Path:
             except FileExistsError:
                 continue
             except OSError as exc:
-                if exc.errno not in _NO_LINK_ERRNOS:
+                if exc.errno not in NO_LINK_ERRNOS:
                     raise
                 # No hard links at all on this file system: rename is the best left (a name
                 # taken between free_name() and here would be replaced, so check once more).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,10 +25,13 @@ from pydicom.uid import UID
 from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
 from covid_cxr.reasons import Reason
+from ingest.codestream import CodestreamHeader, check_codestream_matches
+from ingest.decoders import PILLOW_REDUCED, choose_plugin, register_plugins
+from ingest.decoders.pillow_plugin import pillow_can_reduce, reduced_size
 from ingest.metadata import transfer_syntax_of
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
-PREPROCESSING_VERSION = "cxr-norm-3"
+PREPROCESSING_VERSION = "cxr-norm-4"
 
 #: Percentiles of the fallback window (of non-padding pixels): robust to a few hot or dead pixels and labels.
 PERCENTILE_WINDOW = (0.5, 99.5)
@@ -39,9 +43,9 @@ VOI_MIN_STD_LEVELS = 4.0
 STATISTICS_SAMPLE_PIXELS = 1 << 18
 #: Images whose stored values span fewer values than this go through a per-value lookup table.
 MAX_LOOKUP_TABLE_ENTRIES = 1 << 20
-#: The pylibjpeg decoders are preferred where several plugins can decode a syntax, so that lossy
-#: codestreams decode to the same values on every installation (Pillow or GDCM may differ by a level).
-PREFERRED_DECODING_PLUGIN = "pylibjpeg"
+#: A JPEG 2000 image is decoded at the coarsest resolution level whose longer side is still at least this
+#: (twice the model's input), so that the area resize to 224 still averages 2 x 2 or more decoded pixels.
+REDUCED_DECODE_MIN_SIDE = 2 * IMAGE_SIZE
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Compressed syntaxes whose codestreams end with the FFD9 marker (JPEG EOI, JPEG 2000 EOC).
@@ -51,6 +55,9 @@ _SYNTAXES_WITH_END_MARKER = frozenset(
 _END_OF_IMAGE = b"\xff\xd9"
 #: Steps :func:`normalize_grayscale` always runs, in order (some may be no-ops for a given image).
 GRAYSCALE_STEPS = ("to_uint8", "pad_to_square", f"resize_{IMAGE_SIZE}")
+
+
+register_plugins()
 
 
 # --- DICOM steps ------------------------------------------------------------------------------
@@ -116,18 +123,30 @@ NOT_DECODER_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
-    """Decode one frame's stored values (2-D, the file's dtype) with pydicom and the pylibjpeg plugins.
+    """Decode one frame's stored values (2-D, the file's dtype) with pydicom and the plugin ingest.decoders picks.
 
     ``frame`` is the 0-based frame to decode; ``None`` requires a single-frame image.
-    Runs :func:`check_decodable` first. Decoder errors become ``decode_failed``.
+    Runs :func:`check_decodable` first; a JPEG / JPEG-LS / JPEG 2000 frame must end with its
+    end marker (else ``truncated``) and declare the header's size (else ``codestream_mismatch``)
+    before any decoder sees it. A JPEG 2000 image much larger than the model's input is
+    decoded at a reduced resolution level (:func:`reduction_level`), so the array can be
+    smaller than Rows x Columns. Decoder errors become ``decode_failed``.
     """
     uid = check_decodable(ds)
-    if uid in _SYNTAXES_WITH_END_MARKER:
-        _check_end_of_codestream(ds, uid, frame or 0)
     decoder = get_decoder(uid)
-    plugin = PREFERRED_DECODING_PLUGIN if PREFERRED_DECODING_PLUGIN in decoder.available_plugins else ""
+    plugin = choose_plugin(uid)
+    options: dict[str, Any] = {}
+    if uid in _SYNTAXES_WITH_END_MARKER:
+        codestream = _frame_codestream(ds, uid, frame or 0)
+        rows, columns = _int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")
+        header = check_codestream_matches(codestream, rows, columns, _int_or_none(ds, "SamplesPerPixel"), uid.name)
+        level = reduction_level(header) if uid in pydicom.uid.JPEG2000TransferSyntaxes else 0
+        if level and PILLOW_REDUCED in decoder.available_plugins:
+            plugin = PILLOW_REDUCED
+            options = {"j2k_reduce": level, "j2k_precision": header.precision,
+                       "rows": reduced_size(header.rows, level), "columns": reduced_size(header.columns, level)}
     try:
-        arr, _ = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
+        arr, _ = decoder.as_array(ds, index=frame, decoding_plugin=plugin, **options)
     except BaseException as exc:  # the plugins raise anything from ValueError to a Rust panic (BaseException)
         if isinstance(exc, NOT_DECODER_FAILURES):
             raise
@@ -143,8 +162,25 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
     return arr
 
 
-def _check_end_of_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> None:
-    """Refuse a JPEG / JPEG-LS / JPEG 2000 frame without its end marker (FFD9) as ``truncated``.
+def reduction_level(header: CodestreamHeader) -> int:
+    """How many JPEG 2000 resolution levels to skip: the most that keep the longer side >= REDUCED_DECODE_MIN_SIDE.
+
+    Bounded by the codestream's decomposition levels; 0 (full resolution) for signed,
+    multi-component or over-16-bit codestreams, and levels Pillow cannot size correctly
+    (:func:`~ingest.decoders.pillow_plugin.pillow_can_reduce`) are passed over for a smaller one.
+    """
+    if header.signed or header.components != 1 or header.precision > 16 or not header.decomposition_levels:
+        return 0
+    longer = max(header.rows, header.columns)
+    for level in range(header.decomposition_levels, 0, -1):
+        if (reduced_size(longer, level) >= REDUCED_DECODE_MIN_SIDE
+                and pillow_can_reduce(header.rows, header.columns, level)):
+            return level
+    return 0
+
+
+def _frame_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> bytes:
+    """The encapsulated codestream of ``frame``, refused as ``truncated`` when it lacks its end marker (FFD9).
 
     libjpeg decodes a codestream cut in half without complaint and fills the rest, so a cut
     frame would otherwise reach the model as a plausible-looking image. Scan data cannot
@@ -167,6 +203,7 @@ def _check_end_of_codestream(ds: pydicom.Dataset, uid: UID, frame: int) -> None:
             f"the {uid.name} codestream of frame {frame} has no end marker (FFD9): it was cut",
             reason=Reason.TRUNCATED,
         )
+    return codestream
 
 
 def padding_mask(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:

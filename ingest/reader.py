@@ -20,6 +20,7 @@ from covid_cxr.constants import FRONTAL_VIEWS, IMAGE_SIZE
 from covid_cxr.errors import ConfigurationError, InputRejected
 from covid_cxr.reasons import Reason
 from ingest.header_rules import check_header_rules
+from ingest.limits import check_plausible_part10
 from ingest.metadata import InstanceMetadata, sop_class_name, transfer_syntax_of
 from ingest.pixels import NOT_DECODER_FAILURES, PREPROCESSING_VERSION, normalize_radiograph
 from ingest.quality import QualityAssessment, QualityCheck, QualityPolicy, assess_image, load_quality_model
@@ -226,12 +227,14 @@ def _read(data: bytes, sha256: str, policy: ReaderPolicy) -> ReadResult:
 def parse_dataset(data: bytes) -> tuple[pydicom.Dataset, str | None]:
     """The dataset in ``data`` and the tag of an element the file ends inside of (``None``: none is cut).
 
-    Rejects with ``not_dicom`` (empty, not DICOM, unparseable header) or ``truncated`` (the file
-    ends inside the header, or inside an undefined-length element).
+    Rejects with ``not_dicom`` (empty, not DICOM, DICM followed by no plausible element, unparseable header)
+    or ``truncated`` (the file ends inside the header, or inside an undefined-length element).
     """
     if not data:
         raise InputRejected("the file is empty (0 bytes)", reason=Reason.NOT_DICOM)
     part10 = len(data) >= 132 and data[128:132] == b"DICM"
+    if part10:
+        check_plausible_part10(data)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not part10)
     except _END_OF_DATA as exc:

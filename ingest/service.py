@@ -1,10 +1,15 @@
 """The ingest loop: complete inbox files -> read -> record -> batch -> enqueue, plus periodic reconciliation.
 
-One thread does all the work (the watchdog observer thread only hints), so a file is read,
-recorded and disposed of by exactly one code path. The steps, each testable alone:
+One thread claims files and keeps the books (the watchdog observer thread only hints); decoding
+happens in a pool of decode processes, and recording and moving in a few recorder threads, so that
+database round trips overlap with decoding. The steps, each testable alone:
 
-1. :class:`~ingest.watcher.InboxWatcher` hands out files that are complete.
-2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason.
+1. :class:`~ingest.watcher.InboxWatcher` hands out files that are complete, and
+   :class:`~ingest.claims.ClaimFolder` claims each by renaming it into this ingester's claim folder
+   (several ingesters may watch one inbox; each file is claimed by exactly one of them).
+2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason, in a
+   :class:`~ingest.decode_pool.DecodePool` process (memory cap, time limit); files above
+   ``max_file_bytes`` are rejected before they are read.
 3. :func:`~ingest.recorder.record` commits the rows (and where the file will go).
 4. :func:`~ingest.inbox.carry_out` archives, keeps, deletes or quarantines the file.
 5. :class:`Batcher` groups new instances and the ``enqueue`` function sends one task per batch;
@@ -22,17 +27,27 @@ never imports the queue.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import logging
+import os
+import stat
 import threading
 import time
-from collections import Counter
+import weakref
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
+from covid_cxr.errors import InputRejected
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState
+from ingest.claims import Claim, ClaimFolder
 from ingest.inbox import (
     FileChanged,
     InboxEntryError,
@@ -45,6 +60,7 @@ from ingest.inbox import (
     write_reason,
 )
 from ingest.inbox_presence import InboxPresence
+from ingest.limits import check_file_size
 from ingest.metrics import observe_file
 from ingest.recorder import (
     Outcome,
@@ -57,6 +73,10 @@ from ingest.stuck import clear_stuck, mark_stuck
 from ingest.watcher import InboxWatcher
 from ingest.watermark import DiskWatermark, forget_ingest_status, ingester_name, record_ingest_status
 
+if TYPE_CHECKING:
+    from ingest.decode_pool import DecodePool
+    from ingest.reader import ReadResult
+
 log = logging.getLogger(__name__)
 
 #: Seconds between progress lines while something changes.
@@ -67,6 +87,9 @@ RETRY_DELAY_SECONDS = 10.0
 MAX_RETRY_DELAY_SECONDS = 600.0
 #: Longest sleep of the loop, so that settling files are re-checked often enough.
 MAX_SLEEP_SECONDS = 0.5
+#: Files claimed and read per decode process at most: one decoding, one waiting (so no process idles
+#: while the loop reads the next file), and no more, so that other ingesters get their share of a burst.
+IN_FLIGHT_PER_PROCESS = 2
 
 
 class Batcher:
@@ -123,10 +146,13 @@ class IngestService:
     Parameters
     ----------
     settings
-        The installation; the inbox, archive, quarantine and queues come from here.
+        The installation; the inbox, archive, quarantine, queues and decode processes come from here.
     enqueue, requeue
         Publishing functions: ``enqueue(settings, ids) -> sent`` publishes one batch,
         ``requeue(settings) -> n`` re-sends what was never sent or was lost.
+
+    The decode processes and the claim folder start with :meth:`run` (or the first
+    :meth:`process_file`) and end with it (or :meth:`close`, or when the service is garbage).
     """
 
     def __init__(
@@ -160,11 +186,34 @@ class IngestService:
         self.counts: Counter[str] = Counter()
         #: Entries that failed, by path: their cause and how often, for the back-off and the stuck list.
         self._stuck_entries: dict[Path, _Stuck] = {}
+        self._resources = _Resources(ClaimFolder(settings.inbox, settings.claim_lease_seconds))
+        self._finalizer = weakref.finalize(self, self._resources.close)
+        #: Complete files handed out by the watcher and not claimed yet, and files adopted from dead ingesters.
+        self._ready: deque[Path] = deque()
+        self._adopted: deque[Claim] = deque()
+        #: Files whose bytes are with the decode pool, by job key, and files being recorded.
+        self._in_flight: dict[int, _InFlight] = {}
+        self._recording: dict[Future[Outcome], _InFlight] = {}
+        self._keys = itertools.count()
         self.started = threading.Event()
 
     # --- life cycle ---------------------------------------------------------------------------
+    @property
+    def claims(self) -> ClaimFolder:
+        """This ingester's claim folder under ``INBOX/.claims``."""
+        return self._resources.claims
+
+    @property
+    def pool(self) -> DecodePool:
+        """The decode processes (started on first use)."""
+        return self._resources.start(self.settings, self.policy, self.watcher.wake)
+
+    def close(self) -> None:
+        """Stop the decode processes and give back what the claim folder still holds (also done by :meth:`run`)."""
+        self._resources.close()
+
     def stop(self) -> None:
-        """Ask the loop to finish the file at hand, send the pending batch and return."""
+        """Ask the loop to finish the files at hand, send the pending batch and return."""
         self._stop.set()
         self.watcher.wake()
 
@@ -177,10 +226,11 @@ class IngestService:
         self.settings.inbox.mkdir(parents=True, exist_ok=True)
         self.watcher.start()
         self.presence.start()
-        log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs)",
-                 self.settings.inbox.resolve(), self.settings.settle_seconds, self.settings.batch_size,
-                 self.settings.batch_max_wait_seconds, self.settings.after_ingest,
-                 self.settings.reconcile_interval_seconds)
+        pool = self.pool
+        log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs, "
+                 "%d decode process(es))", self.settings.inbox.resolve(), self.settings.settle_seconds,
+                 self.settings.batch_size, self.settings.batch_max_wait_seconds, self.settings.after_ingest,
+                 self.settings.reconcile_interval_seconds, pool.processes)
         next_reconcile = 0.0  # at once: the start-up scan and a sweep for what a crash left behind
         next_progress = time.monotonic() + self._progress_interval
         last_reported: tuple[object, ...] | None = None
@@ -191,25 +241,38 @@ class IngestService:
                 if now >= next_reconcile:
                     self.reconcile()
                     next_reconcile = now + self.settings.reconcile_interval_seconds
+                self._collect_recorded()  # first: it makes room for the next files
+                self._finish_decoded()
                 taking = self.may_take_files()
-                for path in self.watcher.take_ready() if taking else ():
-                    if self._stop.is_set():
-                        self.watcher.retry_later(path)
-                        continue
-                    self._process_claimed(path)
-                    self._send_due_batch()  # a long burst must not hold a partial batch past its wait
-                self._send_due_batch()
+                if taking:
+                    self._ready.extend(self.watcher.take_ready())
+                    self._start_files()
+                self._send_due_batch()  # a long burst must not hold a partial batch past its wait
                 if time.monotonic() >= next_progress:
                     last_reported = self.report_progress(last_reported)
                     next_progress = time.monotonic() + self._progress_interval
                 self.watcher.wait(self._sleep_seconds(next_reconcile, taking))
         finally:
+            self._wind_down()
             self._send_due_batch(force=True)
             self.watcher.stop()
+            self.close()
             self.report_progress(None)
             self._forget_status()
 
+    def _wind_down(self) -> None:
+        """Leave unclaimed files to the next run or another ingester; finish the files being decoded."""
+        while self._ready:
+            self.watcher.retry_later(self._ready.popleft())
+        deadline = time.monotonic() + self.settings.decode_timeout_seconds + 10.0
+        while (self._in_flight or self._recording) and time.monotonic() < deadline:
+            self.pool.wait(0.05)
+            self._finish_decoded()
+            self._collect_recorded()
+
     def _sleep_seconds(self, next_reconcile: float, taking: bool = True) -> float:
+        if self.pool.results_waiting or any(future.done() for future in self._recording):
+            return 0.0
         waits = [MAX_SLEEP_SECONDS, next_reconcile - time.monotonic()]
         settling = self.watcher.seconds_until_next_check() if taking else None
         for wait in (settling, self.batcher.seconds_until_due()):
@@ -235,28 +298,105 @@ class IngestService:
             log.warning("could not remove the ingest status: %s: %s", type(exc).__name__, exc)
 
     # --- one file ----------------------------------------------------------------------------
-    def _process_claimed(self, path: Path) -> None:
+    def _start_files(self) -> None:
+        """Claim, read and send to the decode processes as many ready files as they have room for."""
+        room = IN_FLIGHT_PER_PROCESS * self.pool.processes
+        while ((self._adopted or self._ready) and len(self._in_flight) + len(self._recording) < room
+               and not self._stop.is_set()):
+            if self._adopted:
+                claim = self._adopted.popleft()
+                self._guarded(None, claim, functools.partial(self._begin, claim, None))
+            else:
+                path = self._ready.popleft()
+                self._guarded(path, None, functools.partial(self._claim_and_begin, path))
+
+    def _claim_and_begin(self, path: Path) -> None:
         try:
-            self.process_file(path)
-        except FileChanged as changed:  # its writer is still at it: not a problem, just not yet
-            log.debug("%s: %s; read again once it settles", self._name(path), changed)
-            self.watcher.retry_later(path, delay=self.settings.settle_seconds)
-        except InboxEntryError as entry:
-            self._stuck(path, entry.cause, entry.message)
+            info = os.lstat(path)
+        except FileNotFoundError:
+            self.watcher.release(path)
+            return
+        if not stat.S_ISREG(info.st_mode):
+            read_inbox_file(path)  # raises what the entry is (a link, a pipe...): it stays where it is
+        claim = self.claims.claim(path)
+        if claim is None:  # another ingester claimed it first
+            log.debug("%s: claimed by another ingester", self._name(path))
+            self.watcher.release(path)
+            return
+        self._begin(claim, path)
+
+    def _finish_decoded(self) -> None:
+        """Hand every decoded file to a recorder thread."""
+        recorders = self._resources.recorders
+        assert recorders is not None
+        for key, result, seconds in self.pool.results():
+            item = self._in_flight.pop(cast(int, key))
+            future = recorders.submit(self._record_and_dispose, item, result, seconds)
+            future.add_done_callback(lambda _: self.watcher.wake())
+            self._recording[future] = item
+
+    def _collect_recorded(self) -> None:
+        """Book the files the recorder threads are done with (or list and retry those that failed)."""
+        for future in [future for future in self._recording if future.done()]:
+            item = self._recording.pop(future)
+            self._guarded(item.watcher_path, item.claim, functools.partial(self._after_record, item, future))
+
+    def _process_claimed(self, path: Path) -> None:
+        """One file handed out by the watcher, start to end, here and now (failures listed and retried)."""
+        self._guarded(path, None, lambda: self.process_file(path))
+
+    def _guarded(self, path: Path | None, claim: Claim | None, step: Callable[[], object]) -> None:
+        """Run ``step`` for one file; on failure give its claim back to the inbox and list or retry it."""
+        try:
+            step()
         except Exception as exc:
+            if claim is not None or (path is not None and (claim := self._claim_of(path)) is not None):
+                path = self._give_back(claim) or path
+            if path is not None:
+                self._file_failed(path, exc)
+            else:
+                log.exception("a claimed file failed and could not be given back; it is adopted when this ingester "
+                              "stops")
+
+    def _claim_of(self, path: Path) -> Claim | None:
+        """The claim this ingester holds for the inbox file ``path`` (a failure inside :meth:`process_file`)."""
+        try:
+            relative = Path(os.path.relpath(path.parent.resolve() / path.name, self.claims.inbox))
+        except ValueError:
+            return None
+        held = self.claims.folder / relative
+        return Claim(held, relative, self.claims.inbox) if os.path.lexists(held) else None
+
+    def _give_back(self, claim: Claim) -> Path | None:
+        if not os.path.lexists(claim.path):  # already disposed of: nothing to give back
+            return None
+        try:
+            back = self.claims.release(claim)
+        except OSError:
+            log.warning("could not give %s back to the inbox", claim.rel_name, exc_info=True)
+            return None
+        self.claims.done(claim)
+        return back
+
+    def _file_failed(self, path: Path, exc: Exception) -> None:
+        if isinstance(exc, FileChanged):  # its writer is still at it: not a problem, just not yet
+            log.debug("%s: %s; read again once it settles", self._name(path), exc)
+            self.watcher.retry_later(path, delay=self.settings.settle_seconds)
+        elif isinstance(exc, FileExistsError):  # this ingester holds a file of that name already
+            self.watcher.retry_later(path, delay=self.settings.settle_seconds)
+        elif isinstance(exc, InboxEntryError):
+            self._stuck(path, exc.cause, exc.message)
+        elif isinstance(exc, FileNotFoundError) and not path.exists():
+            # Moved away under us (the inbox renamed, say): its row is kept, the move finished once it is back.
+            log.warning("%s vanished while being ingested (%s); it is finished when it reappears",
+                        self._name(path), exc.strerror or exc)
+            self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
+        else:
             known = entry_error(exc) if isinstance(exc, OSError) else None
-            if isinstance(exc, FileNotFoundError) and not path.exists():
-                # Moved away under us (the inbox renamed, say): its row is kept, the move finished once it is back.
-                log.warning("%s vanished while being ingested (%s); it is finished when it reappears",
-                            self._name(path), exc.strerror or exc)
-                self.watcher.retry_later(path, delay=RETRY_DELAY_SECONDS)
-            elif known is not None:
+            if known is not None:
                 self._stuck(path, known.cause, known.message)
             else:
                 self._stuck(path, Reason.INGEST_ERROR, f"{type(exc).__name__}: {exc}", traceback=True)
-        else:
-            self.watcher.release(path)
-            self._unstuck(path)
 
     def _name(self, path: Path) -> str:
         try:
@@ -290,54 +430,122 @@ class IngestService:
                 log.debug("could not clear the stuck entry of %s", entry.file_name, exc_info=True)
 
     def process_file(self, path: Path) -> Outcome | None:
-        """Read, record and dispose of one complete file; ``None`` if it was gone or already recorded."""
-        from ingest.reader import read_radiograph
+        """Claim, read (in a decode process), record and dispose of one complete file, synchronously.
 
-        rel_name = relative_name(path, self.settings.inbox)
+        Returns ``None`` if the file was gone, claimed by another ingester or already recorded.
+        Failures propagate, with the file given back to the inbox. Not for use while :meth:`run`
+        runs (the loop collects every decode result).
+        """
+        pool = self.pool  # also opens the claim folder
         try:
-            inbox_file = read_inbox_file(path)
+            claim = self.claims.claim(path)
         except FileNotFoundError:
             return None
-        data, sha256 = inbox_file.data, inbox_file.sha256
-        known = find_recorded_file(self.settings, path, rel_name, sha256)
+        if claim is None:
+            return None
+        try:
+            item = self._begin(claim, path, submit=False)
+            if not isinstance(item, _InFlight):
+                return item
+            key = next(self._keys)
+            pool.submit(key, item.data or b"", item.sha256)
+            while not (results := pool.results()):
+                pool.wait(1.0)
+            [(_, result, seconds)] = results
+            return self._complete(item, result, seconds)
+        except BaseException:
+            self._give_back(claim)
+            raise
+
+    def _begin(self, claim: Claim, watcher_path: Path | None, *, submit: bool = True) -> Outcome | _InFlight | None:
+        """Read a claimed file and send it to the decode processes, or finish it at once without decoding.
+
+        Finished at once: a file above ``max_file_bytes`` (rejected ``too_large`` unread) and a
+        file already recorded (its disposal is completed). Returns the outcome, ``None`` or the
+        file now in flight (sent when ``submit``).
+        """
+        size = os.lstat(claim.path).st_size
+        try:
+            check_file_size(size, self.settings.max_file_bytes)
+        except InputRejected as rejection:
+            from ingest.reader import RejectedResult
+
+            sha256, identity = _hash_unread(claim.path)
+            item = _InFlight(claim, watcher_path, None, identity, size, sha256)
+            return self._complete(item, RejectedResult(sha256, None, rejection))
+        inbox_file = read_inbox_file(claim.path)
+        sha256 = inbox_file.sha256
+        known = find_recorded_file(self.settings, claim.path, claim.rel_name, sha256)
         if known is not None:
-            self._finish_disposal(known, path)
+            self._finish_disposal(known, claim)
+            self._done(claim, watcher_path)
             if known.state == InstanceState.received:  # its move failed before it was batched: send it now
                 self.batcher.add(known.id)
             self.counts["already_recorded"] += 1
-            log.info("%s: already recorded as instance %d (%s), not processed again", rel_name, known.id, known.state)
+            log.info("%s: already recorded as instance %d (%s), not processed again", claim.rel_name, known.id,
+                     known.state)
             return None
+        item = _InFlight(claim, watcher_path, inbox_file.data, inbox_file.identity, size, sha256)
+        if submit:
+            key = next(self._keys)
+            self._in_flight[key] = item
+            self.pool.submit(key, inbox_file.data, sha256)
+        return item
 
-        started = time.perf_counter()
-        result = read_radiograph(data, self.policy, sha256=sha256)
-        decode_seconds = time.perf_counter() - started
-        if not is_unchanged(path, inbox_file.identity):  # written to (or swapped) since: judge the final file
+    def _complete(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
+        """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now."""
+        return self._after_record(item, self._record_and_dispose(item, result, decode_seconds))
+
+    def _record_and_dispose(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
+        """Record a read file and dispose of it; safe in a recorder thread (it touches no state of the loop)."""
+        claim = item.claim
+        if not is_unchanged(claim.path, item.identity):  # written to (or swapped) since: judge the final file
             raise FileChanged("changed after it was read")
-        outcome = record(self.settings, path=path, rel_name=rel_name, file_size=len(data), result=result)
+        outcome = record(self.settings, path=claim.inbox_path, rel_name=claim.rel_name, file_size=item.size,
+                         result=result)
         observe_file(outcome.state.value, outcome.reason, result, decode_seconds)
-        reason = outcome.reason_record(rel_name, sha256) if outcome.disposal.action == "quarantine" else None
-        final = carry_out(outcome.disposal, path, reason, data=data)
+        if outcome.disposal.action == "keep":
+            final: Path | None = self.claims.release(claim)
+        else:
+            reason = outcome.reason_record(claim.rel_name, item.sha256) if outcome.disposal.action == "quarantine" \
+                else None
+            final = carry_out(outcome.disposal, claim.path, reason, data=item.data)
         if final != outcome.disposal.destination:
             set_stored_path(self.settings, outcome.instance_id, final)
+        return outcome
+
+    def _after_record(self, item: _InFlight, recorded: Outcome | Future[Outcome]) -> Outcome:
+        """The loop's books for a recorded file: the claim, the watcher, the batch, the counts."""
+        outcome = recorded if isinstance(recorded, Outcome) else recorded.result()
+        claim = item.claim
+        self._done(claim, item.watcher_path)
         if outcome.enqueue:
             self.batcher.add(outcome.instance_id)
         self.counts[outcome.state] += 1
-        log.info("%s -> instance %d %s%s", rel_name, outcome.instance_id, outcome.state,
+        log.info("%s -> instance %d %s%s", claim.rel_name, outcome.instance_id, outcome.state,
                  f" ({outcome.reason})" if outcome.reason else "")
         return outcome
 
-    def _finish_disposal(self, row: Instance, path: Path) -> None:
-        """Complete what a previous run committed for this very file but did not finish (or nothing, for keep)."""
-        stored, here = Path(row.stored_path or ""), path.resolve()
-        if stored == here:
+    def _done(self, claim: Claim, watcher_path: Path | None) -> None:
+        self.claims.done(claim)
+        if watcher_path is not None:
+            self.watcher.release(watcher_path)
+            self._unstuck(watcher_path)
+
+    def _finish_disposal(self, row: Instance, claim: Claim) -> None:
+        """Complete what a previous run (or a dead ingester) committed for this very file but did not finish."""
+        stored = Path(row.stored_path or "")
+        if stored == claim.inbox_path:  # kept, or its deletion pending
             if self.settings.after_ingest == "delete":
-                here.unlink(missing_ok=True)
+                claim.path.unlink(missing_ok=True)
                 set_stored_path(self.settings, row.id, None)
+            elif (back := self.claims.release(claim)) != stored:
+                set_stored_path(self.settings, row.id, back)
             return
         if stored.exists():  # a second name of this same file: the move had linked but not unlinked
-            here.unlink(missing_ok=True)
+            claim.path.unlink(missing_ok=True)
             return
-        final = move_no_clobber(here, stored)
+        final = move_no_clobber(claim.path, stored)
         if row.state == InstanceState.rejected:
             write_reason(final, {"reason": row.reason, "message": row.message, "instance_id": row.id,
                                  "file_name": row.file_name, "sha256": row.file_sha256,
@@ -354,10 +562,17 @@ class IngestService:
             log.exception("could not send a batch; reconciliation will re-enqueue it")
 
     def reconcile(self) -> int:
-        """Full inbox scan, then re-enqueue never-sent and lost instances; returns how many were re-sent."""
+        """Full inbox scan, adoption of dead ingesters' files, then re-enqueue of never-sent and lost instances.
+
+        Returns how many instances were re-sent.
+        """
         found = self.watcher.scan()
         if found:
             log.debug("scan: %d new file(s) in the inbox", found)
+        try:
+            self._adopted.extend(self.claims.adopt_orphans())
+        except OSError:
+            log.warning("could not look for the files of dead ingesters under %s", self.claims.root, exc_info=True)
         self._forget_gone_stuck()
         self.publish_status()
         try:
@@ -381,14 +596,75 @@ class IngestService:
             log.warning("database unreachable: no counts this time")
             return last
         this_run = dict(sorted(self.counts.items()))
-        now = (self.watcher.waiting, self.batcher.pending, tuple(in_db.items()), tuple(this_run.items()))
+        now = (self.watcher.waiting, len(self._in_flight), self.batcher.pending, tuple(in_db.items()),
+               tuple(this_run.items()))
         if now != last:
-            waiting, pending, _, _ = now
+            waiting, decoding, pending, _, _ = now
             database = " ".join(f"{state}={n}" for state, n in in_db.items())
             run = " ".join(f"{state}={n}" for state, n in this_run.items()) or "nothing yet"
-            log.info("progress | inbox: %d settling, %d batching | this run: %s | database: %s",
-                     waiting, pending, run, database)
+            log.info("progress | inbox: %d settling, %d decoding, %d batching | this run: %s | database: %s",
+                     waiting, decoding, pending, run, database)
         return now
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A claimed file that was read: its bytes (``None`` when too large to read) and the identity they came from."""
+
+    claim: Claim
+    watcher_path: Path | None
+    data: bytes | None
+    identity: tuple[int, int, int, int]
+    size: int
+    sha256: str
+
+
+class _Resources:
+    """The decode pool and the claim folder of one service: started on first use, closed once."""
+
+    def __init__(self, claims: ClaimFolder) -> None:
+        self.claims = claims
+        self.pool: DecodePool | None = None
+        self.recorders: ThreadPoolExecutor | None = None
+        self._opened = False
+
+    def start(self, settings: Settings, policy: object, wake: Callable[[], None]) -> DecodePool:
+        from ingest.decode_pool import DecodePool
+        from ingest.reader import ReaderPolicy
+
+        if not self._opened:
+            self.claims.open()
+            self._opened = True
+        if self.pool is None:
+            assert isinstance(policy, ReaderPolicy)
+            self.pool = DecodePool(policy, processes=settings.decode_process_count,
+                                   memory_mb=settings.decode_memory_mb, timeout_seconds=settings.decode_timeout_seconds,
+                                   on_result=wake)
+        if self.recorders is None:
+            # SQLite takes one writer at a time; a server database takes one per decode process.
+            threads = 1 if settings.database.startswith("sqlite") else settings.decode_process_count
+            self.recorders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recorder")
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.recorders is not None:
+            self.recorders.shutdown(wait=True)
+            self.recorders = None
+        if self._opened:
+            self.claims.close()
+            self._opened = False
+
+
+def _hash_unread(path: Path) -> tuple[str, tuple[int, int, int, int]]:
+    """sha256 and identity of a file too large to hold in memory, read in chunks (links never followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        info = os.fstat(handle.fileno())
+    return digest, (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import csv
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -223,36 +223,65 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
     """Decode and normalize every image exactly as serving does: ``(N, 224, 224)`` uint8.
 
     PNG/JPEG go through :func:`ingest.pixels.load_image_file` then :func:`ingest.pixels.normalize_grayscale`;
-    DICOM through :func:`ingest.reader.read_radiograph` with the configured acceptance policy.
+    DICOM through :func:`ingest.reader.read_radiograph` with the configured acceptance policy, in the
+    ingester's decode processes (:class:`ingest.decode_pool.DecodePool`: one per core, each under the
+    configured memory cap and time limit, and none with TensorFlow loaded).
     All files are tried first; then :class:`DatasetError` lists every file that could not be used.
     """
     from tqdm import tqdm
 
     from ingest.pixels import load_image_file, normalize_grayscale
 
-    policy = None
     images = np.zeros((len(dataset.items), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     problems: list[str] = []
-    for index, item in enumerate(tqdm(dataset.items, desc="decode", unit="img", disable=not progress)):
-        try:
-            if item.path.suffix.lower() in IMAGE_SUFFIXES:
+    dicom: list[int] = []
+    with tqdm(total=len(dataset.items), desc="decode", unit="img", disable=not progress) as bar:
+        for index, item in enumerate(dataset.items):
+            if item.path.suffix.lower() not in IMAGE_SUFFIXES:
+                dicom.append(index)
+                continue
+            try:
                 images[index] = normalize_grayscale(load_image_file(item.path))
-                continue
-            from ingest.reader import read_radiograph
-
-            if policy is None:
-                policy = _reader_policy(settings)
-            result = read_radiograph(item.path, policy)
-            if not result.accepted:
-                problems.append(f"{item.key}: {result.reason} ({result.rejection.message})")
-                continue
-            images[index] = result.image
-        except CovidCxrError as exc:
-            problems.append(f"{item.key}: {exc.reason} ({exc.message})")
+            except CovidCxrError as exc:
+                problems.append(f"{item.key}: {exc.reason} ({exc.message})")
+            bar.update()
+        if dicom:
+            problems += _read_dicom_items(dataset, dicom, images, settings, bar.update)
     if problems:
         raise DatasetError(_with_problems(f"{len(problems)} of {len(dataset.items)} images cannot be used", problems),
                            reason=Reason.UNREADABLE_IMAGES)
     return images
+
+
+def _read_dicom_items(dataset: Dataset, indices: list[int], images: np.ndarray, settings: Settings | None,
+                      done: Callable[[], object]) -> list[str]:
+    """Read the DICOM items at ``indices`` into ``images`` in decode processes; returns the problems."""
+    from covid_cxr.settings import load_settings
+    from ingest.decode_pool import DecodePool
+
+    base = settings or load_settings()
+    problems: list[str] = []
+
+    def files() -> Iterator[tuple[int, bytes, str]]:
+        for index in indices:
+            try:
+                data = dataset.items[index].path.read_bytes()
+            except OSError as exc:
+                problems.append(f"{dataset.items[index].key}: unreadable ({exc})")
+                done()
+                continue
+            yield index, data, hashlib.sha256(data).hexdigest()
+
+    with DecodePool(_reader_policy(base), processes=base.decode_process_count, memory_mb=base.decode_memory_mb,
+                    timeout_seconds=base.decode_timeout_seconds) as pool:
+        for key, result in pool.read_all(files()):
+            index = cast(int, key)
+            if result.accepted:
+                images[index] = result.image
+            else:
+                problems.append(f"{dataset.items[index].key}: {result.reason} ({result.rejection.message})")
+            done()
+    return problems
 
 
 def _reader_policy(settings: Settings | None) -> ReaderPolicy:

@@ -26,6 +26,8 @@ def inbox_options() -> argparse.ArgumentParser:
     group.add_argument("--polling", action="store_true", default=None,
                        help="poll the inbox instead of inotify, for network shares (COVID_CXR_USE_POLLING_OBSERVER)")
     group.add_argument("--batch-size", type=int, help="images per inference batch (COVID_CXR_BATCH_SIZE; default 32)")
+    group.add_argument("--decode-processes", type=int,
+                       help="decode processes (COVID_CXR_DECODE_PROCESSES; default: one per core)")
     return options
 
 
@@ -38,6 +40,7 @@ def inbox_settings(args: argparse.Namespace, **extra: Any) -> Settings:
         settle_seconds=args.settle_seconds,
         use_polling_observer=args.polling,
         batch_size=args.batch_size,
+        decode_processes=args.decode_processes,
         **extra,
     )
 

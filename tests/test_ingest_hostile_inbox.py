@@ -17,11 +17,11 @@ from service_fixtures import RecordingPublisher as Publisher
 from service_fixtures import RunningIngester, wait_until
 from sqlalchemy import select
 
-import ingest.reader
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
+from ingest.decode_pool import DecodePool
 from ingest.inbox import NAME_MAX, read_reason
 from ingest.service import IngestService
 from ingest.stuck import stuck_files
@@ -82,15 +82,17 @@ def test_a_file_swapped_for_a_link_while_it_is_read_is_not_moved(settings, servi
     shutil.copyfile(dicom_dir / CHEST, outside)
     path = settings.inbox / "swap.dcm"
     shutil.copyfile(dicom_dir / CHEST, path)
-    real_read = ingest.reader.read_radiograph
+    real_results = DecodePool.results
 
-    def read_then_swap(*args, **kwargs):
-        result = real_read(*args, **kwargs)
-        path.unlink()
-        path.symlink_to(outside)  # an attacker swaps the entry between the read and the move
-        return result
+    def results_then_swap(pool):
+        ready = real_results(pool)
+        if ready:  # an attacker swaps the claimed entry between the read and the move
+            [claimed] = list(service.claims.held())
+            claimed.path.unlink()
+            claimed.path.symlink_to(outside)
+        return ready
 
-    monkeypatch.setattr(ingest.reader, "read_radiograph", read_then_swap)
+    monkeypatch.setattr(DecodePool, "results", results_then_swap)
     service._process_claimed(path)
     monkeypatch.undo()
     assert _rows(settings) == [] and not settings.archive.exists()

@@ -145,13 +145,17 @@ def test_presentation_lut_shape_does_not_invert_a_second_time(dicom_dir: Path) -
     np.testing.assert_array_equal(with_shape, without_shape)
 
 
-def test_same_radiograph_in_two_transfer_syntaxes_normalizes_to_nearly_the_same_image(dicom_dir: Path) -> None:
+def test_same_radiograph_in_two_transfer_syntaxes_normalizes_to_nearly_the_same_image(
+        dicom_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RG1 as lossy JPEG 2000 and as near-lossless JPEG-LS: tolerance max 2 grey levels, mean 0.25.
 
     Both codecs are lossy, so exact equality cannot be asked for; after windowing and area
     downscaling their errors average out to at most a level (observed: max 1, mean 0.06).
+    JPEG 2000 is compared at full resolution here; its reduced-level decode has its own
+    tolerance (tests/test_ingest_decoders.py).
     """
-    j2k, _ = _normalized(dicom_dir / "pydicom-data__RG1_J2KI.dcm")
+    monkeypatch.setattr(pixels, "REDUCED_DECODE_MIN_SIDE", 1 << 30)
+    j2k, _ = normalize_radiograph(pydicom.dcmread(dicom_dir / "pydicom-data__RG1_J2KI.dcm"))
     jls, _ = _normalized(dicom_dir / "pylibjpeg-data__RG1_JLSN.dcm")
     difference = np.abs(j2k.astype(np.int16) - jls.astype(np.int16))
     assert difference.max() <= 2
@@ -311,7 +315,7 @@ def test_corrupt_codestream_is_decode_failed(dicom_dir: Path, name: str) -> None
     with pytest.raises(InputRejected) as caught:
         normalize_radiograph(ds)
     assert caught.value.reason == Reason.DECODE_FAILED
-    assert "could not be decoded" in caught.value.message
+    assert "codestream has no readable frame header" in caught.value.message  # found before any decoder runs
 
 
 # --- the part shared with training --------------------------------------------------------------

@@ -1,0 +1,427 @@
+"""Ingest alone (no worker): files/s for 1 and N decode processes and for 1 and 2 ingesters on one inbox, per-syntax
+CPU cost before and after the decoder change beside one VGG16 forward pass, and the three bombs.
+
+1. **Throughput.** N fresh-UID copies of the six shared chest radiographs (JPEG baseline, JPEG 2000,
+   JPEG-LS, uncompressed), renamed into the inbox at once, ingested by real ``covid-cxr ingest``
+   processes on PostgreSQL + Redis: one ingester with 1 decode process, one with ``--processes``,
+   and two ingesters with ``processes / 2`` each (the same total). Files/s = N / (last row's
+   commit - drop). Configurations are interleaved, ``--rounds`` times, and the median is taken,
+   so that other load on a shared machine weighs on all of them.
+2. **Per syntax** (one core, one thread, CPU time): parse + normalize of every shared file with the
+   old decoders (pylibjpeg, JPEG 2000 at full resolution: ``cxr-norm-3``'s) and the new ones, beside
+   one VGG16 forward pass (``weights=None``, batch 1) in the same process; and how far the 224 x 224
+   input and that model's score move between the two.
+3. **Bombs.** One ingester gets the three hostile files of tests/bombs.py, then a normal file 1 s
+   later: how long until the normal file is recorded, and the peak resident memory of the ingester
+   and its decode processes (sampled every 50 ms) against their caps.
+
+Usage::
+
+    python bench/bench_ingest.py [--n 60] [--processes 2] [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from machine_info import describe_machine, machine_line
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                  "TF_NUM_INTEROP_THREADS"):
+    os.environ[_variable] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+
+DEFAULT_DICOM_DIR = REPO_ROOT.parent / "shared" / "data" / "dicom"
+CHEST_FILES = (
+    "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "dwv__gdcm-CR-MONO1-10-chest.dcm",
+    "orthanc-tests__Monochrome1-Jpeg.dcm",
+    "pydicom-data__RG1_J2KI.dcm",
+    "pylibjpeg-data__RG1_JLSN.dcm",
+    "pylibjpeg-data__966_fixed.dcm",
+)
+POSTGRES_ADMIN_URL = os.environ.get("COVID_CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/13"
+KEY = "bench-ingest-pseudonym-key-0123456789abcdef"
+#: Goals of the issue, as fractions of one forward pass.
+GOAL_FRACTION = {"JPEG 2000": 0.25}
+DEFAULT_GOAL_FRACTION = 0.10
+
+
+# --- throughput ------------------------------------------------------------------------------------
+
+
+def stage(dicom_dir: Path, n: int, staging: Path) -> list[str]:
+    import pydicom
+
+    staging.mkdir(parents=True)
+    sources = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
+    names = []
+    for index in range(n):
+        ds = sources[index % len(sources)]
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            setattr(ds, keyword, f"2.25.{uuid.uuid4().int}")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        name = f"f{index:04d}.dcm"
+        (staging / name).write_bytes(buffer.getvalue())
+        names.append(name)
+    return names
+
+
+def database() -> str:
+    import sqlalchemy as sa
+
+    name = f"covid_cxr_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    import sqlalchemy as sa
+
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def start_ingester(data_dir: Path, url: str, processes: int, log_path: Path,
+                   extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "COVID_CXR_DATABASE_URL": url, "COVID_CXR_BROKER_URL": BENCH_REDIS_URL,
+           "COVID_CXR_PSEUDONYM_KEY": KEY, "COVID_CXR_SETTLE_SECONDS": "0.2",
+           "COVID_CXR_DECODE_PROCESSES": str(processes), **(extra or {})}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "covid_cxr", "ingest", "--data-dir", str(data_dir)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 180
+    while "watching" not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the ingester did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid`` itself and of its live children (the decode processes)."""
+    own = children = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(entry.name) == pid:
+            own += seconds
+        elif int(fields[1]) == pid:
+            children += seconds
+    return own, children
+
+
+def rows_committed(url: str) -> tuple[int, float | None]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            count, last = conn.execute(sa.text("SELECT count(*), max(created_at) FROM instances")).one()
+    finally:
+        engine.dispose()
+    return int(count), None if last is None else last.timestamp()
+
+
+def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, workdir: Path) -> dict[str, Any]:
+    from covid_cxr.settings import load_settings
+    from db.migrate import upgrade
+
+    url = database()
+    data_dir = workdir / f"data-{uuid.uuid4().hex[:6]}"
+    try:
+        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
+        (data_dir / "inbox").mkdir(parents=True)
+        names = stage(dicom_dir, n, data_dir / "staging")
+        running = [start_ingester(data_dir, url, processes_each, workdir / f"ingest-{uuid.uuid4().hex[:6]}.log")
+                   for _ in range(ingesters)]
+        try:
+            time.sleep(2.0)  # the decode processes have imported the reader
+            before = [tree_cpu_seconds(p.pid) for p in running]
+            dropped = time.time()
+            for name in names:
+                os.rename(data_dir / "staging" / name, data_dir / "inbox" / name)
+            deadline = time.monotonic() + 900
+            while (state := rows_committed(url))[0] < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {state[0]} of {n} files recorded")
+                time.sleep(0.2)
+            after = [tree_cpu_seconds(p.pid) for p in running]
+            loop_cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+            decode_cpu = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+        finally:
+            for process in running:
+                stop(process)
+        last = state[1] or time.time()
+        elapsed = last - dropped
+        return {"ingesters": ingesters, "processes_each": processes_each, "n": n, "seconds": elapsed,
+                "files_per_s": n / elapsed, "cpu_s_per_file": (loop_cpu + decode_cpu) / n,
+                "loop_cpu_s_per_file": loop_cpu / n, "decode_cpu_s_per_file": decode_cpu / n,
+                "load": os.getloadavg()[0]}
+    finally:
+        drop_database(url)
+
+
+# --- per syntax -----------------------------------------------------------------------------------
+
+
+def per_syntax(dicom_dir: Path, repeats: int) -> dict[str, Any]:
+    """CPU ms per file with the old and the new decoders, on one core; input and score movement; one forward pass."""
+    import numpy as np
+    import pydicom
+    import tensorflow as tf
+
+    import ingest.decoders as decoders
+    from ingest import pixels
+    from model_store.architecture import build_model
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras_model = build_model(None)
+    forward_input = np.zeros((1, 224, 224, 3), dtype=np.float32)
+    keras_model(forward_input, training=False)
+    forward = []
+    for _ in range(max(3, repeats)):
+        started = time.process_time()
+        np.asarray(keras_model(forward_input, training=False))
+        forward.append(time.process_time() - started)
+    forward_s = statistics.median(forward)
+
+    def normalize(data: bytes) -> tuple[np.ndarray, float]:
+        runs, image = [], None
+        for _ in range(repeats + 1):
+            started = time.process_time()
+            image, _ = pixels.normalize_radiograph(pydicom.dcmread(io.BytesIO(data)))
+            runs.append(time.process_time() - started)
+        return image, statistics.median(runs[1:])
+
+    def score(image: np.ndarray) -> float:
+        x = np.repeat(image[None, :, :, None].astype(np.float32), 3, axis=3)
+        return float(np.asarray(keras_model(x, training=False))[0, -1])
+
+    rows = []
+    for path in sorted(dicom_dir.glob("*.dcm")):
+        data = path.read_bytes()
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        new_image, new_s = normalize(data)
+        saved_preference, saved_side = dict(decoders.DECODING_PREFERENCE), pixels.REDUCED_DECODE_MIN_SIDE
+        decoders.DECODING_PREFERENCE.clear()
+        pixels.REDUCED_DECODE_MIN_SIDE = 1 << 30
+        try:
+            old_image, old_s = normalize(data)
+        finally:
+            decoders.DECODING_PREFERENCE.update(saved_preference)
+            pixels.REDUCED_DECODE_MIN_SIDE = saved_side
+        difference = np.abs(new_image.astype(np.int16) - old_image.astype(np.int16))
+        rows.append({"file": path.name, "syntax": syntax.name, "uid": str(syntax), "before_ms": old_s * 1000,
+                     "after_ms": new_s * 1000, "input_max_diff": int(difference.max()),
+                     "input_mean_diff": float(difference.mean()),
+                     "score_diff": abs(score(new_image) - score(old_image))})
+    return {"forward_ms": forward_s * 1000, "rows": rows}
+
+
+# --- bombs ------------------------------------------------------------------------------------------
+
+
+def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path) -> dict[str, Any]:
+    from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, with_fresh_uids, zeros_after_dicm
+
+    from covid_cxr.settings import load_settings
+    from db.migrate import upgrade
+
+    url = database()
+    data_dir = workdir / "bombs"
+    try:
+        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
+        inbox = data_dir / "inbox"
+        inbox.mkdir(parents=True)
+        process = start_ingester(data_dir, url, processes, workdir / "bombs.log",
+                                 {"COVID_CXR_DECODE_MEMORY_MB": str(memory_mb)})
+        peak_kib = 0
+        try:
+            files = {"j2k-siz.dcm": j2k_siz_bomb(dicom_dir / J2K_CHEST),
+                     "jpeg-sof.dcm": jpeg_sof_bomb(dicom_dir / JPEG_CHEST),
+                     "zeros.dcm": zeros_after_dicm(200 * 1024 * 1024)}
+            for name, data in files.items():
+                (data_dir / f".{name}").write_bytes(data)
+                os.rename(data_dir / f".{name}", inbox / name)
+            time.sleep(1.0)
+            (data_dir / ".normal.dcm").write_bytes(with_fresh_uids(dicom_dir / JPEG_CHEST))
+            dropped = time.monotonic()
+            os.rename(data_dir / ".normal.dcm", inbox / "normal.dcm")
+            normal_after = None
+            while time.monotonic() - dropped < 60:
+                peak_kib = max(peak_kib, tree_rss_kib(process.pid))
+                if normal_after is None and recorded(url, "normal.dcm"):
+                    normal_after = time.monotonic() - dropped
+                if normal_after is not None and rows_committed(url)[0] >= 4:
+                    break
+                time.sleep(0.05)
+            reasons = reasons_by_file(url)
+        finally:
+            stop(process)
+        return {"normal_recorded_after_s": normal_after, "peak_rss_mib": peak_kib / 1024, "reasons": reasons,
+                "cap_mib": memory_mb, "processes": processes}
+    finally:
+        drop_database(url)
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(entry.name) == pid or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total
+
+
+def recorded(url: str, name: str) -> bool:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT count(*) FROM instances WHERE file_name = :n"), {"n": name})
+                        .scalar())
+    finally:
+        engine.dispose()
+
+
+def reasons_by_file(url: str) -> dict[str, str | None]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {name: reason for name, reason in conn.execute(sa.text("SELECT file_name, reason FROM instances"))}
+    finally:
+        engine.dispose()
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def syntax_family(uid: str) -> str:
+    if uid.startswith("1.2.840.10008.1.2.4.9"):
+        return "JPEG 2000"
+    return ""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"Machine: {machine_line(result['machine'])}; load average before: {result['load_before']}, "
+             f"after: {result['load_after']}.", ""]
+    runs = result["throughput"]
+    base = runs["1 ingester x 1 process"]["files_per_s"]
+    lines += ["| ingest (no worker) | files/s (median) | × one process | each round | CPU s/file: loop + decode |",
+              "|---|---:|---:|---|---:|"]
+    for label, run in runs.items():
+        rounds = ", ".join(f"{r['files_per_s']:.1f}" for r in result["throughput_runs"][label])
+        lines.append(f"| {label} | {run['files_per_s']:.1f} | {run['files_per_s'] / base:.2f} | {rounds} | "
+                     f"{run['loop_cpu_s_per_file']:.3f} + {run['decode_cpu_s_per_file']:.3f} |")
+    syntax = result["per_syntax"]
+    forward = syntax["forward_ms"]
+    lines += ["", f"One VGG16 forward pass (batch 1, one thread, CPU): {forward:.0f} ms.", "",
+              "| file | transfer syntax | before ms | after ms | after / forward | goal | input max / mean diff | "
+              "score diff |", "|---|---|---:|---:|---:|---|---|---:|"]
+    for row in syntax["rows"]:
+        goal = GOAL_FRACTION.get(syntax_family(row["uid"]), DEFAULT_GOAL_FRACTION)
+        fraction = row["after_ms"] / forward
+        lines.append(f"| {row['file'][:40]} | {row['syntax']} | {row['before_ms']:.0f} | {row['after_ms']:.0f} | "
+                     f"{fraction:.2f} | {'meets' if fraction <= goal else 'misses'} ≤ {goal} | "
+                     f"{row['input_max_diff']} / {row['input_mean_diff']:.2f} | {row['score_diff']:.4f} |")
+    bomb = result["bombs"]
+    lines += ["", f"Bombs: {bomb['reasons']}; normal file recorded {bomb['normal_recorded_after_s']:.1f} s after its "
+              f"drop; peak RSS of the ingester and its {bomb['processes']} decode processes "
+              f"{bomb['peak_rss_mib']:.0f} MiB (caps: {bomb['processes']} x {bomb['cap_mib']} MiB address space)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dicom-dir", type=Path, default=DEFAULT_DICOM_DIR)
+    parser.add_argument("--n", type=int, default=60)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    configurations = {"1 ingester x 1 process": (1, 1),
+                      f"1 ingester x {args.processes} processes": (1, args.processes),
+                      f"2 ingesters x {args.processes // 2} process(es)": (2, max(1, args.processes // 2))}
+    measured: dict[str, list[dict[str, Any]]] = {label: [] for label in configurations}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        for round_index in range(args.rounds):
+            for label, (ingesters, processes) in configurations.items():
+                run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir)
+                measured[label].append(run)
+                print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU s/file "
+                      f"{run['loop_cpu_s_per_file']:.3f} loop + {run['decode_cpu_s_per_file']:.3f} decode, "
+                      f"load {run['load']:.1f}", flush=True)
+        bomb = bombs(args.dicom_dir, args.processes, 2048, workdir)
+        print(f"bombs: {bomb}", flush=True)
+    keys = ("files_per_s", "cpu_s_per_file", "loop_cpu_s_per_file", "decode_cpu_s_per_file", "load")
+    runs = {label: {key: statistics.median(run[key] for run in values) for key in keys}
+            for label, values in measured.items()}
+    machine = describe_machine()  # before per_syntax pins this process to one core
+    syntax = per_syntax(args.dicom_dir, args.repeats)
+    result = {"machine": machine, "load_before": load_before,
+              "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()), "throughput": runs,
+              "throughput_runs": measured, "per_syntax": syntax, "bombs": bomb}
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

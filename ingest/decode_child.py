@@ -1,0 +1,111 @@
+"""The program of one decode process: reads files sent by :class:`~ingest.decode_pool.DecodePool`, under a memory cap.
+
+Run as ``python -m ingest.decode_child MEMORY_MB LOG_LEVEL`` by the pool, never by hand. It
+imports the reader and nothing above ``ingest`` (no TensorFlow, no database), caps its own
+address space (``RLIMIT_AS``), asks the kernel to kill it when its parent dies, and then
+answers messages on stdin/stdout (:mod:`multiprocessing.connection` framing, pickled):
+
+* ``("policy", ReaderPolicy)``: the acceptance policy for what follows (no answer);
+* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``.
+
+A read that ran out of memory is answered ``too_large`` with ``exiting`` true, and the
+process exits: its heap may be fragmented or a C library left in a bad state, and a fresh
+process costs about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger("ingest.decode_child")
+#: How running out of memory reads in a message: Python's and numpy's errors, C++'s, C libraries'.
+_OUT_OF_MEMORY_SIGNS = ("MemoryError", "Unable to allocate", "bad_alloc", "out of memory", "Out of memory")
+
+
+def main(argv: list[str]) -> int:
+    memory_mb, log_level = int(argv[1]), argv[2]
+    parent = os.getppid()
+    _die_with_parent(parent)
+    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
+    answers = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    requests = Connection(0, writable=False)
+    _configure_logging(log_level)
+
+    import cv2
+
+    from covid_cxr.errors import InputRejected
+    from covid_cxr.reasons import Reason
+    from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
+
+    cv2.setNumThreads(1)  # the pool runs one process per core; threads inside would only compete
+    limit = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    policy: ReaderPolicy | None = None
+    while True:
+        try:
+            message: Any = requests.recv()
+        except EOFError:  # the pool closed the pipe: stop
+            return 0
+        if message[0] == "policy":
+            policy = message[1]
+            continue
+        _, job, data, sha256 = message
+        if policy is None:
+            raise RuntimeError("a read request arrived before the policy")
+        result = read_radiograph(data, policy, sha256=sha256)
+        del data
+        exiting = not result.accepted and _ran_out_of_memory(result.rejection)
+        if exiting:
+            rejection = InputRejected(f"decoding needed more than the {memory_mb} MiB a decode process may use "
+                                      "(COVID_CXR_DECODE_MEMORY_MB)", reason=Reason.TOO_LARGE)
+            result = RejectedResult(result.sha256, result.metadata, rejection, result.flags)
+            log.warning("sha256=%s: out of memory; this decode process exits and is replaced", sha256)
+        answers.send(("result", job, result, exiting))
+        if exiting:
+            return 0
+
+
+def _configure_logging(level: str) -> None:
+    """As the ingester logs (``service.cli``): one line per record, control characters from headers escaped,
+    pydicom's tracebacks for a failing decoder demoted to DEBUG (the file's rejection says it in one line)."""
+    from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s"))
+    handler.addFilter(DemoteToDebug("pydicom"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _ran_out_of_memory(rejection: BaseException) -> bool:
+    """Whether a rejection came from running out of memory: a ``MemoryError`` in its chain of causes, or named in
+    a message (pydicom reports the errors of all its plugins in one ``RuntimeError`` of their messages)."""
+    seen: BaseException | None = rejection
+    while seen is not None:
+        if isinstance(seen, MemoryError) or any(sign in str(seen) for sign in _OUT_OF_MEMORY_SIGNS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _die_with_parent(parent: int) -> None:
+    """Get SIGKILL when the ingester dies (Linux), so that no decode process outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

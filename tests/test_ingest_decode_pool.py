@@ -1,0 +1,181 @@
+"""Decode processes: same results as reading in-process, no TensorFlow, a memory cap and a time limit that cost one
+process (replaced) and give the file a typed rejection; an ingester fed three bombs keeps going."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, with_fresh_uids, zeros_after_dicm
+from service_fixtures import REPO_ROOT, wait_until
+from sqlalchemy import select
+
+from covid_cxr.settings import load_settings
+from db.migrate import upgrade
+from db.models import Instance
+from db.session import session_scope
+from ingest.decode_pool import DecodePool
+from ingest.reader import ReaderPolicy, read_radiograph
+
+POLICY = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "reject", b"k" * 32)
+SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
+
+
+def _job(key: str, data: bytes) -> tuple[str, bytes, str]:
+    return key, data, hashlib.sha256(data).hexdigest()
+
+
+def _one(pool: DecodePool, key: str, data: bytes):  # type: ignore[no-untyped-def]
+    pool.submit(*_job(key, data))
+    while not (ready := pool.results()):
+        pool.wait(1.0)
+    [(got, result, seconds)] = ready
+    assert got == key and seconds >= 0
+    return result
+
+
+def _status(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` field in kB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    assert match, field
+    return int(match.group(1))
+
+
+def test_results_equal_reading_in_process_and_no_process_loads_tensorflow(dicom_dir: Path) -> None:
+    import tensorflow  # noqa: F401 - training's situation: the parent has TensorFlow loaded
+
+    files = {path.name: path.read_bytes() for path in sorted(dicom_dir.glob("*.dcm"))}
+    with DecodePool(POLICY, processes=2, memory_mb=1536, timeout_seconds=60) as pool:
+        results = dict(pool.read_all(_job(name, data) for name, data in files.items()))
+        for pid in pool.pids:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "tensorflow" not in maps and "libtensorflow" not in maps
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            assert re.search(r"Max address space\s+1610612736\s+1610612736", limits), limits
+    assert set(results) == set(files)
+    for name, data in files.items():
+        here = read_radiograph(data, POLICY)
+        there = results[name]
+        assert (there.accepted, there.reason, there.sha256, there.metadata) == (here.accepted, here.reason,
+                                                                                here.sha256, here.metadata), name
+        if here.accepted:
+            np.testing.assert_array_equal(there.image, here.image)
+        else:
+            assert there.rejection.message == here.rejection.message
+
+
+def test_running_out_of_memory_costs_one_process_and_rejects_the_file_too_large(dicom_dir: Path) -> None:
+    """A bomb whose header and codestream agree (20000 x 20000, allowed by this policy) needs gigabytes to decode."""
+    lenient = ReaderPolicy(frozenset({"CR", "DX"}), 10**10, "reject", b"k" * 32)
+    bomb = jpeg_sof_bomb(dicom_dir / JPEG_CHEST, 20000, 20000, header_too=True)
+    with DecodePool(lenient, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        first = _one(pool, "warm-up", (dicom_dir / SMALL_CHEST).read_bytes())
+        [before] = pool.pids
+        result = _one(pool, "bomb", bomb)
+        assert not result.accepted and result.reason == "too_large"
+        assert "more than the 1024 MiB a decode process may use" in result.rejection.message
+        assert _one(pool, "after", (dicom_dir / SMALL_CHEST).read_bytes()).accepted and first.accepted
+        [after] = pool.pids
+        assert after != before, "the process that ran out of memory was replaced"
+
+
+def test_a_file_over_the_time_limit_is_decode_timeout_and_its_process_is_replaced(dicom_dir: Path) -> None:
+    data = (dicom_dir / "pylibjpeg-data__966_fixed.dcm").read_bytes()
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=0.001) as pool:
+        result = _one(pool, "slow", data)
+        assert not result.accepted and result.reason == "decode_timeout"
+        assert "longer than the limit of 0.001 s" in result.rejection.message
+        pool.timeout_seconds = 60
+        assert _one(pool, "next", data).accepted
+
+
+def test_a_process_that_died_between_files_is_replaced_and_the_file_read(dicom_dir: Path) -> None:
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        assert _one(pool, "first", (dicom_dir / SMALL_CHEST).read_bytes()).accepted
+        [pid] = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        assert _one(pool, "second", (dicom_dir / SMALL_CHEST).read_bytes()).accepted
+        assert pool.pids != [pid]
+
+
+def test_an_ingester_fed_three_bombs_rejects_them_within_its_caps_and_keeps_going(dicom_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path / "data", settle_seconds=0.2, reconcile_interval_seconds=1.0,
+                             decode_processes=2, decode_memory_mb=1024)
+    upgrade(settings)
+    settings.inbox.mkdir(parents=True)
+    env = {**os.environ, "COVID_CXR_DECODE_PROCESSES": "2", "COVID_CXR_DECODE_MEMORY_MB": "1024"}
+    log_path = tmp_path / "ingest.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "covid_cxr", "ingest", "--data-dir", str(settings.data_dir),
+                                    "--settle-seconds", "0.2"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   env=env)
+    try:
+        wait_until(lambda: "watching" in log_path.read_text(), timeout=120, what="the ingester up")
+        bombs = {"j2k-siz.dcm": j2k_siz_bomb(dicom_dir / J2K_CHEST),
+                 "jpeg-sof.dcm": jpeg_sof_bomb(dicom_dir / JPEG_CHEST),
+                 "zeros.dcm": zeros_after_dicm(200 * 1024 * 1024)}
+        for name, data in bombs.items():
+            _drop(settings.inbox, name, data)
+        time.sleep(1.0)
+        dropped = time.monotonic()
+        _drop(settings.inbox, "normal.dcm", with_fresh_uids(dicom_dir / JPEG_CHEST))
+        wait_until(lambda: "normal.dcm" in _states(settings), timeout=10, what="the normal file recorded in 10 s")
+        assert time.monotonic() - dropped <= 10
+        wait_until(lambda: len(_states(settings)) == 4, timeout=30, what="all four recorded")
+        assert process.poll() is None, "the ingester keeps going"
+        assert _status(process.pid, "VmHWM") < 600 * 1024, "the ingester itself never held a bomb's pixels"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert _states(settings) == {"j2k-siz.dcm": ("rejected", "codestream_mismatch"),
+                                 "jpeg-sof.dcm": ("rejected", "codestream_mismatch"),
+                                 "zeros.dcm": ("rejected", "too_large"),
+                                 "normal.dcm": ("received", None)}
+    assert "Traceback" not in log_path.read_text()
+
+
+def _drop(inbox: Path, name: str, data: bytes) -> None:
+    staging = inbox.parent / f".{name}.part"
+    staging.write_bytes(data)
+    os.rename(staging, inbox / name)
+
+
+def _states(settings) -> dict[str, tuple[str, str | None]]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        rows = session.execute(select(Instance.file_name, Instance.state, Instance.reason)).all()
+    return {name: (state if state != "queued" else "received", reason) for name, state, reason in rows}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def test_a_decode_process_logs_header_values_escaped(dicom_dir: Path, capfd: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Rejections are logged by the decode process; a header's control characters must not reach the terminal."""
+    import io
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ingest")  # the decode processes log at the ingester's level
+
+    import pydicom
+
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.Modality = "\x1b[2J\x1b]0;OWNED\x07"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        result = _one(pool, "escape", buffer.getvalue())
+    assert result.reason == "wrong_modality"
+    logged = capfd.readouterr().err
+    assert "is not accepted" in logged and "\x1b" not in logged and "\x07" not in logged
