@@ -358,6 +358,19 @@ class IngestService:
                 log.exception("a claimed file failed and could not be given back; it is adopted when this ingester "
                               "stops")
 
+    def _forgotten_claims(self) -> list[Claim]:
+        """Files in this ingester's own claim folder that nothing works on any more, taken up again.
+
+        A step that failed while the inbox was away (renamed, unmounted) can neither finish its file
+        nor give it back; the file waits in the claim folder until this sweep, not until shutdown.
+        """
+        busy = {item.claim.path for item in (*self._in_flight.values(), *self._recording.values())}
+        busy |= {claim.path for claim in self._adopted}
+        forgotten = [claim for claim in self.claims.held() if claim.path not in busy]
+        if forgotten:
+            log.info("taking up %d claimed file(s) again that no step holds any more", len(forgotten))
+        return forgotten
+
     def _claim_of(self, path: Path) -> Claim | None:
         """The claim this ingester holds for the inbox file ``path`` (a failure inside :meth:`process_file`)."""
         try:
@@ -571,6 +584,7 @@ class IngestService:
             log.debug("scan: %d new file(s) in the inbox", found)
         try:
             self._adopted.extend(self.claims.adopt_orphans())
+            self._adopted.extend(self._forgotten_claims())
         except OSError:
             log.warning("could not look for the files of dead ingesters under %s", self.claims.root, exc_info=True)
         self._forget_gone_stuck()

@@ -425,4 +425,6 @@ def test_the_inbox_renamed_away_and_back_is_watched_again_without_an_error(serve
     assert_recovered(served.settings, names | after, fault_ended, "inbox renamed away for 10 s", record_property)
     log = served.log()[log_start:]
     assert "is gone" in log and "is back" in log
-    assert " ERROR " not in log and "Traceback" not in log, log[-4000:]
+    # Records of ours at ERROR, or any traceback (TensorFlow's own start-up chatter of a restarted worker,
+    # "failed call to cuInit: ... UNKNOWN ERROR", is not one of ours).
+    assert not re.search(r"^\S+ \S+ ERROR ", log, flags=re.MULTILINE) and "Traceback" not in log, log[-4000:]
