@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench_pipeline import create_postgres_database, drop_postgres_database
 from machine_info import describe_machine, machine_line
 
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -55,7 +56,6 @@ CHEST_FILES = (
     "pylibjpeg-data__RG1_JLSN.dcm",
     "pylibjpeg-data__966_fixed.dcm",
 )
-POSTGRES_ADMIN_URL = os.environ.get("COVID_CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BENCH_REDIS_URL = "redis://127.0.0.1:6379/13"
 KEY = "bench-ingest-pseudonym-key-0123456789abcdef"
 #: Goals of the issue, as fractions of one forward pass.
@@ -83,27 +83,6 @@ def stage(dicom_dir: Path, n: int, staging: Path) -> list[str]:
         (staging / name).write_bytes(buffer.getvalue())
         names.append(name)
     return names
-
-
-def database() -> str:
-    import sqlalchemy as sa
-
-    name = f"covid_cxr_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return sa.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str) -> None:
-    import sqlalchemy as sa
-
-    name = sa.engine.make_url(url).database
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def start_ingester(data_dir: Path, url: str, processes: int, log_path: Path,
@@ -167,7 +146,7 @@ def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, wor
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade
 
-    url = database()
+    url = create_postgres_database()
     data_dir = workdir / f"data-{uuid.uuid4().hex[:6]}"
     try:
         upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
@@ -199,7 +178,7 @@ def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, wor
                 "loop_cpu_s_per_file": loop_cpu / n, "decode_cpu_s_per_file": decode_cpu / n,
                 "load": os.getloadavg()[0]}
     finally:
-        drop_database(url)
+        drop_postgres_database(url)
 
 
 # --- per syntax -----------------------------------------------------------------------------------
@@ -271,7 +250,7 @@ def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path) -> dic
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade
 
-    url = database()
+    url = create_postgres_database()
     data_dir = workdir / "bombs"
     try:
         upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
@@ -305,7 +284,7 @@ def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path) -> dic
         return {"normal_recorded_after_s": normal_after, "peak_rss_mib": peak_kib / 1024, "reasons": reasons,
                 "cap_mib": memory_mb, "processes": processes}
     finally:
-        drop_database(url)
+        drop_postgres_database(url)
 
 
 def tree_rss_kib(pid: int) -> int:

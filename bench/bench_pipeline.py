@@ -262,7 +262,7 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
     }
     database = None
     if mode == "distributed":
-        database = _create_postgres_database()
+        database = create_postgres_database()
         import redis
 
         redis.Redis.from_url(args.redis_url).flushdb()
@@ -309,10 +309,10 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
             from db.session import dispose_engines
 
             dispose_engines()
-            _drop_postgres_database(database)
+            drop_postgres_database(database)
 
 
-def _create_postgres_database() -> str:
+def create_postgres_database() -> str:
     import sqlalchemy as sa
 
     name = f"covid_cxr_bench_{uuid.uuid4().hex[:10]}"
@@ -323,7 +323,7 @@ def _create_postgres_database() -> str:
     return sa.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
 
-def _drop_postgres_database(url: str) -> None:
+def drop_postgres_database(url: str) -> None:
     import sqlalchemy as sa
 
     name = sa.engine.make_url(url).database
