@@ -33,7 +33,10 @@ def test_a_renamed_inbox_is_waited_for_never_recreated_and_watched_again_when_ba
         watcher.stop()
     messages = [record.getMessage() for record in caplog.records]
     assert any("is gone" in message for message in messages) and any("is back" in message for message in messages)
-    assert all(record.levelname in {"INFO", "WARNING", "DEBUG"} for record in caplog.records)
+    # Ours never reach ERROR; watchdog may log one of its own when the stopped observer's thread races
+    # the vanished folder ("queue_events() called when the thread is inactive"), which is harmless.
+    ours = [record for record in caplog.records if not record.name.startswith("watchdog")]
+    assert all(record.levelname in {"INFO", "WARNING", "DEBUG"} for record in ours)
 
 
 def test_another_folder_in_its_place_is_watched_too(tmp_path):
