@@ -63,12 +63,13 @@ def covid_probabilities(forward: Any, images: np.ndarray, batch_size: int) -> np
     return np.concatenate(out)[:, 0]
 
 
-def pipeline_ratio(n: int, batch_size: int) -> dict[str, Any]:
+def pipeline_ratio(n: int, batch_size: int, dicom_dir: Path | None = None) -> dict[str, Any]:
     """``bench_pipeline.py --modes embedded`` (``serve``, one worker) on ``n`` files; its result as a dict."""
     with tempfile.TemporaryDirectory(prefix="covid-cxr-bench-gpu-") as folder:
         out = Path(folder) / "pipeline.json"
         subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_pipeline.py"), "--modes", "embedded",
-                        "--n", str(n), "--batch-size", str(batch_size), "--json", str(out)],
+                        "--n", str(n), "--batch-size", str(batch_size), "--json", str(out),
+                        *(["--dicom-dir", str(dicom_dir)] if dicom_dir else [])],
                        check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
         result: dict[str, Any] = json.loads(out.read_text())["results"][0]
         return result
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="shared images whose scores are compared (default 64 / 8)")
     parser.add_argument("--artifact", type=Path, help="a trained model's artifact folder (default: random weights)")
     parser.add_argument("--cxr-dir", type=Path, default=DEFAULT_CXR_DIR)
+    parser.add_argument("--dicom-dir", type=Path, help="chest DICOM files for the pipeline (default: bench_pipeline's)")
     parser.add_argument("--pipeline-n", type=int, help="files through covid-cxr serve (default 256 / 4)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline ratio")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpus:
         print(f"GPU: {', '.join(gpus)}")
     else:
-        print(f"NO GPU FOUND: TensorFlow sees no GPU, so this ran on the CPU with small batches "
+        print(f"NO GPU FOUND: the Keras backend sees no GPU, so this ran on the CPU with small batches "
               f"({', '.join(map(str, batch_sizes))}) and {n_images} images. These are CPU figures, not GPU ones; "
               f"run bench/bench_gpu.sh on a machine with an NVIDIA GPU and tensorflow[and-cuda] "
               f"(docker build --target cuda) for those.")
@@ -111,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, dict[int, float]] = {name: {} for name in variants}
     for batch_size in batch_sizes:
         for name, forward in variants.items():
-            assert forward is not None, "the TensorFlow backend is required"
             rates[name][batch_size] = bare_images_per_second(forward, batch_size, seconds=seconds,
                                                              min_calls=2)["images_per_s"]
     print(f"\nbare model images/s ({'random weights' if args.artifact is None else args.artifact}):")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipeline: dict[str, Any] | None = None
     if not args.no_pipeline:
-        pipeline = pipeline_ratio(pipeline_n, max(batch_sizes))
+        pipeline = pipeline_ratio(pipeline_n, max(batch_sizes), args.dicom_dir)
         print(f"\npipeline (covid-cxr serve, one {'GPU' if gpus else 'CPU'} worker, fp32, {pipeline['n']} files, "
               f"batch {pipeline['batch_size']}): {pipeline['pipeline_images_per_s']:.2f} images/s, bare model "
               f"{pipeline['bare_model_images_per_s']:.2f} images/s, ratio {pipeline['ratio']:.2f}")

@@ -18,6 +18,7 @@ CPU cost before and after the decoder change beside one VGG16 forward pass, and 
 Usage::
 
     python bench/bench_ingest.py [--n 60] [--processes 2] [--rounds 2] [--json out.json]
+    python bench/bench_ingest.py --parts throughput --database sqlite --cpus 0,1   # two quiet cores, no servers
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +87,41 @@ def stage(dicom_dir: Path, n: int, staging: Path) -> list[str]:
     return names
 
 
+def create_database(kind: str, workdir: Path) -> str:
+    """A new empty database: on the PostgreSQL server of the tests, or an SQLite file (the embedded default)."""
+    if kind == "postgres":
+        return create_postgres_database()
+    return f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.sqlite3'}"
+
+
+def drop_database(url: str) -> None:
+    if url.startswith("postgresql"):
+        drop_postgres_database(url)
+
+
+def broker_for(url: str) -> str | None:
+    """Redis beside PostgreSQL (the distributed layout); the folder broker under the data folder beside SQLite."""
+    return BENCH_REDIS_URL if url.startswith("postgresql") else None
+
+
+#: CPUs the ingesters (and so their decode processes, which inherit it) are pinned to; ``None``: all of them.
+PINNED_CPUS: set[int] | None = None
+
+
+def _pin() -> None:
+    if PINNED_CPUS:
+        os.sched_setaffinity(0, PINNED_CPUS)
+
+
 def start_ingester(data_dir: Path, url: str, processes: int, log_path: Path,
                    extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "COVID_CXR_DATABASE_URL": url, "COVID_CXR_BROKER_URL": BENCH_REDIS_URL,
-           "COVID_CXR_PSEUDONYM_KEY": KEY, "COVID_CXR_SETTLE_SECONDS": "0.2",
-           "COVID_CXR_DECODE_PROCESSES": str(processes), **(extra or {})}
+    broker = broker_for(url)
+    env = {**os.environ, "COVID_CXR_DATABASE_URL": url, "COVID_CXR_PSEUDONYM_KEY": KEY,
+           "COVID_CXR_SETTLE_SECONDS": "0.2", "COVID_CXR_DECODE_PROCESSES": str(processes),
+           **({"COVID_CXR_BROKER_URL": broker} if broker else {}), **(extra or {})}
     with log_path.open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "covid_cxr", "ingest", "--data-dir", str(data_dir)],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, preexec_fn=_pin)
     deadline = time.monotonic() + 180
     while "watching" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -139,17 +168,22 @@ def rows_committed(url: str) -> tuple[int, float | None]:
             count, last = conn.execute(sa.text("SELECT count(*), max(created_at) FROM instances")).one()
     finally:
         engine.dispose()
+    if isinstance(last, str):  # SQLite without type information in a raw query
+        last = datetime.fromisoformat(last)
+    if last is not None and last.tzinfo is None:  # stored in UTC
+        last = last.replace(tzinfo=UTC)
     return int(count), None if last is None else last.timestamp()
 
 
-def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, workdir: Path) -> dict[str, Any]:
+def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, workdir: Path,
+               database: str) -> dict[str, Any]:
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade
 
-    url = create_postgres_database()
+    url = create_database(database, workdir)
     data_dir = workdir / f"data-{uuid.uuid4().hex[:6]}"
     try:
-        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
+        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=broker_for(url)))
         (data_dir / "inbox").mkdir(parents=True)
         names = stage(dicom_dir, n, data_dir / "staging")
         running = [start_ingester(data_dir, url, processes_each, workdir / f"ingest-{uuid.uuid4().hex[:6]}.log")
@@ -178,7 +212,7 @@ def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, wor
                 "loop_cpu_s_per_file": loop_cpu / n, "decode_cpu_s_per_file": decode_cpu / n,
                 "load": os.getloadavg()[0]}
     finally:
-        drop_postgres_database(url)
+        drop_database(url)
 
 
 # --- per syntax -----------------------------------------------------------------------------------
@@ -244,16 +278,16 @@ def per_syntax(dicom_dir: Path, repeats: int) -> dict[str, Any]:
 # --- bombs ------------------------------------------------------------------------------------------
 
 
-def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path) -> dict[str, Any]:
+def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path, database: str) -> dict[str, Any]:
     from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, with_fresh_uids, zeros_after_dicm
 
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade
 
-    url = create_postgres_database()
+    url = create_database(database, workdir)
     data_dir = workdir / "bombs"
     try:
-        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=BENCH_REDIS_URL))
+        upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=broker_for(url)))
         inbox = data_dir / "inbox"
         inbox.mkdir(parents=True)
         process = start_ingester(data_dir, url, processes, workdir / "bombs.log",
@@ -284,7 +318,7 @@ def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path) -> dic
         return {"normal_recorded_after_s": normal_after, "peak_rss_mib": peak_kib / 1024, "reasons": reasons,
                 "cap_mib": memory_mb, "processes": processes}
     finally:
-        drop_postgres_database(url)
+        drop_database(url)
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -336,66 +370,89 @@ def syntax_family(uid: str) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {machine_line(result['machine'])}; load average before: {result['load_before']}, "
-             f"after: {result['load_after']}.", ""]
-    runs = result["throughput"]
-    base = runs["1 ingester x 1 process"]["files_per_s"]
-    lines += ["| ingest (no worker) | files/s (median) | × one process | each round | CPU s/file: loop + decode |",
-              "|---|---:|---:|---|---:|"]
-    for label, run in runs.items():
-        rounds = ", ".join(f"{r['files_per_s']:.1f}" for r in result["throughput_runs"][label])
-        lines.append(f"| {label} | {run['files_per_s']:.1f} | {run['files_per_s'] / base:.2f} | {rounds} | "
-                     f"{run['loop_cpu_s_per_file']:.3f} + {run['decode_cpu_s_per_file']:.3f} |")
-    syntax = result["per_syntax"]
-    forward = syntax["forward_ms"]
-    lines += ["", f"One VGG16 forward pass (batch 1, one thread, CPU): {forward:.0f} ms.", "",
-              "| file | transfer syntax | before ms | after ms | after / forward | goal | input max / mean diff | "
-              "score diff |", "|---|---|---:|---:|---:|---|---|---:|"]
-    for row in syntax["rows"]:
-        goal = GOAL_FRACTION.get(syntax_family(row["uid"]), DEFAULT_GOAL_FRACTION)
-        fraction = row["after_ms"] / forward
-        lines.append(f"| {row['file'][:40]} | {row['syntax']} | {row['before_ms']:.0f} | {row['after_ms']:.0f} | "
-                     f"{fraction:.2f} | {'meets' if fraction <= goal else 'misses'} ≤ {goal} | "
-                     f"{row['input_max_diff']} / {row['input_mean_diff']:.2f} | {row['score_diff']:.4f} |")
-    bomb = result["bombs"]
-    lines += ["", f"Bombs: {bomb['reasons']}; normal file recorded {bomb['normal_recorded_after_s']:.1f} s after its "
-              f"drop; peak RSS of the ingester and its {bomb['processes']} decode processes "
-              f"{bomb['peak_rss_mib']:.0f} MiB (caps: {bomb['processes']} x {bomb['cap_mib']} MiB address space)."]
+             f"after: {result['load_after']}; database: {result['database']}; ingesters pinned to CPUs: "
+             f"{result['cpus'] or 'all'}.", ""]
+    runs = result.get("throughput")
+    if runs:
+        base = runs["1 ingester x 1 process"]["files_per_s"]
+        lines += ["| ingest (no worker) | files/s (median) | × one process | each round | CPU s/file: loop + decode |",
+                  "|---|---:|---:|---|---:|"]
+        for label, run in runs.items():
+            rounds = ", ".join(f"{r['files_per_s']:.1f}" for r in result["throughput_runs"][label])
+            lines.append(f"| {label} | {run['files_per_s']:.1f} | {run['files_per_s'] / base:.2f} | {rounds} | "
+                         f"{run['loop_cpu_s_per_file']:.3f} + {run['decode_cpu_s_per_file']:.3f} |")
+    syntax = result.get("per_syntax")
+    if syntax:
+        forward = syntax["forward_ms"]
+        lines += ["", f"One VGG16 forward pass (batch 1, one thread, CPU): {forward:.0f} ms.", "",
+                  "| file | transfer syntax | before ms | after ms | after / forward | goal | input max / mean diff | "
+                  "score diff |", "|---|---|---:|---:|---:|---|---|---:|"]
+        for row in syntax["rows"]:
+            goal = GOAL_FRACTION.get(syntax_family(row["uid"]), DEFAULT_GOAL_FRACTION)
+            fraction = row["after_ms"] / forward
+            lines.append(f"| {row['file'][:40]} | {row['syntax']} | {row['before_ms']:.0f} | {row['after_ms']:.0f} | "
+                         f"{fraction:.2f} | {'meets' if fraction <= goal else 'misses'} ≤ {goal} | "
+                         f"{row['input_max_diff']} / {row['input_mean_diff']:.2f} | {row['score_diff']:.4f} |")
+    bomb = result.get("bombs")
+    if bomb:
+        lines += ["", f"Bombs: {bomb['reasons']}; normal file recorded {bomb['normal_recorded_after_s']:.1f} s after "
+                  f"its drop; peak RSS of the ingester and its {bomb['processes']} decode processes "
+                  f"{bomb['peak_rss_mib']:.0f} MiB (caps: {bomb['processes']} x {bomb['cap_mib']} MiB address space)."]
     return "\n".join(lines)
 
 
+PARTS = ("throughput", "per-syntax", "bombs")
+
+
 def main(argv: list[str] | None = None) -> int:
+    global PINNED_CPUS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dicom-dir", type=Path, default=DEFAULT_DICOM_DIR)
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {', '.join(PARTS)} (default all)")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
+                        help="postgres (+ Redis, the distributed layout; default) or sqlite (+ the folder broker, the "
+                             "embedded default: needs no server)")
+    parser.add_argument("--cpus", help="pin the ingesters and their decode processes to these CPUs, e.g. 0,1 "
+                        "(two quiet cores of a larger machine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if parts - set(PARTS):
+        parser.error(f"unknown part(s): {', '.join(sorted(parts - set(PARTS)))}")
+    PINNED_CPUS = {int(cpu) for cpu in args.cpus.split(",")} if args.cpus else None
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     configurations = {"1 ingester x 1 process": (1, 1),
                       f"1 ingester x {args.processes} processes": (1, args.processes),
                       f"2 ingesters x {args.processes // 2} process(es)": (2, max(1, args.processes // 2))}
     measured: dict[str, list[dict[str, Any]]] = {label: [] for label in configurations}
+    result: dict[str, Any] = {"database": args.database, "cpus": args.cpus}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
-        for round_index in range(args.rounds):
-            for label, (ingesters, processes) in configurations.items():
-                run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir)
-                measured[label].append(run)
-                print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU s/file "
-                      f"{run['loop_cpu_s_per_file']:.3f} loop + {run['decode_cpu_s_per_file']:.3f} decode, "
-                      f"load {run['load']:.1f}", flush=True)
-        bomb = bombs(args.dicom_dir, args.processes, 2048, workdir)
-        print(f"bombs: {bomb}", flush=True)
-    keys = ("files_per_s", "cpu_s_per_file", "loop_cpu_s_per_file", "decode_cpu_s_per_file", "load")
-    runs = {label: {key: statistics.median(run[key] for run in values) for key in keys}
-            for label, values in measured.items()}
-    machine = describe_machine()  # before per_syntax pins this process to one core
-    syntax = per_syntax(args.dicom_dir, args.repeats)
-    result = {"machine": machine, "load_before": load_before,
-              "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()), "throughput": runs,
-              "throughput_runs": measured, "per_syntax": syntax, "bombs": bomb}
+        if "throughput" in parts:
+            for round_index in range(args.rounds):
+                for label, (ingesters, processes) in configurations.items():
+                    run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir, args.database)
+                    measured[label].append(run)
+                    print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU s/file "
+                          f"{run['loop_cpu_s_per_file']:.3f} loop + {run['decode_cpu_s_per_file']:.3f} decode, "
+                          f"load {run['load']:.1f}", flush=True)
+            keys = ("files_per_s", "cpu_s_per_file", "loop_cpu_s_per_file", "decode_cpu_s_per_file", "load")
+            result["throughput"] = {label: {key: statistics.median(run[key] for run in values) for key in keys}
+                                    for label, values in measured.items()}
+            result["throughput_runs"] = measured
+        if "bombs" in parts:
+            result["bombs"] = bombs(args.dicom_dir, args.processes, 2048, workdir, args.database)
+            print(f"bombs: {result['bombs']}", flush=True)
+    result["machine"] = describe_machine(with_tensorflow="per-syntax" in parts)  # before per_syntax pins a core
+    if "per-syntax" in parts:
+        result["per_syntax"] = per_syntax(args.dicom_dir, args.repeats)
+    result["load_before"] = load_before
+    result["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -4,7 +4,8 @@ For each mode (the embedded default ``covid-cxr serve``; ``covid-cxr ingest`` + 
 worker`` on Redis + PostgreSQL) this script
 
 1. registers a VGG16 with random weights (speed does not depend on the weights),
-2. times the bare model, ``model(x, training=False)`` on batches of ``--batch-size`` real
+2. times the bare model, the worker's compiled ``model(x, training=False)``
+   (``worker.inference.compile_forward``) on batches of ``--batch-size`` real
    normalized chest images, in this process, just before and just after the mode runs,
 3. starts the service as an operator would (subprocesses), warms it up with one file,
 4. renames N files into the inbox at once (chest files of ``../shared/data/dicom`` cycled, each
@@ -121,20 +122,23 @@ class BareModel:
 
         from model_store.architecture import to_model_input
         from model_store.artifact import load_verified_model
+        from worker.inference import compile_forward, configure_devices
 
+        configure_devices()
         self.model = load_verified_model(artifact.model_path, artifact.sha256)
+        self.forward = compile_forward(self.model)  # the forward pass a worker runs
         images = [read_chest(dicom_dir, name) for name in CHEST_FILES]
         self.batch = to_model_input(np.stack([images[i % len(images)] for i in range(batch_size)]))
         self.batch_size = batch_size
-        self.model(self.batch, training=False)  # warm-up
+        np.asarray(self.forward(self.batch))  # warm-up (tracing)
 
     def images_per_s(self, batches: int) -> float:
-        """``model(x, training=False)`` ``batches`` times, nothing else running in this process."""
+        """The worker's compiled forward pass ``batches`` times, nothing else running in this process."""
         import numpy as np
 
         started = time.perf_counter()
         for _ in range(batches):
-            np.asarray(self.model(self.batch, training=False))
+            np.asarray(self.forward(self.batch))
         return self.batch_size * batches / (time.perf_counter() - started)
 
 

@@ -39,13 +39,18 @@ def describe_machine(with_tensorflow: bool = True) -> dict[str, Any]:
     }
     if with_tensorflow:
         import keras
-        import tensorflow as tf
 
-        facts.update(
-            tensorflow=tf.__version__,
-            keras=keras.__version__,
-            gpus=[device.name for device in tf.config.list_physical_devices("GPU")],
-        )
+        facts["keras"] = keras.__version__
+        facts["keras_backend"] = keras.backend.backend()
+        if facts["keras_backend"] == "tensorflow":
+            import tensorflow as tf
+
+            facts["tensorflow"] = tf.__version__
+            facts["gpus"] = [device.name for device in tf.config.list_physical_devices("GPU")]
+        else:
+            from worker.inference import configure_devices
+
+            facts["gpus"] = configure_devices()
     return facts
 
 
@@ -57,4 +62,6 @@ def machine_line(facts: dict[str, Any]) -> str:
              f"Python {facts['python']}"]
     if "tensorflow" in facts:
         parts += [f"TensorFlow {facts['tensorflow']}", gpu_text]
+    elif "keras_backend" in facts:
+        parts += [f"Keras {facts['keras']} on {facts['keras_backend']}", gpu_text]
     return ", ".join(parts)

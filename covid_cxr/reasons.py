@@ -171,6 +171,11 @@ class Reason(StrEnum):
         "An unexpected error while predicting the batch (the message names it); retried until the attempts are "
         "used up",
     )
+    NON_FINITE_SCORES = (
+        "non_finite_scores", ReasonKind.FAILURE,
+        "The model gave NaN or infinite probabilities for the batch (seen with a mixed precision on some backends); "
+        "nothing is stored, the batch is retried until the attempts are used up",
+    )
     WORKER_LOST = (
         "worker_lost", ReasonKind.FAILURE,
         "The attempts were used up by workers that never finished (killed, or out of memory)",

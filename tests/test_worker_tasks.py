@@ -144,6 +144,28 @@ def test_without_an_active_model_attempts_are_counted_then_the_batch_fails(db_se
     assert prediction_counts(settings, ids) == {i: 0 for i in ids}
 
 
+def test_non_finite_probabilities_store_nothing_and_fail_the_attempt(tmp_path, active_model, images):
+    """A forward pass that gives NaN (seen with bf16 under XLA on the CPU) must never reach the results table."""
+    settings = embedded_settings(tmp_path)
+    active_model.register(settings)
+    ids = record_instances(settings, images[:2], state="queued")
+    cache = ActiveModelCache()
+    model = cache.get(settings)
+    real_forward = model.forward
+
+    def half_nan(x):
+        out = np.array(real_forward(x), dtype=np.float64)
+        out[0] = np.nan
+        return out
+
+    model.forward = half_nan
+    with pytest.raises(AttemptFailed) as failed:
+        run_batch(settings, ids, "nan", models=cache)
+    assert failed.value.reason == Reason.NON_FINITE_SCORES
+    assert "1 of 2 image(s)" in failed.value.message
+    assert prediction_counts(settings, ids) == {i: 0 for i in ids}
+
+
 def test_an_instance_whose_attempts_all_died_is_given_up(tmp_path, images):
     settings = embedded_settings(tmp_path, max_attempts=2)
     upgrade(settings)
