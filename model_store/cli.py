@@ -14,6 +14,7 @@ from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.constants import CLASS_NAMES
 from covid_cxr.errors import UsageError
 from covid_cxr.reasons import Reason
+from covid_cxr.safe_output import printable, printable_lines
 from covid_cxr.settings import Settings
 
 if TYPE_CHECKING:
@@ -136,7 +137,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
                             help="all images, or only the patients of one part of the model's recorded split")
     evaluating.add_argument("--threshold", type=float, help="decision threshold (default: the model's)")
     evaluating.add_argument("--group-by", action="append", default=[], metavar="COLUMN",
-                            help="CSV column whose values get a subgroup table (repeatable; 'age' as decade bands)")
+                            help="CSV column whose values get a subgroup table (repeatable; 'age' as decade bands); "
+                                 "DICOM files get tables by manufacturer, modality, view position, institution, sex "
+                                 "and age band from their headers without it")
     evaluating.add_argument("--out", type=Path, help="report folder (default: REPORTS/evaluate-VERSION-UTCTIME)")
     evaluating.add_argument("--no-progress", dest="progress", action="store_false")
     evaluating.set_defaults(func=_evaluate)
@@ -223,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or settings.data_dir / "runs" / f"{name}-{_utc_stamp()}"
     result = train(dataset, config, out, settings=settings, progress=args.progress, feature_cache=args.feature_cache,
                    group_by=args.group_by)
-    print(Path(result.report_files["text"]).read_text())
+    print(printable_lines(Path(result.report_files["text"]).read_text()))
     print(f"artifact: {result.artifact.directory} ({name} {result.artifact.version}, "
           f"sha256 {result.artifact.sha256})")
     if args.register or args.activate:
@@ -330,6 +333,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = args.out or settings.reports / f"evaluate-{metadata['version']}-{_utc_stamp()}"
     _, files = evaluate(model, metadata, dataset, out, part=args.part, threshold=args.threshold, settings=settings,
                         progress=args.progress, group_by=args.group_by)
-    sys.stdout.write(Path(files["text"]).read_text())
-    print("written: " + ", ".join(files.values()))
+    # The report names files and quotes header values (subgroups): shown on a terminal, they are escaped.
+    sys.stdout.write(printable_lines(Path(files["text"]).read_text()))
+    print("written: " + printable(", ".join(files.values())))
     return 0

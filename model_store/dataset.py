@@ -20,6 +20,7 @@ from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 
 if TYPE_CHECKING:
+    from ingest.metadata import InstanceMetadata
     from ingest.reader import ReaderPolicy
 
 log = logging.getLogger(__name__)
@@ -219,13 +220,34 @@ def check_dataset(dataset: Dataset) -> None:
                            f"(counts: {counts}); a two-class model needs both", reason=Reason.ONE_CLASS_ONLY)
 
 
+@dataclass(frozen=True)
+class LoadedImages:
+    """A dataset's normalized images and, per item, the subgroup facts of its DICOM header."""
+
+    #: ``(N, 224, 224)`` uint8, in the dataset's order.
+    images: np.ndarray
+    #: Per item, :data:`model_store.subgroups.HEADER_ATTRIBUTES` as read from its header (control characters
+    #: escaped); empty for a PNG/JPEG. Nothing else of the header is kept.
+    headers: list[dict[str, str | None]]
+
+
 def load_images(dataset: Dataset, settings: Settings | None = None, progress: bool = True) -> np.ndarray:
     """Decode and normalize every image exactly as serving does: ``(N, 224, 224)`` uint8.
+
+    The images of :func:`load_images_with_headers`, for callers that do not group by header facts.
+    """
+    return load_images_with_headers(dataset, settings, progress).images
+
+
+def load_images_with_headers(dataset: Dataset, settings: Settings | None = None,
+                             progress: bool = True) -> LoadedImages:
+    """Decode and normalize every image exactly as serving does, keeping each DICOM header's subgroup facts.
 
     PNG/JPEG go through :func:`ingest.pixels.load_image_file` then :func:`ingest.pixels.normalize_grayscale`;
     DICOM through :func:`ingest.reader.read_radiograph` with the configured acceptance policy, in the
     ingester's decode processes (:class:`ingest.decode_pool.DecodePool`: one per core, each under the
-    configured memory cap and time limit, and none with TensorFlow loaded).
+    configured memory cap and time limit, and none with TensorFlow loaded). The header facts come back with
+    the decoded image (one read per file); UIDs, dates and the patient pseudonym are dropped on arrival.
     All files are tried first; then :class:`DatasetError` lists every file that could not be used.
     """
     from tqdm import tqdm
@@ -233,6 +255,7 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
     from ingest.pixels import load_image_file, normalize_grayscale
 
     images = np.zeros((len(dataset.items), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    headers: list[dict[str, str | None]] = [{} for _ in dataset.items]
     problems: list[str] = []
     dicom: list[int] = []
     with tqdm(total=len(dataset.items), desc="decode", unit="img", disable=not progress) as bar:
@@ -246,16 +269,17 @@ def load_images(dataset: Dataset, settings: Settings | None = None, progress: bo
                 problems.append(f"{item.key}: {exc.reason} ({exc.message})")
             bar.update()
         if dicom:
-            problems += _read_dicom_items(dataset, dicom, images, settings, bar.update)
+            problems += _read_dicom_items(dataset, dicom, images, headers, settings, bar.update)
     if problems:
         raise DatasetError(_with_problems(f"{len(problems)} of {len(dataset.items)} images cannot be used", problems),
                            reason=Reason.UNREADABLE_IMAGES)
-    return images
+    return LoadedImages(images, headers)
 
 
-def _read_dicom_items(dataset: Dataset, indices: list[int], images: np.ndarray, settings: Settings | None,
-                      done: Callable[[], object]) -> list[str]:
-    """Read the DICOM items at ``indices`` into ``images`` in decode processes; returns the problems."""
+def _read_dicom_items(dataset: Dataset, indices: list[int], images: np.ndarray, headers: list[dict[str, str | None]],
+                      settings: Settings | None, done: Callable[[], object]) -> list[str]:
+    """Read the DICOM items at ``indices`` into ``images`` and ``headers`` in decode processes; returns the
+    problems."""
     from covid_cxr.settings import load_settings
     from ingest.decode_pool import DecodePool
 
@@ -278,10 +302,20 @@ def _read_dicom_items(dataset: Dataset, indices: list[int], images: np.ndarray, 
             index = cast(int, key)
             if result.accepted:
                 images[index] = result.image
+                headers[index] = _subgroup_facts(result.metadata)
             else:
                 problems.append(f"{dataset.items[index].key}: {result.reason} ({result.rejection.message})")
             done()
     return problems
+
+
+def _subgroup_facts(metadata: InstanceMetadata) -> dict[str, str | None]:
+    """The header facts subgroup tables use, control characters escaped; nothing identifying is among them."""
+    from covid_cxr.safe_output import printable
+    from model_store.subgroups import HEADER_ATTRIBUTES
+
+    values = {name: getattr(metadata, name) for name in HEADER_ATTRIBUTES}
+    return {name: None if value is None else printable(str(value)) for name, value in values.items()}
 
 
 def _reader_policy(settings: Settings | None) -> ReaderPolicy:

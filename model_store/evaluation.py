@@ -21,12 +21,12 @@ from model_store.dataset import (
     describe_source,
     group_attributes,
     indices_of_patients,
-    load_images,
+    load_images_with_headers,
     manifest,
 )
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report
-from model_store.subgroups import subgroup_metrics
+from model_store.subgroups import MISSING, header_attributes, subgroup_metrics
 
 if TYPE_CHECKING:
     import keras
@@ -59,7 +59,10 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     cross-validation inside the set. ``part="test"`` (or ``train``/``validation``) keeps only the patients the
     model's metadata lists for that part, and fits the baseline on the images of the model's training and
     validation patients, which reproduces the training run's report. Scores are rescaled by the model's stored
-    calibration (as the workers do); ``group_by`` CSV columns get subgroup tables.
+    calibration (as the workers do). Subgroup tables: one per ``group_by`` CSV column, and one per DICOM header
+    fact of :data:`~model_store.subgroups.HEADER_ATTRIBUTES` that any evaluated DICOM file has (read with the
+    image; images without it, PNG/JPEG included, form the missing group). A CSV column wins over a header fact of
+    the same name.
     """
     from ingest.pixels import PREPROCESSING_VERSION
 
@@ -97,8 +100,11 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
                      f"images here use {PREPROCESSING_VERSION}: train/serve skew")
 
     evaluated = dataset.subset(selected)
-    images = load_images(dataset.subset(np.concatenate([selected, fit_indices])), settings, progress)
+    from_csv = group_attributes(evaluated, group_by)  # an unknown --group-by column fails before decoding
+    loaded = load_images_with_headers(dataset.subset(np.concatenate([selected, fit_indices])), settings, progress)
+    images = loaded.images
     eval_images, fit_images = images[: len(selected)], images[len(selected):]
+    groups = _subgroup_attributes(from_csv, loaded.headers[: len(selected)], notes)
     calibration = metadata.get("calibration") or {"method": "none"}
     scores = apply_calibration(predict_scores(model, eval_images, progress=progress), calibration)
     labels = evaluated.labels
@@ -114,8 +120,7 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
         "notes": notes,
         "calibration": calibration_summary(labels == POSITIVE_CLASS, scores, calibration),
         "operating_point": metadata.get("operating_point") or {"rule": "fixed", "threshold": threshold},
-        "subgroups": subgroup_metrics(labels, scores, group_attributes(evaluated, group_by), model_metrics,
-                                      threshold=threshold, seed=seed),
+        "subgroups": subgroup_metrics(labels, scores, groups, model_metrics, threshold=threshold, seed=seed),
     }
     if threshold != float(evaluation["operating_point"]["threshold"]):
         evaluation["operating_point"] = {"rule": "fixed", "threshold": threshold, "chosen_on": "given",
@@ -139,6 +144,20 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     ]
     files = write_report(evaluation, out_dir)
     return evaluation, files
+
+
+def _subgroup_attributes(from_csv: dict[str, list[str | None]], headers: Sequence[dict[str, str | None]],
+                         notes: list[str]) -> dict[str, list[str | None]]:
+    """The ``--group-by`` CSV columns first, then the header facts the evaluated DICOM files have."""
+    from_headers = header_attributes(headers)
+    shadowed = sorted(set(from_csv) & set(from_headers))
+    if shadowed:
+        notes.append(f"subgroup tables {', '.join(shadowed)} come from the CSV, not from the DICOM headers")
+    if set(from_headers) - set(from_csv):
+        notes.append(f"subgroup tables {', '.join(name for name in from_headers if name not in from_csv)} come from "
+                     f"the DICOM headers (sex and age band only of the patient; images without the attribute, PNG "
+                     f"and JPEG included, are counted as {MISSING})")
+    return {**from_csv, **{name: values for name, values in from_headers.items() if name not in from_csv}}
 
 
 def _baseline_scores(evaluated: Dataset, eval_images: np.ndarray, fit_set: Dataset, fit_images: np.ndarray,

@@ -14,6 +14,21 @@ from model_store.metrics import binary_report
 
 #: The value a subgroup table shows for a case that lacks the attribute.
 MISSING = "(missing)"
+#: The DICOM header facts an offline evaluation groups by, named as the nightly report names them (the fields of
+#: :class:`ingest.metadata.InstanceMetadata`): nothing identifying, the age only as a decade band.
+HEADER_ATTRIBUTES: tuple[str, ...] = ("manufacturer", "modality", "view_position", "institution_name", "patient_sex",
+                                      "age_band")
+
+
+def header_attributes(headers: Sequence[Mapping[str, str | None]]) -> dict[str, list[str | None]]:
+    """Per :data:`HEADER_ATTRIBUTES` name that at least one case has, every case's value (``None`` where a case
+    lacks it: a PNG, or a header without the element); a set where no case has an attribute gets no table for it."""
+    attributes: dict[str, list[str | None]] = {}
+    for name in HEADER_ATTRIBUTES:
+        values = [header.get(name) for header in headers]
+        if any(value not in (None, "") for value in values):
+            attributes[name] = values
+    return attributes
 
 
 def subgroup_metrics(labels: Sequence[str] | np.ndarray, scores: Sequence[float] | np.ndarray,

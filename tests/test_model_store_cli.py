@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -202,3 +203,113 @@ def test_calibration_and_operating_point_fitted_at_training_are_applied_by_evalu
     assert evaluated["metrics"]["confusion_matrix"] == metadata["metrics"]["test"]["confusion_matrix"]
     assert evaluated["calibration"]["calibrated"] and evaluated["subgroups"]["site"][0]["group"] == "shared"
     assert (tmp_path / "eval" / "reliability.png").is_file()
+
+
+#: Real chest films of the shared DICOM set with different header facts (read with pydicom), by class.
+SUBGROUP_FILES = {
+    "covid": {"rg1.dcm": "pydicom-data__RG1_J2KI.dcm",
+              "siim.dcm": "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"},
+    "normal": {"dwv.dcm": "dwv__gdcm-CR-MONO1-10-chest.dcm", "mono.dcm": "orthanc-tests__Monochrome1-Jpeg.dcm"},
+}
+#: A header value with a terminal escape sequence (it clears the screen and sets the title when printed raw).
+HOSTILE_MANUFACTURER = "Evil\x1b]0;pwned\x07\x1b[2JCorp"
+#: The tables of the set below, counted by hand from the headers: rg1 (Philips, CR, PA, Philips Medical Systems
+#: Hamburg, F, 60-69), siim (no Manufacturer or InstitutionName; CR, PA, M, 60-69), dwv (FUJI PHOTO FILM CO. LTD.,
+#: CR, PA, FUJI PHOTO FILM CO.,, no sex or age), mono (KONICA MINOLTA, CR, an empty ViewPosition, nothing else),
+#: hostile (dwv with another Manufacturer) and two PNG/JPEG (no header at all).
+EXPECTED_SUBGROUPS = {
+    "manufacturer": {"Philips Medical Systems": 1, "FUJI PHOTO FILM CO. LTD.": 1, "KONICA MINOLTA": 1,
+                     "Evil\\x1b]0;pwned\\x07\\x1b[2JCorp": 1, "(missing)": 3},
+    "modality": {"CR": 5, "(missing)": 2},
+    "view_position": {"PA": 4, "(missing)": 3},
+    "institution_name": {"Philips Medical Systems Hamburg": 1, "FUJI PHOTO FILM CO.,": 2, "(missing)": 4},
+    "patient_sex": {"F": 1, "M": 1, "(missing)": 5},
+    "age_band": {"60-69": 2, "(missing)": 5},
+}
+
+
+def first_picture(folder: Path) -> Path:
+    return next(path for path in sorted(folder.iterdir()) if path.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def subgroup_set(dicom_dir: Path, cxr_dir: Path, folder: Path) -> list[Path]:
+    """covid/ and normal/ with the films of :data:`SUBGROUP_FILES`, a hostile copy and a PNG/JPEG each; returns
+    the DICOM files."""
+    import pydicom
+
+    copied = []
+    for label, files in SUBGROUP_FILES.items():
+        (folder / label).mkdir(parents=True)
+        for name, source in files.items():
+            copied.append(Path(shutil.copyfile(dicom_dir / source, folder / label / name)))
+        picture = first_picture(cxr_dir / label)
+        shutil.copyfile(picture, folder / label / f"{label}{picture.suffix}")
+    hostile = pydicom.dcmread(dicom_dir / SUBGROUP_FILES["normal"]["dwv.dcm"])
+    hostile.Manufacturer = HOSTILE_MANUFACTURER
+    hostile.PatientID, hostile.PatientName, hostile.PatientBirthDate = "PID-SECRET-4711", "Doe^Jane", "19510203"
+    hostile.save_as(folder / "normal" / "hostile.dcm")
+    return [*copied, folder / "normal" / "hostile.dcm"]
+
+
+def patient_identifiers(files: list[Path]) -> set[str]:
+    """Every patient id, name and date the headers hold (what a report must never contain)."""
+    import pydicom
+
+    found = set()
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyDate", "AccessionNumber"):
+            value = str(header.get(keyword) or "").strip()
+            if len(value) >= 4:
+                found.add(value)
+    return found
+
+
+@pytest.mark.slow
+def test_evaluate_groups_dicom_files_by_their_header_facts(model_artifact, dicom_dir: Path, cxr_dir: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = subgroup_set(dicom_dir, cxr_dir, tmp_path / "set")
+    identifiers = patient_identifiers(files)
+    assert {"PID-SECRET-4711", "Doe^Jane", "19510203", "9RG1", "CompressedSamples^RG1"} <= identifiers
+    data = ["--data-dir", str(tmp_path / "data"), "--artifact", str(model_artifact.directory), "--no-progress"]
+    code, out, err = run(capsys, "models", "evaluate", *data, "--folder", str(tmp_path / "set"),
+                         "--out", str(tmp_path / "eval"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["metrics"]["n"] == 7
+    tables = {name: {row["group"]: row["n"] for row in rows} for name, rows in report["subgroups"].items()}
+    assert tables == EXPECTED_SUBGROUPS
+    assert "come from the DICOM headers" in out and "subgroups by patient_sex" in out
+    text = (tmp_path / "eval" / "report.txt").read_text()
+    written = text + (tmp_path / "eval" / "report.json").read_text()
+    for identifier in identifiers:  # as a token of its own: "00000001" is in 0.6000000000000001, not an accession
+        token = re.compile(rf"(?<![\w.]){re.escape(identifier)}(?!\w)")
+        assert not token.search(written) and not token.search(out), "a patient identifier reached the report"
+    assert "\x1b" not in out and "\x1b" not in written and "Evil\\x1b]0;pwned" in out
+
+    # The same files through a CSV: a --group-by column beside the header facts, and winning over one by name.
+    with (tmp_path / "set.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id", "site", "view_position"])
+        for path in sorted((tmp_path / "set").rglob("*.*")):
+            writer.writerow([path.relative_to(tmp_path).as_posix(), path.parent.name, path.stem, "one", "as-listed"])
+    code, out, err = run(capsys, "models", "evaluate", *data, "--csv", str(tmp_path / "set.csv"), "--group-by", "site",
+                         "--group-by", "view_position", "--out", str(tmp_path / "eval-csv"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval-csv" / "report.json").read_text())
+    tables = {name: {row["group"]: row["n"] for row in rows} for name, rows in report["subgroups"].items()}
+    assert tables == {"site": {"one": 7}, **EXPECTED_SUBGROUPS, "view_position": {"as-listed": 7}}
+    assert list(tables)[:2] == ["site", "view_position"]
+    assert "subgroup tables view_position come from the CSV, not from the DICOM headers" in out
+
+
+def test_a_png_and_jpeg_only_set_has_no_header_subgroups(cxr_dir: Path, tmp_path: Path) -> None:
+    from model_store.dataset import from_folder, load_images_with_headers
+    from model_store.subgroups import header_attributes
+
+    for label in CLASS_NAMES:
+        (tmp_path / label).mkdir()
+        picture = first_picture(cxr_dir / label)
+        shutil.copyfile(picture, tmp_path / label / f"x{picture.suffix}")
+    loaded = load_images_with_headers(from_folder(tmp_path, CLASS_NAMES), progress=False)
+    assert loaded.headers == [{}, {}] and header_attributes(loaded.headers) == {}

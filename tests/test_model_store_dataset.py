@@ -18,6 +18,7 @@ from model_store.dataset import (
     from_csv,
     from_folder,
     load_images,
+    load_images_with_headers,
     manifest,
     parse_where,
     split_dataset,
@@ -140,10 +141,15 @@ def test_dicom_files_go_through_the_reader_and_its_rejections_are_listed(shared_
     chest = shared_data / "dicom" / "dwv__gdcm-CR-MONO1-10-chest.dcm"
     shutil.copy(chest, folder / "covid" / "chest.dcm")
     dataset = from_folder(folder, CLASS_NAMES)
-    images = load_images(dataset, progress=False)
+    loaded = load_images_with_headers(dataset, progress=False)
     policy = ReaderPolicy(frozenset({"CR", "DX"}), 60_000_000, "reject", b"test")
     index = [item.key for item in dataset.items].index("covid/chest.dcm")
-    np.testing.assert_array_equal(images[index], read_radiograph(chest, policy).image)
+    np.testing.assert_array_equal(loaded.images[index], read_radiograph(chest, policy).image)
+    # The header's subgroup facts come back with the image (one read); nothing else of the header is kept.
+    assert loaded.headers[index] == {"manufacturer": "FUJI PHOTO FILM CO. LTD.", "modality": "CR",
+                                     "view_position": "PA", "institution_name": "FUJI PHOTO FILM CO.,",
+                                     "patient_sex": None, "age_band": None}
+    assert [header for i, header in enumerate(loaded.headers) if i != index] == [{}, {}]  # the PNGs
 
     shutil.copy(shared_data / "dicom" / "dcmfx-pydicom__MR_small_RLE.dcm", folder / "normal" / "mr")
     with pytest.raises(DatasetError, match="normal/mr: wrong_modality"):

@@ -7,7 +7,7 @@ import pytest
 from ingest.metadata import age_band
 from model_store.dataset import Dataset, Item, group_attributes
 from model_store.metrics import binary_report
-from model_store.subgroups import MISSING, subgroup_metrics
+from model_store.subgroups import HEADER_ATTRIBUTES, MISSING, header_attributes, subgroup_metrics
 
 # origin A: 3 covid (scores 0.9, 0.8, 0.3) and 3 normal (0.1, 0.2, 0.6) -> separable apart from one pair each.
 # origin B: 2 covid (0.2, 0.1) and 2 normal (0.9, 0.8) -> the model is inverted there.
@@ -62,3 +62,17 @@ def test_group_by_reads_csv_columns_and_bands_ages(tmp_path) -> None:  # type: i
 
     with pytest.raises(UsageError, match="no such column"):
         group_attributes(dataset, ["hospital"])
+
+
+def test_header_facts_get_a_table_only_where_some_image_has_them() -> None:
+    png: dict[str, str | None] = {}
+    dicom = {name: None for name in HEADER_ATTRIBUTES} | {"manufacturer": "ACME", "modality": "DX", "patient_sex": ""}
+    assert header_attributes([png, png]) == {}  # a PNG/JPEG-only set has no header facts, and gets no table
+    # A mixed set: the PNG lacks the attribute (a missing value, grouped as such); an empty value is no value.
+    assert header_attributes([dicom, png]) == {"manufacturer": ["ACME", None], "modality": ["DX", None]}
+
+
+def test_offline_and_nightly_reports_group_by_the_same_header_facts() -> None:
+    from worker.evaluation_window import IMAGE_SUBGROUP_ATTRIBUTES, INSTANCE_SUBGROUP_ATTRIBUTES
+
+    assert HEADER_ATTRIBUTES == IMAGE_SUBGROUP_ATTRIBUTES + INSTANCE_SUBGROUP_ATTRIBUTES
