@@ -283,6 +283,18 @@ class Reason(StrEnum):
         "no_stored_image", ReasonKind.ERROR,
         "The instance has no stored normalized image to explain (unknown id, rejected, or not yet ingested)",
     )
+    NOT_SCORED = (
+        "not_scored", ReasonKind.ERROR,
+        "The instance has no prediction, so no model version to explain it with (not yet scored, or it failed)",
+    )
+    EXPLAIN_DISABLED = (
+        "explain_disabled", ReasonKind.ERROR,
+        "Grad-CAM heatmaps are switched off on this dashboard (COVID_CXR_WEB_EXPLAIN=false)",
+    )
+    EXPLAIN_BUSY = (
+        "explain_busy", ReasonKind.ERROR,
+        "The dashboard is already making as many heatmaps as it queues (one at a time); ask again shortly",
+    )
     DEGENERATE_MODEL = (
         "degenerate_model", ReasonKind.ERROR,
         "Training flagged the model as degenerate (one class for a whole part, or balanced accuracy at chance); "

@@ -248,6 +248,10 @@ class Settings(BaseSettings):
     web_token: SecretStr | None = Field(None, description="Token every request to the dashboard and the probe "
                                         "endpoints must carry (Authorization: Bearer TOKEN, or as the password of "
                                         "HTTP basic auth); required to listen on a non-loopback interface")
+    web_explain: bool = Field(True, description="The dashboard makes a Grad-CAM heatmap on request "
+                              "(/images/ID/explain.png) with the model version that scored the image: TensorFlow "
+                              "and that model are loaded into the dashboard's process (web, or serve) on the first "
+                              "request, one model kept; false keeps TensorFlow out of it and answers 404")
     probe_port: int | None = Field(None, ge=0, le=65535, description="Port of the /healthz, /readyz and /metrics "
                                    "endpoint of covid-cxr ingest and covid-cxr worker (unset: none; 0: any free "
                                    "port, logged); serve answers them on the dashboard's port")

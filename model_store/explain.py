@@ -1,4 +1,5 @@
-"""Grad-CAM heatmaps for one image on demand (``covid-cxr inspect FILE --explain``, ``covid-cxr explain``).
+"""Grad-CAM heatmaps for one image on demand (``covid-cxr inspect FILE --explain``, ``covid-cxr explain``, the
+dashboard's ``/images/ID/explain.png``).
 
 Never in the batch path: one image, one forward and backward pass, overlaid on the 224x224 model input.
 """
@@ -60,16 +61,44 @@ def grad_cam(model: keras.Model, image: np.ndarray, layer: str | None = None,
     return normalized
 
 
-def write_overlay(image: np.ndarray, heatmap: np.ndarray, out: Path, opacity: float = 0.4) -> Path:
-    """The heatmap (JET colours) over the grey 224x224 input, as a PNG."""
+def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """The heatmap (JET colours) over the grey 224x224 input: ``(224, 224, 3)`` uint8, BGR (OpenCV's order)."""
     grey = cv2.cvtColor(np.asarray(image, dtype=np.uint8), cv2.COLOR_GRAY2BGR)
     colours = cv2.applyColorMap((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    blended = cv2.addWeighted(colours, opacity, grey, 1 - opacity, 0)
+    blended: np.ndarray = cv2.addWeighted(colours, opacity, grey, 1 - opacity, 0)
+    return blended
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
+    """:func:`overlay` encoded as a PNG (the same bytes for the same image and heatmap)."""
+    ok, encoded = cv2.imencode(".png", overlay(image, heatmap))
+    if not ok:
+        raise UsageError("the heatmap could not be encoded as a PNG", reason=Reason.PNG_NOT_WRITTEN)
+    return bytes(encoded.tobytes())
+
+
+def write_overlay(image: np.ndarray, heatmap: np.ndarray, out: Path, opacity: float = 0.4) -> Path:
+    """:func:`overlay`, written as a PNG."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), blended):
+    if not cv2.imwrite(str(out), overlay(image, heatmap, opacity)):
         raise UsageError(f"{out}: could not write the PNG")
     return out
+
+
+def stored_image(png: bytes | None, instance_id: int) -> np.ndarray:
+    """An instance's stored model input (``normalized_images.png``) as ``(224, 224)`` uint8.
+
+    Raises :class:`UsageError` (``no_stored_image``) when there is none (unknown id, rejected, purged) or it is
+    not a 224x224 8-bit grey PNG.
+    """
+    if png is None:
+        raise UsageError(f"instance {instance_id} has no stored normalized image", reason=Reason.NO_STORED_IMAGE)
+    image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.shape != (IMAGE_SIZE, IMAGE_SIZE) or image.dtype != np.uint8:
+        raise UsageError(f"instance {instance_id}: the stored image is not a 224x224 8-bit PNG",
+                         reason=Reason.NO_STORED_IMAGE)
+    return np.asarray(image)
 
 
 def explain_image(model: keras.Model, metadata: dict[str, Any], image: np.ndarray, out: Path) -> dict[str, Any]:
@@ -112,11 +141,6 @@ def explain_instance(settings: Settings, instance_id: int, out: Path) -> dict[st
     with session_scope(settings) as session:
         stored = session.get(NormalizedImage, instance_id)
         png = None if stored is None or stored.png is None else bytes(stored.png)  # purged images keep no PNG
-    if png is None:
-        raise UsageError(f"instance {instance_id} has no stored normalized image", reason=Reason.NO_STORED_IMAGE)
-    image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.shape != (IMAGE_SIZE, IMAGE_SIZE) or image.dtype != np.uint8:
-        raise UsageError(f"instance {instance_id}: the stored image is not a 224x224 8-bit PNG",
-                         reason=Reason.NO_STORED_IMAGE)
+    image = stored_image(png, instance_id)
     model, metadata = active_model(settings)
     return explain_image(model, metadata, image, out)

@@ -93,6 +93,7 @@ def check_pages(get: Callable[[str], str], installation: Installation) -> None:
     else:
         raise AssertionError("no study of the installation is listed on the results page")
     assert results.count('<img class="thumb"') == len(installation.accepted)
+    assert sorted(int(i) for i in re.findall(r'href="/images/(\d+)/explain\.png"', results)) == installation.accepted
 
     evaluation = pages["evaluation"]
     assert "Window all" in evaluation and VERSIONS[1] in evaluation
@@ -113,6 +114,11 @@ def check_binary_endpoints(url: str, installation: Installation, pages: str) -> 
         assert status == 200 and headers["content-type"] == "image/png" and body.startswith(PNG_SIGNATURE), source
     status, _, _ = fetch(url + f"images/{installation.rejected['not-dicom']}.png")
     assert status == 404, "a file rejected before normalization has no model view"
+    # The registered versions here are stand-ins whose bytes are no model: a heatmap link says so, with the reason.
+    status, headers, body = fetch(url + f"images/{installation.accepted[0]}/explain.png")
+    assert status == 409 and headers["content-type"].startswith("text/plain"), body[:500]
+    assert f"model covid-cxr {VERSIONS[1]}, which scored this image, cannot be loaded".encode() in body
+    assert body.endswith(b"[sha256_mismatch]\n")
     report = re.search(r'href="(/evaluation/\d+/report\.html)"', pages)
     assert report is not None
     status, headers, body = fetch(url.rstrip("/") + report.group(1))

@@ -1,8 +1,9 @@
 """The Starlette applications: the dashboard (pages, model views, plots, probes) and the probes alone.
 
 Handlers are plain functions (Starlette runs them in its thread pool: the queries block) that gather
-data with :mod:`worker.results`, :mod:`web.queries` and the registry, and render a template. Nothing
-here builds HTML: the templates do, with autoescaping on.
+data with :mod:`worker.results`, :mod:`web.queries` and the registry, and render a template; the
+heatmap's handler (:mod:`web.explain`) hands its work to that pool itself. Nothing here builds HTML:
+the templates do, with autoescaping on.
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ def dashboard_app(settings: Settings, source: MetricsSource = MetricsSource(),
                   required: tuple[str, ...] = CHECKS) -> Starlette:
     """The dashboard of ``covid-cxr web`` and ``serve``, with the probes and metrics of the process serving it."""
     from web import pages
+    from web.explain import explain_endpoint
 
     templates = Jinja2Templates(env=template_environment())
-    templates.env.globals.update(version=covid_cxr.__version__, model_name=settings.model_name)
+    templates.env.globals.update(version=covid_cxr.__version__, model_name=settings.model_name,
+                                 explain_heatmaps=settings.web_explain)
 
     def page(name: str, gather: Callable[[Settings, Request], dict[str, Any]]) -> Callable[[Request], Response]:
         def handler(request: Request) -> Response:
@@ -136,6 +139,7 @@ def dashboard_app(settings: Settings, source: MetricsSource = MetricsSource(),
         Route("/evaluation", page("evaluation", pages.evaluation)),
         Route("/models", page("models", pages.models)),
         Route("/images/{instance_id:int}.png", lambda request: pages.model_view(settings, request)),
+        Route("/images/{instance_id:int}/explain.png", explain_endpoint(settings)),
         Route("/evaluation/{report_id:int}/report.html", lambda request: pages.report_page(settings, request)),
         Route("/evaluation/{report_id:int}/{plot}.png", lambda request: pages.report_plot(settings, request)),
         *probe_routes(settings, source, required),

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from covid_cxr.constants import EVALUATION_WINDOWS
-from db.models import EvaluationReport, Instance, InstanceState, NormalizedImage, Prediction, StuckFile
+from db.models import EvaluationReport, Instance, InstanceState, ModelVersion, NormalizedImage, Prediction, StuckFile
 
 #: The order windows are shown in: the nightly one first.
 WINDOW_ORDER = EVALUATION_WINDOWS
@@ -97,6 +97,24 @@ def recent_rejections(session: Session, limit: int = 50) -> list[dict[str, Any]]
 def normalized_png(session: Session, instance_id: int) -> bytes | None:
     """The stored 224x224 model input of one instance, PNG-encoded, or ``None``."""
     return session.scalar(select(NormalizedImage.png).where(NormalizedImage.instance_id == instance_id))
+
+
+def scoring_version(session: Session, instance_id: int) -> tuple[int | None, str] | None:
+    """``(model id, model version)`` of the instance's latest prediction (the one the results page shows), or
+    ``None`` when no model scored it."""
+    row = session.execute(select(Prediction.model_id, Prediction.model_version)
+                          .where(Prediction.instance_id == instance_id)
+                          .order_by(Prediction.id.desc()).limit(1)).first()
+    return None if row is None else (row.model_id, row.model_version)
+
+
+def registered_version(session: Session, model_id: int | None, version: str, name: str) -> ModelVersion | None:
+    """The registry row of a prediction's model: by its id, else (a prediction without one) by its version, of
+    ``name`` when several names have that version; ``None`` when it is no longer registered."""
+    if model_id is not None:
+        return session.get(ModelVersion, model_id)
+    return session.scalar(select(ModelVersion).where(ModelVersion.version == version)
+                          .order_by((ModelVersion.name == name).desc(), ModelVersion.id).limit(1))
 
 
 def evaluation_reports(session: Session, limit: int = 60) -> list[EvaluationReport]:
