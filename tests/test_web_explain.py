@@ -152,3 +152,59 @@ def test_a_model_that_cannot_be_loaded_is_named_with_its_reason_and_nothing_load
         maps = Path(f"/proc/{web.process.pid}/maps").read_text()
         assert not re.search(r"tensorflow|keras", maps), "pages or a failed heatmap loaded TensorFlow"
         assert web.stop() == 0
+
+
+def test_requests_beyond_the_queue_are_told_to_come_back(cxr_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from db.migrate import upgrade
+    from db.models import ModelVersion
+    from db.session import session_scope
+    from web.explain import MAX_WAITING, Heatmap, Heatmaps, HeatmapUnavailable
+
+    settings = embedded_settings(tmp_path / "data")
+    upgrade(settings)
+    with session_scope(settings) as session:
+        record = ModelVersion(name="covid-cxr", version="v1", sha256="0" * 64, artifact=b"", metadata_json={})
+        session.add(record)
+    (instance,) = record_instances(settings, chest_images(cxr_dir, 1))
+    predict(settings, record, [instance])
+    release, computing = threading.Event(), threading.Semaphore(0)
+
+    def slow_compute(self: Heatmaps, image: np.ndarray, version: Any) -> Heatmap:
+        computing.release()
+        release.wait(30)
+        return Heatmap(b"png", version.version, "block5_conv3")
+
+    class ObservedLock:
+        """The heatmaps' lock, counting the requests that reached it."""
+
+        def __init__(self) -> None:
+            self.lock, self.arrived = threading.Lock(), threading.Semaphore(0)
+
+        def __enter__(self) -> None:
+            self.arrived.release()
+            self.lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.lock.release()
+
+    monkeypatch.setattr(Heatmaps, "_compute", slow_compute)
+    heatmaps = Heatmaps(settings)
+    lock = heatmaps._lock = ObservedLock()  # type: ignore[assignment]
+    results: list[Heatmap] = []
+    threads = [threading.Thread(target=lambda: results.append(heatmaps.heatmap(instance)))
+               for _ in range(MAX_WAITING + 1)]
+    for thread in threads:
+        thread.start()
+    assert all(lock.arrived.acquire(timeout=30) for _ in threads)  # one computes, the others wait for the lock
+    assert computing.acquire(timeout=30)
+    with pytest.raises(HeatmapUnavailable) as refused:
+        heatmaps.heatmap(instance)
+    assert refused.value.status == 503 and refused.value.reason == "explain_busy"
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == MAX_WAITING + 1  # one after the other
+    assert heatmaps.heatmap(instance).png == b"png"  # room again
