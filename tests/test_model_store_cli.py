@@ -287,18 +287,27 @@ def test_evaluate_groups_dicom_files_by_their_header_facts(model_artifact, dicom
         assert not token.search(written) and not token.search(out), "a patient identifier reached the report"
     assert "\x1b" not in out and "\x1b" not in written and "Evil\\x1b]0;pwned" in out
 
-    # The same files through a CSV: a --group-by column beside the header facts, and winning over one by name.
+    # The four real films through a CSV: a --group-by column beside the header facts, and winning over one by name.
     with (tmp_path / "set.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "patient_id", "site", "view_position"])
-        for path in sorted((tmp_path / "set").rglob("*.*")):
-            writer.writerow([path.relative_to(tmp_path).as_posix(), path.parent.name, path.stem, "one", "as-listed"])
+        for label, names in SUBGROUP_FILES.items():
+            for name in names:
+                writer.writerow([f"set/{label}/{name}", label, name, "one", "as-listed"])
     code, out, err = run(capsys, "models", "evaluate", *data, "--csv", str(tmp_path / "set.csv"), "--group-by", "site",
                          "--group-by", "view_position", "--out", str(tmp_path / "eval-csv"))
     assert code == 0, err
     report = json.loads((tmp_path / "eval-csv" / "report.json").read_text())
     tables = {name: {row["group"]: row["n"] for row in rows} for name, rows in report["subgroups"].items()}
-    assert tables == {"site": {"one": 7}, **EXPECTED_SUBGROUPS, "view_position": {"as-listed": 7}}
+    assert tables == {
+        "site": {"one": 4}, "view_position": {"as-listed": 4},
+        "manufacturer": {"Philips Medical Systems": 1, "FUJI PHOTO FILM CO. LTD.": 1, "KONICA MINOLTA": 1,
+                         "(missing)": 1},
+        "modality": {"CR": 4},
+        "institution_name": {"Philips Medical Systems Hamburg": 1, "FUJI PHOTO FILM CO.,": 1, "(missing)": 2},
+        "patient_sex": {"F": 1, "M": 1, "(missing)": 2},
+        "age_band": {"60-69": 2, "(missing)": 2},
+    }
     assert list(tables)[:2] == ["site", "view_position"]
     assert "subgroup tables view_position come from the CSV, not from the DICOM headers" in out
 
