@@ -18,7 +18,11 @@ MODEL_NAME = "covid-cxr"
 TRAINABLE_FROM = "auto"
 EPOCHS = 25
 TRAINING_BATCH_SIZE = 8
+#: Adam's learning rate for the origin's recipe: a frozen pretrained base and a new head.
 LEARNING_RATE = 1e-3
+#: ... and when convolution blocks are trained too (block 5 from random base weights). At 1e-3 that fit collapsed to
+#: one class in 2 of 3 seeds on cxr + cxr-extra; 3e-5 in none (docs/model.md, "The recipe, measured").
+LEARNING_RATE_FINE_TUNING = 3e-5
 #: Fraction of the patients held out for the test report.
 TEST_FRACTION = 0.2
 #: Fraction of the remaining patients held out for early stopping.

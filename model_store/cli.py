@@ -43,7 +43,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     fit = train.add_argument_group("training (defaults follow the origin)")
     fit.add_argument("--epochs", type=int, default=constants.EPOCHS)
     fit.add_argument("--batch-size", type=int, default=constants.TRAINING_BATCH_SIZE)
-    fit.add_argument("--learning-rate", type=float, default=constants.LEARNING_RATE)
+    fit.add_argument("--learning-rate", type=float, default=None,
+                     help=f"Adam's rate (default: the origin's {constants.LEARNING_RATE:g} for a head on a frozen "
+                          f"pretrained base, {constants.LEARNING_RATE_FINE_TUNING:g} when block 5 is trained too)")
     fit.add_argument("--test-fraction", type=float, default=constants.TEST_FRACTION,
                      help="patients held out for the test report")
     fit.add_argument("--validation-fraction", type=float, default=constants.VALIDATION_FRACTION,

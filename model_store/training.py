@@ -70,7 +70,8 @@ class TrainingConfig:
     trainable_from: str | None = constants.TRAINABLE_FROM
     epochs: int = constants.EPOCHS
     batch_size: int = constants.TRAINING_BATCH_SIZE
-    learning_rate: float = constants.LEARNING_RATE
+    #: ``None``: the origin's 1e-3 for a head on a frozen base, 3e-5 when convolution blocks are trained too.
+    learning_rate: float | None = None
     test_fraction: float = constants.TEST_FRACTION
     validation_fraction: float = constants.VALIDATION_FRACTION
     early_stopping_patience: int = constants.EARLY_STOPPING_PATIENCE
@@ -93,13 +94,22 @@ class TrainingConfig:
             return None if pretrained else DEFAULT_TRAINABLE_FROM_WITHOUT_PRETRAINING
         return resolve_trainable_from(self.trainable_from)
 
+    def resolved_learning_rate(self) -> float:
+        """The given rate; by default the origin's for a head on a frozen base, a lower one when convolution blocks
+        are trained as well (at the origin's rate that fit collapsed to one class on imbalanced data)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if self.resolved_trainable_from() is None:
+            return constants.LEARNING_RATE
+        return constants.LEARNING_RATE_FINE_TUNING
+
     def check(self) -> None:
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1 (got {self.batch_size})")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             problems.append(f"learning rate must be > 0 (got {self.learning_rate})")
         if self.augment and self.augment_copies < 1:
             problems.append("augmentation needs --augment-copies >= 1 (or --no-augment)")
@@ -285,8 +295,8 @@ def fit_suffix(suffix: keras.Model, features: CachedFeatures, labels: np.ndarray
 
     weights, class_weights = _sample_weights(labels[split.train], config.class_weight)
     batches = _feature_batches(features.train, _one_hot(labels[split.train]), weights, config.batch_size, config.seed)
-    schedule = keras.optimizers.schedules.InverseTimeDecay(
-        config.learning_rate, decay_steps=1, decay_rate=config.learning_rate / config.epochs)
+    rate = config.resolved_learning_rate()
+    schedule = keras.optimizers.schedules.InverseTimeDecay(rate, decay_steps=1, decay_rate=rate / config.epochs)
     suffix.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule), loss="categorical_crossentropy",
                    metrics=["accuracy"])
     callbacks: list[keras.callbacks.Callback] = []
@@ -379,6 +389,7 @@ def artifact_metadata(model: keras.Model, config: TrainingConfig, trainable_from
         "calibration": evaluation["calibration"]["method"],
         "degenerate": evaluation["degenerate"],
         "hyperparameters": {**asdict(config), "trainable_from": trainable_from, "optimizer": "Adam",
+                            "learning_rate": config.resolved_learning_rate(),
                             "learning_rate_schedule": "InverseTimeDecay(lr, decay_steps=1, decay_rate=lr/epochs) "
                                                       "(the origin's Adam decay=lr/epochs)",
                             "loss": "categorical_crossentropy", "class_weights": fit.class_weights,

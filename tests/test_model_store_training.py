@@ -70,6 +70,7 @@ def test_training_writes_a_complete_artifact(trained) -> None:  # type: ignore[n
     assert metadata["base_weights"] == {"source": "none"}
     assert metadata["architecture"]["trainable_from"] == "block5"  # the documented default without pretraining
     assert metadata["hyperparameters"]["epochs"] == 1 and metadata["hyperparameters"]["batch_size"] == 8
+    assert metadata["hyperparameters"]["learning_rate"] == 3e-5  # resolved, not the "default" None
     data = metadata["data"]
     assert data["counts"] == {"covid": PER_CLASS, "normal": PER_CLASS} and len(data["sha256"]) == 64
     split = data["split"]
@@ -245,6 +246,15 @@ def test_trainable_from_auto_depends_on_the_base_weights() -> None:
     assert TrainingConfig(base_weights="/weights/notop.h5").resolved_trainable_from() is None
     assert TrainingConfig(base_weights=None, trainable_from="block4").resolved_trainable_from() == "block4"
     assert TrainingConfig(base_weights=None, trainable_from="none").resolved_trainable_from() is None
+
+
+def test_the_default_learning_rate_is_lower_when_convolution_blocks_are_trained() -> None:
+    assert TrainingConfig(base_weights=None).resolved_learning_rate() == 3e-5  # block 5 from random weights
+    assert TrainingConfig(base_weights="imagenet").resolved_learning_rate() == 1e-3  # the origin's head-only fit
+    assert TrainingConfig(base_weights="imagenet", trainable_from="block5").resolved_learning_rate() == 3e-5
+    assert TrainingConfig(base_weights=None, learning_rate=1e-3).resolved_learning_rate() == 1e-3
+    with pytest.raises(UsageError, match="learning rate must be > 0"):
+        TrainingConfig(learning_rate=0).check()
 
 
 def _split(train: list[int], validation: list[int], test: list[int]) -> Split:
