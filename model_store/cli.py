@@ -118,7 +118,10 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     carding = actions.add_parser("card", parents=[common],
                                  help="write a version's model card (Markdown and HTML) from its metadata and reports")
     carding.add_argument("model", nargs="?", help="NAME[:VERSION] (default: the active COVID_CXR_MODEL_NAME)")
-    carding.add_argument("--out", type=Path, help="folder (default: REPORTS/model-card-NAME-VERSION)")
+    carding.add_argument("--artifact", type=Path, help="an artifact folder (or its metadata.json) instead of a "
+                         "registered version: the card of a published or not yet imported model, without a database")
+    carding.add_argument("--out", type=Path, help="folder (default: REPORTS/model-card-NAME-VERSION, or the artifact "
+                         "folder with --artifact)")
     carding.set_defaults(func=_card)
     activating = actions.add_parser("activate", parents=[common], help="make a version the one the workers serve")
     activating.add_argument("model", help="NAME:VERSION (NAME defaults to COVID_CXR_MODEL_NAME)")
@@ -175,8 +178,19 @@ def _dataset(args: argparse.Namespace) -> Dataset:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from model_store.card import registered_card_context, write_card
+    from model_store.card import card_context, registered_card_context, write_card
 
+    if args.artifact is not None:
+        from model_store.artifact import read_metadata
+
+        if args.model:
+            raise UsageError("give a registered NAME[:VERSION] or --artifact, not both",
+                             reason=Reason.BAD_MODEL_REFERENCE)
+        context = card_context(read_metadata(args.artifact))
+        folder = args.artifact if args.artifact.is_dir() else args.artifact.parent
+        files = write_card(context, args.out or folder)
+        print("written: " + ", ".join(files.values()))
+        return 0
     settings = settings_from_args(args)
     context = registered_card_context(settings, *_parse_model(args.model, settings))
     out = args.out or settings.reports / f"model-card-{context['name']}-{context['version']}"

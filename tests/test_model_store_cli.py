@@ -322,3 +322,24 @@ def test_a_png_and_jpeg_only_set_has_no_header_subgroups(cxr_dir: Path, tmp_path
         shutil.copyfile(picture, tmp_path / label / f"x{picture.suffix}")
     loaded = load_images_with_headers(from_folder(tmp_path, CLASS_NAMES), progress=False)
     assert loaded.headers == [{}, {}] and header_attributes(loaded.headers) == {}
+
+
+def test_a_card_is_written_from_an_artifact_folder_without_a_database(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The published reference model's metadata (docs/reports) gives a card with its own figures."""
+    published = Path(__file__).resolve().parents[1] / "docs" / "reports" / "cxr-plus-extra-lr1e-3" / "metadata.json"
+    metadata = json.loads(published.read_text())
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    shutil.copy(published, folder / "metadata.json")
+    code, out, _ = run(capsys, "models", "card", "--artifact", str(folder))
+    assert code == 0 and "model_card.md" in out
+    card = (folder / "model_card.md").read_text()
+    auc = metadata["metrics"]["test"]["roc_auc"]["value"]
+    assert f"{auc:.3f}" in card and metadata["version"] in card and "NOT a medical device" in card
+    assert (folder / "model_card.html").read_text().startswith("<!DOCTYPE html>")
+    assert not (tmp_path / "data").exists()  # no data dir, no database touched
+    code, _, err = run(capsys, "models", "card", "--artifact", str(tmp_path / "absent"))
+    assert code == EXIT_ERROR and "[artifact_incomplete]" in err
+    code, _, err = run(capsys, "models", "card", "covid-cxr:1", "--artifact", str(folder))
+    assert code == EXIT_USAGE and "not both" in err
