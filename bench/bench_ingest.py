@@ -69,22 +69,10 @@ DEFAULT_GOAL_FRACTION = 0.10
 
 
 def stage(dicom_dir: Path, n: int, staging: Path) -> list[str]:
-    import pydicom
+    from fresh_copies import write_fresh_copies
 
-    staging.mkdir(parents=True)
-    sources = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
-    names = []
-    for index in range(n):
-        ds = sources[index % len(sources)]
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            setattr(ds, keyword, f"2.25.{uuid.uuid4().int}")
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        name = f"f{index:04d}.dcm"
-        (staging / name).write_bytes(buffer.getvalue())
-        names.append(name)
-    return names
+    paths = write_fresh_copies([dicom_dir / name for name in CHEST_FILES], n, staging, "f{:04d}.dcm".format)
+    return [path.name for path in paths]
 
 
 def create_database(kind: str, workdir: Path) -> str:
@@ -279,7 +267,8 @@ def per_syntax(dicom_dir: Path, repeats: int) -> dict[str, Any]:
 
 
 def bombs(dicom_dir: Path, processes: int, memory_mb: int, workdir: Path, database: str) -> dict[str, Any]:
-    from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, with_fresh_uids, zeros_after_dicm
+    from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, zeros_after_dicm
+    from fresh_copies import with_fresh_uids
 
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade

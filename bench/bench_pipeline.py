@@ -78,20 +78,9 @@ class Result:
 
 def stage_files(dicom_dir: Path, n: int, staging: Path) -> list[Path]:
     """``n`` copies of the chest files, cycled, each a new instance (fresh UIDs), written before timing."""
-    import pydicom
-    from pydicom.uid import generate_uid
+    from fresh_copies import write_fresh_copies
 
-    staging.mkdir(parents=True, exist_ok=True)
-    datasets = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
-    paths = []
-    for i in range(n):
-        ds = datasets[i % len(datasets)]
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = staging / f"bench-{i:04d}.dcm"
-        ds.save_as(path)
-        paths.append(path)
-    return paths
+    return write_fresh_copies([dicom_dir / name for name in CHEST_FILES], n, staging, "bench-{:04d}.dcm".format)
 
 
 def register_model(settings, artifact_dir: Path):  # type: ignore[no-untyped-def]

@@ -7,10 +7,7 @@ would allocate changes; used by the tests and by bench/bench_ingest.py.
 from __future__ import annotations
 
 import struct
-import uuid
 from pathlib import Path
-
-import pydicom
 
 J2K_CHEST = "pydicom-data__RG1_J2KI.dcm"  # 677 KB, JPEG 2000, 1955 x 1841
 JPEG_CHEST = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # 127 KB
@@ -38,19 +35,6 @@ def jpeg_sof_bomb(source: Path, rows: int = 60000, columns: int = 60000, *, head
 def zeros_after_dicm(size: int) -> bytes:
     """A 128-byte preamble, ``DICM``, then zeros up to ``size`` bytes."""
     return bytes(128) + b"DICM" + bytes(size - 132)
-
-
-def with_fresh_uids(source: Path | bytes) -> bytes:
-    """The file with new Study, Series and SOP Instance UIDs (pixel data untouched), so it is no duplicate."""
-    import io
-
-    ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        setattr(ds, keyword, f"2.25.{uuid.uuid4().int}")
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def _patch_header(data: bytes, rows: int, columns: int) -> bytes:

@@ -29,9 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from fresh_copies import write_fresh_copies
 from service_fixtures import (
     FORWARD_PASS_STARTED,
     REPO_ROOT,
@@ -72,17 +71,7 @@ DRILL_SETTINGS: dict[str, Any] = {
 
 def stage(dicom_dir: Path, folder: Path, n: int = FILES_PER_DRILL) -> list[Path]:
     """``n`` new chest instances written to ``folder`` (outside the inbox), ready to be renamed in."""
-    folder.mkdir(parents=True, exist_ok=True)
-    datasets = [pydicom.dcmread(dicom_dir / name) for name in CHEST_FILES]
-    staged = []
-    for i in range(n):
-        ds = datasets[i % len(datasets)]
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"image-{i:02d}.dcm"
-        ds.save_as(path)
-        staged.append(path)
-    return staged
+    return write_fresh_copies([dicom_dir / name for name in CHEST_FILES], n, folder, "image-{:02d}.dcm".format)
 
 
 def drop(staged: list[Path], inbox_folder: Path) -> set[str]:

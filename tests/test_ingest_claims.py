@@ -3,17 +3,15 @@ exactly one of them, and the files a SIGKILLed ingester had claimed finished by 
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import pydicom
 import pytest
+from fresh_copies import write_fresh_copies
 from service_fixtures import REPO_ROOT, distributed_settings, wait_until
 from sqlalchemy import func, select
 
@@ -74,20 +72,9 @@ def settings(tmp_path, postgres_url, redis_url) -> Settings:
 def _stage(dicom_dir: Path, staging: Path) -> list[str]:
     """FILES copies of the small chests, each with fresh UIDs, written beside the inbox (same file system)."""
     staging.mkdir()
-    sources = [pydicom.dcmread(dicom_dir / name) for name in SMALL_CHESTS]
-    names = []
-    for index in range(FILES):
-        ds = sources[index % len(sources)]
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            setattr(ds, keyword, f"2.25.{uuid.uuid4().int}")
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        name = f"s{index % 7}/f{index:03d}.dcm"
-        (staging / name).parent.mkdir(exist_ok=True)
-        (staging / name).write_bytes(buffer.getvalue())
-        names.append(name)
-    return names
+    write_fresh_copies([dicom_dir / name for name in SMALL_CHESTS], FILES, staging,
+                       lambda index: f"s{index % 7}/f{index:03d}.dcm")
+    return [f"s{index % 7}/f{index:03d}.dcm" for index in range(FILES)]
 
 
 def _drop_all(staging: Path, inbox: Path, names: list[str]) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, with_fresh_uids, zeros_after_dicm
+from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, zeros_after_dicm
+from fresh_copies import with_fresh_uids
 from service_fixtures import REPO_ROOT, wait_until
 from sqlalchemy import select
 

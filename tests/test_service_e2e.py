@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from fresh_copies import with_fresh_uids, write_fresh_copies
 from pydicom.uid import generate_uid
 from service_fixtures import (
     REPO_ROOT,
@@ -104,15 +105,6 @@ class SlowWriter(threading.Thread):
         assert not self.is_alive(), "the slow writer did not finish"
         if self.error:
             raise self.error
-
-
-def fresh_uid_copy(source: Path, target: Path) -> None:
-    """A new instance from a real file: new Study/Series/SOP Instance UIDs, same pixels."""
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target)
 
 
 def rows_by_name(settings) -> dict[str, Instance]:
@@ -291,7 +283,7 @@ def test_embedded_serve_end_to_end_restart_duplicate_and_conflict(tmp_path, dico
     (settings.inbox / "resent").mkdir()
     shutil.copyfile(dicom_dir / SIIM, settings.inbox / "resent" / "siim.dcm")
     changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, settings.inbox / "resent" / "edited-chest.dcm")
-    fresh_uid_copy(dicom_dir / SIIM, settings.inbox / "new-study" / "siim-new-uids.dcm")
+    write_fresh_copies([dicom_dir / SIIM], 1, settings.inbox, lambda _: "new-study/siim-new-uids.dcm")
     later = {"resent/siim.dcm": "duplicate", "resent/edited-chest.dcm": f"rejected:{Reason.SOP_INSTANCE_CONFLICT}",
              "new-study/siim-new-uids.dcm": "predicted"}
     later_sources = {name: settings.inbox / name for name in later}
@@ -503,7 +495,7 @@ def test_hostile_entries_beside_good_files_all_end_visible_and_nothing_outside_i
     settings.inbox.mkdir(parents=True)
     good = {f"good/{i:02d}.dcm" for i in range(30)}
     for name in good:
-        fresh_uid_copy(dicom_dir / UNCOMPRESSED_CHEST, settings.inbox / name)
+        (settings.inbox / name).write_bytes(with_fresh_uids(dicom_dir / UNCOMPRESSED_CHEST))
     rejected, stuck_count = _hostile_inbox(settings.inbox, outside, dicom_dir)
 
     serve = Serve(settings, tmp_path / "serve.log")
