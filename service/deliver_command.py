@@ -11,7 +11,7 @@ from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import ConfigurationError
 from db.migrate import prepare_database
 from service.dicom_services import quiet_dicom_libraries
-from service.startup import stop_on_signals
+from service.startup import secure_data_dir, stop_on_signals
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def run_deliver(args: argparse.Namespace) -> int:
     from delivery.runner import OutboxRunner
 
     settings = settings_from_args(args)
+    secure_data_dir(settings)  # the archive it reads and the reports it writes are PHI
     if args.retry_dead is None and not settings.dicom_destinations:
         raise ConfigurationError("no destination: set COVID_CXR_DICOM_DESTINATIONS (NAME=AE@HOST:PORT or "
                                  "NAME=folder:/PATH)")

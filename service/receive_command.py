@@ -8,7 +8,7 @@ from pathlib import Path
 
 from covid_cxr.commandline import Subparsers, settings_from_args
 from service.dicom_services import quiet_dicom_libraries
-from service.startup import stop_on_signals
+from service.startup import secure_data_dir, stop_on_signals
 
 
 def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def run_receive(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, dicom_port=args.port, dicom_ae_title=args.ae_title,
                                   dicom_bind_address=args.bind, inbox_dir=args.inbox)
+    secure_data_dir(settings)  # received instances are PHI; so is what the data dir will hold
     quiet_dicom_libraries()
     receiver = start_receiver(settings)
     stopped = threading.Event()

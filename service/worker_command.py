@@ -15,6 +15,7 @@ from covid_cxr.commandline import Subparsers, settings_from_args
 from covid_cxr.errors import UsageError
 from covid_cxr.settings import Settings
 from service.http_endpoints import start_worker_probes
+from service.startup import secure_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def run_worker(args: argparse.Namespace) -> int:
         raise UsageError("--queues names no queue")
     if args.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
+    secure_data_dir(settings)  # the embedded database and the evaluation reports are PHI
     check_schema(settings)
     # The parent forks the pool: it must hold no database connection (and never TensorFlow).
     dispose_engines()

@@ -44,3 +44,22 @@ def test_a_configured_group_may_read_but_not_write(loose_install: Path) -> None:
 def test_an_unknown_group_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="COVID_CXR_DATA_GROUP"):
         secure_data_dir(load_settings(data_dir=tmp_path, data_group="no-such-group-here"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["deliver"],  # stops at once: no destination configured
+    ["worker", "--queues", "gpu"],  # stops at the schema check: the database was never created
+    ["receive", "--port", "104", "--bind", "203.0.113.1"],  # stops when it cannot listen on that address
+])
+def test_every_command_that_touches_phi_makes_the_data_dir_private_first(argv: list[str], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.cli import main
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    monkeypatch.setenv("COVID_CXR_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("COVID_CXR_DATABASE_URL", raising=False)
+    monkeypatch.delenv("COVID_CXR_DICOM_DESTINATIONS", raising=False)
+    assert main(argv) != 0  # each fails early, by design of the arguments
+    assert data_dir.stat().st_mode & 0o777 == 0o700
