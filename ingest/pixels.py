@@ -31,7 +31,7 @@ from ingest.decoders.pillow_plugin import pillow_can_reduce, reduced_size
 from ingest.metadata import transfer_syntax_of
 
 #: Identifies the behaviour of the whole pipeline (DICOM and PNG/JPEG paths). Bump on any output change.
-PREPROCESSING_VERSION = "cxr-norm-4"
+PREPROCESSING_VERSION = "cxr-norm-5"
 
 #: Percentiles of the fallback window (of non-padding pixels): robust to a few hot or dead pixels and labels.
 PERCENTILE_WINDOW = (0.5, 99.5)
@@ -43,6 +43,11 @@ VOI_MIN_STD_LEVELS = 4.0
 STATISTICS_SAMPLE_PIXELS = 1 << 18
 #: Images whose stored values span fewer values than this go through a per-value lookup table.
 MAX_LOOKUP_TABLE_ENTRIES = 1 << 20
+#: 16-bit table lookups run over bands of about this many pixels: a band's indices and output stay in the
+#: CPU cache, which makes numpy's lookup about twice as fast as one call over the whole image.
+LOOKUP_BAND_PIXELS = 1 << 18
+#: The largest sum an OpenCV integral image holds in int32 (it is computed in bands of rows that stay below it).
+_INT32_SUM_LIMIT = (1 << 31) - 1
 #: A JPEG 2000 image is decoded at the coarsest resolution level whose longer side is still at least this
 #: (twice the model's input), so that the area resize to 224 still averages 2 x 2 or more decoded pixels.
 REDUCED_DECODE_MIN_SIDE = 2 * IMAGE_SIZE
@@ -390,8 +395,8 @@ def normalize_radiograph(ds: pydicom.Dataset, *, frame: int | None = None) -> tu
     Runs :func:`decode`, :func:`display_from_stored` and :func:`normalize_grayscale`. Because
     the DICOM steps map each stored value independently, they are run once per distinct
     value (at most 65536 for 16-bit data) and the resulting 8-bit table is looked up per
-    pixel, as viewers do: the same result as running them on every pixel, several times
-    faster. Raises :class:`InputRejected` (``unsupported_photometric``,
+    pixel (:func:`lookup`), as viewers do: the same result as running them on every pixel,
+    several times faster. Raises :class:`InputRejected` (``unsupported_photometric``,
     ``unsupported_transfer_syntax``, ``truncated``, ``decode_failed``); policy checks
     (modality, body part, view, size) are the reader's job and are not made here.
     """
@@ -401,12 +406,34 @@ def normalize_radiograph(ds: pydicom.Dataset, *, frame: int | None = None) -> tu
     if stored.dtype.kind in "iu" and high - low < MAX_LOOKUP_TABLE_ENTRIES:
         domain = np.arange(low, high + 1, dtype=np.int64)
         display, steps = display_from_stored(domain, ds, sample=sample)
-        table = to_uint8(display)
-        image = table[stored] if low == 0 else table[stored.astype(np.int64) - low]
+        image = lookup(stored, to_uint8(display), low)
     else:
         display, steps = display_from_stored(stored, ds, sample=sample)
         image = to_uint8(display)
     return normalize_grayscale(image), ("decode",) + steps + GRAYSCALE_STEPS
+
+
+def lookup(stored: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:
+    """``table[value - first]`` for every pixel of a 2-D integer image with values in first..first + len(table) - 1.
+
+    Exact, and without a wider copy of the image: 8-bit images go through OpenCV's table
+    lookup; 16-bit ones index a table of all 65536 bit patterns (two's complement for signed
+    data), in bands of :data:`LOOKUP_BAND_PIXELS` that stay in the CPU cache. Other integer
+    images index ``table`` directly.
+    """
+    bits = stored.dtype.itemsize * 8
+    if stored.dtype.kind not in "iu" or bits > 16 or not stored.dtype.isnative:
+        return np.asarray(table[stored.astype(np.int64) - first])
+    by_pattern = np.zeros(1 << bits, dtype=table.dtype)
+    by_pattern[np.arange(first, first + table.size) & ((1 << bits) - 1)] = table
+    if bits == 8:
+        return np.asarray(cv2.LUT(stored.view(np.uint8), by_pattern))
+    patterns = stored.view(np.uint16)
+    out = np.empty(stored.shape, dtype=table.dtype)
+    rows = max(1, LOOKUP_BAND_PIXELS // max(1, stored.shape[1]))
+    for start in range(0, stored.shape[0], rows):
+        np.take(by_pattern, patterns[start:start + rows], out=out[start:start + rows], mode="clip")
+    return out
 
 
 # --- shared by DICOM serving and PNG/JPEG training ---------------------------------------------
@@ -458,27 +485,102 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
 
 
 def resize_to_input(image: np.ndarray) -> np.ndarray:
-    """Square uint8 image -> IMAGE_SIZE x IMAGE_SIZE: area interpolation when shrinking, bilinear when enlarging.
+    """2-D image -> IMAGE_SIZE x IMAGE_SIZE, centred on a black square first (:func:`pad_to_square`): area average
+    when shrinking, bilinear when enlarging.
 
-    Area interpolation averages every source pixel (no aliasing of fine lines or noise);
-    OpenCV's area mode degenerates to nearest-neighbour when enlarging, hence bilinear there.
+    Area averaging weighs every source pixel by how much of it an output pixel covers (no
+    aliasing of fine lines or noise); it is computed from the image's integral image
+    (:func:`area_means`), so neither the padded square nor a full-resolution float copy is
+    made. OpenCV's area mode degenerates to nearest-neighbour when enlarging, hence bilinear
+    there (on the padded square: such images are small). Integer images come out rounded to
+    their dtype, float images in theirs.
     """
-    if image.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        return image
-    interpolation = cv2.INTER_AREA if image.shape[0] >= IMAGE_SIZE else cv2.INTER_LINEAR
-    return cv2.resize(image, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
+    if max(image.shape) < IMAGE_SIZE:
+        return np.asarray(cv2.resize(pad_to_square(image), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR))
+    means = area_means(image)
+    if image.dtype.kind in "iu":
+        info = np.iinfo(image.dtype)
+        rounded: np.ndarray = np.clip(np.rint(means), info.min, info.max).astype(image.dtype)
+        return rounded
+    return means.astype(image.dtype)
+
+
+def area_means(image: np.ndarray) -> np.ndarray:
+    """The mean of each IMAGE_SIZE x IMAGE_SIZE output pixel's area of the image centred on a black square of side
+    max(height, width) (float64): what resizing that padded square with area interpolation computes.
+
+    An output pixel covers side / IMAGE_SIZE source pixels along each axis, with fractional
+    edges. The integral image (the sum of all pixels above and left of a pixel corner) is
+    bilinear between pixel corners, so the sum over such a rectangle is exact from the
+    integral at the pixel corners around its four corners: about 450 x 450 values for any
+    image size, after one pass that computes the integral. The padding adds nothing to a sum,
+    so it is never made.
+    """
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {image.shape}")
+    height, width = image.shape
+    side = max(height, width)
+    row_knots, row_positions, row_fractions = _output_edges(height, side)
+    column_knots, column_positions, column_fractions = _output_edges(width, side)
+    corners = _integral_at(image, row_knots, column_knots)
+    below = corners[row_positions]
+    at_rows = below + (corners[row_positions + 1] - below) * row_fractions[:, None]
+    left = at_rows[:, column_positions]
+    at_edges = left + (at_rows[:, column_positions + 1] - left) * column_fractions[None, :]
+    sums = np.diff(np.diff(at_edges, axis=0), axis=1)
+    scale = side / IMAGE_SIZE
+    return np.asarray(sums / (scale * scale), dtype=np.float64)
+
+
+def _output_edges(length: int, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the IMAGE_SIZE + 1 output pixel edges fall along one axis of an image of ``length`` pixels centred
+    in ``side``: the pixel corners needed (sorted), and for each edge the index into them of the corner at or
+    before it and the fraction of a pixel past that corner. Edges in the padding are clamped to the image."""
+    before = (side - length) // 2
+    edges = np.clip(np.arange(IMAGE_SIZE + 1, dtype=np.float64) * side / IMAGE_SIZE - before, 0.0, float(length))
+    corner = np.minimum(np.floor(edges).astype(np.int64), length - 1)
+    knots = np.union1d(corner, corner + 1)
+    return knots, np.searchsorted(knots, corner), edges - corner
+
+
+def _integral_at(image: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The sum of ``image[:r, :c]`` for every r of ``rows`` and c of ``columns`` (sorted), as float64.
+
+    uint8 images are integrated by OpenCV in int32, in bands of rows small enough that no
+    band's sums overflow, and the bands are added up in float64 (exact: every sum of a uint8
+    image below 2**53 is). Other images are integrated in float64.
+    """
+    height, width = image.shape
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or 255 * (width + 1) > _INT32_SUM_LIMIT:
+        if image.dtype not in (np.float32, np.float64):
+            image = image.astype(np.float64)
+        integral = cv2.integral(image, sdepth=cv2.CV_64F)
+        return np.take(np.take(integral, rows, axis=0), columns, axis=1)
+    band = _INT32_SUM_LIMIT // (255 * (width + 1))
+    result = np.empty((rows.size, columns.size), dtype=np.float64)
+    result[: np.searchsorted(rows, 0, side="right")] = 0.0  # corners on the top edge: nothing above them
+    above = np.zeros(columns.size, dtype=np.float64)  # the integral at the band's first row
+    for start in range(0, height, band):
+        stop = min(height, start + band)
+        integral = cv2.integral(image[start:stop])  # (stop - start + 1) x (width + 1), int32
+        first, last = np.searchsorted(rows, [start, stop], side="right")  # rows in start + 1 .. stop
+        result[first:last] = np.take(np.take(integral, rows[first:last] - start, axis=0), columns, axis=1)
+        result[first:last] += above
+        above += np.take(integral[-1], columns)
+    return result
 
 
 def normalize_grayscale(image: np.ndarray) -> np.ndarray:
     """2-D display-ready grayscale (any dtype, bones bright) -> 224x224 uint8.
 
-    THE function shared by training and serving: :func:`to_uint8`, :func:`pad_to_square`,
-    :func:`resize_to_input` (the steps named in :data:`GRAYSCALE_STEPS`). Raises
-    ``ValueError`` for anything but a non-empty 2-D array.
+    THE function shared by training and serving: :func:`to_uint8`, then :func:`resize_to_input`,
+    which pads to a square (:func:`pad_to_square`) and resizes (the steps named in
+    :data:`GRAYSCALE_STEPS`). Raises ``ValueError`` for anything but a non-empty 2-D array.
     """
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"expected a non-empty 2-D grayscale image, got shape {image.shape}")
-    return np.ascontiguousarray(resize_to_input(pad_to_square(to_uint8(image))))
+    return np.ascontiguousarray(resize_to_input(to_uint8(image)))
 
 
 def load_image_file(path: Path) -> np.ndarray:
