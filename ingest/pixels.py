@@ -46,7 +46,9 @@ MAX_LOOKUP_TABLE_ENTRIES = 1 << 20
 #: 16-bit table lookups run over bands of about this many pixels: a band's indices and output stay in the
 #: CPU cache, which makes numpy's lookup about twice as fast as one call over the whole image.
 LOOKUP_BAND_PIXELS = 1 << 18
-#: The largest sum an OpenCV integral image holds in int32 (it is computed in bands of rows that stay below it).
+#: The area resize integrates bands of rows of about this many pixels at a time (4 MiB of int32 sums).
+INTEGRAL_BAND_PIXELS = 1 << 20
+#: The largest sum an int32 integral image holds: a band of a very wide uint8 image is kept below it.
 _INT32_SUM_LIMIT = (1 << 31) - 1
 #: A JPEG 2000 image is decoded at the coarsest resolution level whose longer side is still at least this
 #: (twice the model's input), so that the area resize to 224 still averages 2 x 2 or more decoded pixels.
@@ -546,24 +548,24 @@ def _output_edges(length: int, side: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def _integral_at(image: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """The sum of ``image[:r, :c]`` for every r of ``rows`` and c of ``columns`` (sorted), as float64.
 
-    uint8 images are integrated by OpenCV in int32, in bands of rows small enough that no
-    band's sums overflow, and the bands are added up in float64 (exact: every sum of a uint8
-    image below 2**53 is). Other images are integrated in float64.
+    OpenCV integrates bands of about :data:`INTEGRAL_BAND_PIXELS` (in int32 for uint8 images,
+    the bands small enough that none overflows; else in float64), and the bands are added up
+    in float64: exact for uint8 images of any size (every sum below 2**53 is), and no
+    full-resolution integral is held.
     """
     height, width = image.shape
-    image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or 255 * (width + 1) > _INT32_SUM_LIMIT:
-        if image.dtype not in (np.float32, np.float64):
-            image = image.astype(np.float64)
-        integral = cv2.integral(image, sdepth=cv2.CV_64F)
-        return np.take(np.take(integral, rows, axis=0), columns, axis=1)
-    band = _INT32_SUM_LIMIT // (255 * (width + 1))
+    exact = image.dtype == np.uint8 and 255 * (width + 1) <= _INT32_SUM_LIMIT
+    if not exact and image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float64)
+    band = max(1, INTEGRAL_BAND_PIXELS // width)
+    if exact:
+        band = min(band, _INT32_SUM_LIMIT // (255 * (width + 1)))
     result = np.empty((rows.size, columns.size), dtype=np.float64)
     result[: np.searchsorted(rows, 0, side="right")] = 0.0  # corners on the top edge: nothing above them
     above = np.zeros(columns.size, dtype=np.float64)  # the integral at the band's first row
     for start in range(0, height, band):
         stop = min(height, start + band)
-        integral = cv2.integral(image[start:stop])  # (stop - start + 1) x (width + 1), int32
+        integral = cv2.integral(np.ascontiguousarray(image[start:stop]), sdepth=cv2.CV_32S if exact else cv2.CV_64F)
         first, last = np.searchsorted(rows, [start, stop], side="right")  # rows in start + 1 .. stop
         result[first:last] = np.take(np.take(integral, rows[first:last] - start, axis=0), columns, axis=1)
         result[first:last] += above

@@ -297,15 +297,18 @@ def test_area_resize_rounds_the_exact_means_and_stays_within_a_level_of_opencv(d
 
 
 def test_the_integral_is_summed_in_bands_without_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A white 3000 x 2900 image sums to more than int32 holds; bands of a few rows give the one-band result."""
+    """A white 3000 x 2900 image sums to more than int32 holds; bands of a few rows give the same means as one band,
+    for uint8 (int32 sums) and float images (float64 sums)."""
     white = np.full((3000, 2900), 255, dtype=np.uint8)
     assert int(white.sum(dtype=np.int64)) > np.iinfo(np.int32).max
     resized = resize_to_input(white)
     assert (resized[:, 4:220] == 255).all() and not resized[:, :3].any()  # 50 columns of padding each side
     image = np.random.default_rng(7).integers(0, 256, (700, 500), dtype=np.uint8)
-    whole = area_means(image)
-    monkeypatch.setattr(pixels, "_INT32_SUM_LIMIT", 255 * 501 * 7)  # bands of 7 rows
-    np.testing.assert_allclose(area_means(image), whole, rtol=0, atol=1e-9)
+    whole = {dtype: area_means(image.astype(dtype)) for dtype in (np.uint8, np.float32)}
+    monkeypatch.setattr(pixels, "_INT32_SUM_LIMIT", 255 * 501 * 7)  # uint8: bands of 7 rows
+    monkeypatch.setattr(pixels, "INTEGRAL_BAND_PIXELS", 500 * 3)  # float: bands of 3 rows
+    for dtype, means in whole.items():
+        np.testing.assert_allclose(area_means(image.astype(dtype)), means, rtol=0, atol=1e-9)
 
 
 # --- VOI / window -----------------------------------------------------------------------------
