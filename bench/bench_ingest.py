@@ -1,5 +1,5 @@
 """Ingest alone (no worker): files/s for 1 and N decode processes and for 1 and 2 ingesters on one inbox, per-syntax
-CPU cost before and after the decoder change beside one VGG16 forward pass, and the three bombs.
+CPU cost of this checkout's pipeline against a baseline beside one VGG16 forward pass, and the three bombs.
 
 1. **Throughput.** N fresh-UID copies of the six shared chest radiographs (JPEG baseline, JPEG 2000,
    JPEG-LS, uncompressed), renamed into the inbox at once, ingested by real ``covid-cxr ingest``
@@ -7,10 +7,13 @@ CPU cost before and after the decoder change beside one VGG16 forward pass, and 
    and two ingesters with ``processes / 2`` each (the same total). Files/s = N / (last row's
    commit - drop). Configurations are interleaved, ``--rounds`` times, and the median is taken,
    so that other load on a shared machine weighs on all of them.
-2. **Per syntax** (one core, one thread, CPU time): parse + normalize of every shared file with the
-   old decoders (pylibjpeg, JPEG 2000 at full resolution: ``cxr-norm-3``'s) and the new ones, beside
-   one VGG16 forward pass (``weights=None``, batch 1) in the same process; and how far the 224 x 224
-   input and that model's score move between the two.
+2. **Per syntax** (one core, one thread, CPU time): parse + normalize, and parse + decode alone, of
+   every shared file with this checkout's pipeline and with a baseline: ``--baseline old-decoders``
+   (pylibjpeg, JPEG 2000 at full resolution: ``cxr-norm-3``'s decoders with this checkout's steps)
+   or ``--baseline REVISION`` (that git revision's whole pipeline, extracted with ``git archive``).
+   Both are timed by ``time_pipeline.py`` in child processes, alternately, ``--rounds`` times (median),
+   beside one VGG16 forward pass (``weights=None``, batch 1) timed in this process before and after;
+   and how far the 224 x 224 input and that model's score move between the two.
 3. **Bombs.** One ingester gets the three hostile files of tests/bombs.py, then a normal file 1 s
    later: how long until the normal file is recorded, and the peak resident memory of the ingester
    and its decode processes (sampled every 50 ms) against their caps.
@@ -19,12 +22,12 @@ Usage::
 
     python bench/bench_ingest.py [--n 60] [--processes 2] [--rounds 2] [--json out.json]
     python bench/bench_ingest.py --parts throughput --database sqlite --cpus 0,1   # two quiet cores, no servers
+    python bench/bench_ingest.py --parts per-syntax --baseline REVISION [--rounds 3] [--repeats 5]   # no servers
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -206,61 +209,85 @@ def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, wor
 # --- per syntax -----------------------------------------------------------------------------------
 
 
-def per_syntax(dicom_dir: Path, repeats: int) -> dict[str, Any]:
-    """CPU ms per file with the old and the new decoders, on one core; input and score movement; one forward pass."""
+def per_syntax(dicom_dir: Path, repeats: int, rounds: int, baseline: str, workdir: Path) -> dict[str, Any]:
+    """CPU ms per file of this checkout and of ``baseline``, on one core; input and score movement; one forward pass."""
     import numpy as np
-    import pydicom
     import tensorflow as tf
 
-    import ingest.decoders as decoders
-    from ingest import pixels
     from model_store.architecture import build_model
 
-    if hasattr(os, "sched_setaffinity"):
+    if hasattr(os, "sched_setaffinity"):  # the timing children inherit the core
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     keras_model = build_model(None)
     forward_input = np.zeros((1, 224, 224, 3), dtype=np.float32)
     keras_model(forward_input, training=False)
-    forward = []
-    for _ in range(max(3, repeats)):
-        started = time.process_time()
-        np.asarray(keras_model(forward_input, training=False))
-        forward.append(time.process_time() - started)
-    forward_s = statistics.median(forward)
 
-    def normalize(data: bytes) -> tuple[np.ndarray, float]:
-        runs, image = [], None
-        for _ in range(repeats + 1):
+    def forward_ms() -> list[float]:
+        runs = []
+        for _ in range(max(3, repeats)):
             started = time.process_time()
-            image, _ = pixels.normalize_radiograph(pydicom.dcmread(io.BytesIO(data)))
-            runs.append(time.process_time() - started)
-        return image, statistics.median(runs[1:])
+            np.asarray(keras_model(forward_input, training=False))
+            runs.append((time.process_time() - started) * 1000)
+        return runs
 
     def score(image: np.ndarray) -> float:
         x = np.repeat(image[None, :, :, None].astype(np.float32), 3, axis=3)
         return float(np.asarray(keras_model(x, training=False))[0, -1])
 
+    forward_before = forward_ms()
+    baseline_root = REPO_ROOT if baseline == "old-decoders" else extract_revision(baseline, workdir)
+    sides: dict[str, list[dict[str, Any]]] = {"baseline": [], "now": []}
+    for round_index in range(rounds):
+        for side, root in (("baseline", baseline_root), ("now", REPO_ROOT)):
+            out = workdir / f"{side}-{round_index}.npz"
+            command = [sys.executable, str(REPO_ROOT / "bench" / "time_pipeline.py"), "--root", str(root),
+                       "--dicom-dir", str(dicom_dir), "--out", str(out), "--repeats", str(repeats)]
+            if side == "baseline" and baseline == "old-decoders":
+                command.append("--old-decoders")
+            env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+            subprocess.run(command, check=True, env=env, cwd=root)
+            with np.load(out) as saved:
+                sides[side].append({"times": {row["file"]: row for row in json.loads(str(saved["times"]))},
+                                    "images": {key.split(":", 1)[1]: saved[key] for key in saved.files
+                                               if key.startswith("image:")}})
+    forward_after = forward_ms()
+
+    import pydicom
+
     rows = []
     for path in sorted(dicom_dir.glob("*.dcm")):
-        data = path.read_bytes()
         syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        new_image, new_s = normalize(data)
-        saved_preference, saved_side = dict(decoders.DECODING_PREFERENCE), pixels.REDUCED_DECODE_MIN_SIDE
-        decoders.DECODING_PREFERENCE.clear()
-        pixels.REDUCED_DECODE_MIN_SIDE = 1 << 30
-        try:
-            old_image, old_s = normalize(data)
-        finally:
-            decoders.DECODING_PREFERENCE.update(saved_preference)
-            pixels.REDUCED_DECODE_MIN_SIDE = saved_side
+        now, before = sides["now"][0], sides["baseline"][0]
+        new_image, old_image = now["images"][path.name], before["images"][path.name]
         difference = np.abs(new_image.astype(np.int16) - old_image.astype(np.int16))
-        rows.append({"file": path.name, "syntax": syntax.name, "uid": str(syntax), "before_ms": old_s * 1000,
-                     "after_ms": new_s * 1000, "input_max_diff": int(difference.max()),
-                     "input_mean_diff": float(difference.mean()),
+
+        def median_of(side: str, key: str, name: str = path.name) -> float:
+            return statistics.median(run["times"][name][key] for run in sides[side])
+
+        rows.append({"file": path.name, "syntax": syntax.name, "uid": str(syntax),
+                     "decoded_shape": now["times"][path.name]["decoded_shape"],
+                     "before_ms": median_of("baseline", "ms"), "after_ms": median_of("now", "ms"),
+                     "before_decode_ms": median_of("baseline", "decode_ms"),
+                     "after_decode_ms": median_of("now", "decode_ms"),
+                     "input_max_diff": int(difference.max()), "input_mean_diff": float(difference.mean()),
                      "score_diff": abs(score(new_image) - score(old_image))})
-    return {"forward_ms": forward_s * 1000, "rows": rows}
+    versions = {side: runs[0]["times"][rows[0]["file"]]["preprocessing_version"] for side, runs in sides.items()}
+    return {"forward_ms": statistics.median(forward_before + forward_after),
+            "forward_ms_before": statistics.median(forward_before),
+            "forward_ms_after": statistics.median(forward_after), "baseline": baseline, "versions": versions,
+            "rounds": rounds, "repeats": repeats, "rows": rows}
+
+
+def extract_revision(revision: str, workdir: Path) -> Path:
+    """The source tree of a git revision of this repository, extracted under ``workdir``."""
+    target = workdir / f"baseline-{revision.replace('/', '_')}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", revision],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
 
 
 # --- bombs ------------------------------------------------------------------------------------------
@@ -373,15 +400,24 @@ def markdown(result: dict[str, Any]) -> str:
     syntax = result.get("per_syntax")
     if syntax:
         forward = syntax["forward_ms"]
-        lines += ["", f"One VGG16 forward pass (batch 1, one thread, CPU): {forward:.0f} ms.", "",
-                  "| file | transfer syntax | before ms | after ms | after / forward | goal | input max / mean diff | "
-                  "score diff |", "|---|---|---:|---:|---:|---|---|---:|"]
+        versions = syntax["versions"]
+        lines += ["", f"One VGG16 forward pass (batch 1, one thread, CPU): {forward:.0f} ms (median; "
+                  f"{syntax['forward_ms_before']:.0f} before the pipelines were timed, "
+                  f"{syntax['forward_ms_after']:.0f} after). Baseline: {syntax['baseline']} "
+                  f"({versions['baseline']}); now: {versions['now']}; "
+                  f"median of {syntax['rounds']} rounds of {syntax['repeats']} repeats. CPU ms per file, parse + "
+                  "normalize; decode = parse + decode alone.", "",
+                  "| file | transfer syntax | decoded MP | baseline ms | now ms | now decode ms | now / forward | "
+                  "decode / forward | goal | input max / mean diff | score diff |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
         for row in syntax["rows"]:
             goal = GOAL_FRACTION.get(syntax_family(row["uid"]), DEFAULT_GOAL_FRACTION)
             fraction = row["after_ms"] / forward
-            lines.append(f"| {row['file'][:40]} | {row['syntax']} | {row['before_ms']:.0f} | {row['after_ms']:.0f} | "
-                         f"{fraction:.2f} | {'meets' if fraction <= goal else 'misses'} ≤ {goal} | "
-                         f"{row['input_max_diff']} / {row['input_mean_diff']:.2f} | {row['score_diff']:.4f} |")
+            megapixels = row["decoded_shape"][0] * row["decoded_shape"][1] / 1e6
+            lines.append(f"| {row['file'][:40]} | {row['syntax']} | {megapixels:.1f} | {row['before_ms']:.1f} | "
+                         f"{row['after_ms']:.1f} | {row['after_decode_ms']:.1f} | {fraction:.3f} | "
+                         f"{row['after_decode_ms'] / forward:.3f} | {'meets' if fraction <= goal else 'misses'} ≤ "
+                         f"{goal} | {row['input_max_diff']} / {row['input_mean_diff']:.4f} | {row['score_diff']:.1e} |")
     bomb = result.get("bombs")
     if bomb:
         lines += ["", f"Bombs: {bomb['reasons']}; normal file recorded {bomb['normal_recorded_after_s']:.1f} s after "
@@ -406,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
                         help="postgres (+ Redis, the distributed layout; default) or sqlite (+ the folder broker, the "
                              "embedded default: needs no server)")
+    parser.add_argument("--baseline", default="old-decoders",
+                        help="per syntax: 'old-decoders' or a git revision whose pipeline to compare with")
     parser.add_argument("--cpus", help="pin the ingesters and their decode processes to these CPUs, e.g. 0,1 "
                         "(two quiet cores of a larger machine)")
     parser.add_argument("--json", type=Path)
@@ -437,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         if "bombs" in parts:
             result["bombs"] = bombs(args.dicom_dir, args.processes, 2048, workdir, args.database)
             print(f"bombs: {result['bombs']}", flush=True)
-    result["machine"] = describe_machine(with_tensorflow="per-syntax" in parts)  # before per_syntax pins a core
-    if "per-syntax" in parts:
-        result["per_syntax"] = per_syntax(args.dicom_dir, args.repeats)
+        result["machine"] = describe_machine(with_tensorflow="per-syntax" in parts)  # before per_syntax pins a core
+        if "per-syntax" in parts:
+            result["per_syntax"] = per_syntax(args.dicom_dir, args.repeats, args.rounds, args.baseline, workdir)
     result["load_before"] = load_before
     result["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(markdown(result))
