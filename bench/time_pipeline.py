@@ -2,7 +2,9 @@
 
 Run by ``bench_ingest.py`` in a child process, so that two versions of ``ingest`` can be timed in one
 run under the same conditions: the child imports ``ingest`` from ``--root`` only, inherits the
-parent's one-core affinity and one-thread settings, and writes per file the median CPU ms of
+parent's one-core affinity and one-thread settings, runs in the environment that tree gives its
+decode processes (``ingest.decode_pool._CHILD_ENVIRONMENT``: threads, malloc settings; it re-executes
+itself to get it), and writes per file the median CPU ms of
 parse + ``normalize_radiograph`` and of parse + ``decode`` alone, the decoded size and the 224 x 224
 input. The files are taken in turn, ``--repeats`` passes after a warm-up pass, as a decode process
 meets them: reading one file over and over makes the C allocator hand back and fault in the same
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--old-decoders", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
+
+    from ingest import decode_pool
+
+    wanted = getattr(decode_pool, "_CHILD_ENVIRONMENT", {})
+    if any(os.environ.get(key) != value for key, value in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
     import numpy as np
     import pydicom
