@@ -495,14 +495,14 @@ def resize_to_input(image: np.ndarray) -> np.ndarray:
     (:func:`area_means`), so neither the padded square nor a full-resolution float copy is
     made. OpenCV's area mode degenerates to nearest-neighbour when enlarging, hence bilinear
     there (on the padded square: such images are small). Integer images come out rounded to
-    their dtype, float images in theirs.
+    the nearest value of their dtype (halves up), float images in their dtype.
     """
     if max(image.shape) < IMAGE_SIZE:
         return np.asarray(cv2.resize(pad_to_square(image), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR))
     means = area_means(image)
-    if image.dtype.kind in "iu":
+    if image.dtype.kind in "iu":  # halves round up, as OpenCV's area resize does by an integer factor
         info = np.iinfo(image.dtype)
-        rounded: np.ndarray = np.clip(np.rint(means), info.min, info.max).astype(image.dtype)
+        rounded: np.ndarray = np.clip(np.floor(means + 0.5), info.min, info.max).astype(image.dtype)
         return rounded
     return means.astype(image.dtype)
 

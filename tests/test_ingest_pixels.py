@@ -283,7 +283,8 @@ def test_area_means_equal_area_weights_applied_to_the_padded_square(shape: tuple
 def test_area_resize_rounds_the_exact_means_and_stays_within_a_level_of_opencv(dicom_dir: Path,
                                                                                 cxr_dir: Path) -> None:
     """On real images (a decoded chest DICOM, two training JPEGs): the nearest grey level of the exact area mean;
-    OpenCV's area resize of the padded square differs by at most 1 on at most 0.5 % of the pixels."""
+    OpenCV's area resize of the padded square differs by at most 1, on few pixels (here at most 0.5 %; over all 351
+    training images at most 2.7 % of one image's, 0.04 % on average), where its float32 sums cross a half."""
     images = [to_uint8(decode(pydicom.dcmread(dicom_dir / SIIM)))]
     images += [load_image_file(path) for path in sorted((cxr_dir / "normal").iterdir())[:2]]
     for image in images:
@@ -294,6 +295,13 @@ def test_area_resize_rounds_the_exact_means_and_stays_within_a_level_of_opencv(d
         opencv = cv2.resize(pad_to_square(image), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
         difference = np.abs(resized.astype(np.int16) - opencv)
         assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.005 * difference.size
+
+
+def test_halves_round_up_as_opencv_does_for_an_integer_factor() -> None:
+    checkerboard = (np.indices((448, 448)).sum(axis=0) % 2).astype(np.uint8)  # every 2 x 2 mean is 0.5
+    opencv = cv2.resize(checkerboard, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    assert (opencv == 1).all()
+    np.testing.assert_array_equal(resize_to_input(checkerboard), opencv)
 
 
 def test_the_integral_is_summed_in_bands_without_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
