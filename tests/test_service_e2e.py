@@ -494,6 +494,7 @@ def test_hostile_entries_beside_good_files_all_end_visible_and_nothing_outside_i
     outside_before = {p.name: (_sha(p), p.stat().st_mtime_ns) for p in outside.iterdir()}
     settings.inbox.mkdir(parents=True)
     good = {f"good/{i:02d}.dcm" for i in range(30)}
+    (settings.inbox / "good").mkdir()
     for name in good:
         (settings.inbox / name).write_bytes(with_fresh_uids(dicom_dir / UNCOMPRESSED_CHEST))
     rejected, stuck_count = _hostile_inbox(settings.inbox, outside, dicom_dir)
