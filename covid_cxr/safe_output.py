@@ -56,15 +56,22 @@ class EscapingFormatter(logging.Formatter):
 
 
 class DemoteToDebug(logging.Filter):
-    """A handler filter that turns the records of one library (``name`` and below) into DEBUG ones.
+    """A handler filter that turns the records of one library (``name`` and below) into DEBUG ones;
+    with ``containing``, only those whose message holds that text.
 
     pydicom logs an ERROR with a full traceback when a decoder fails, although the file is then
     rejected with a reason code and a one-line message; an operator should not see a crash there.
     Records of other loggers pass unchanged.
     """
 
+    def __init__(self, name: str = "", containing: str | None = None) -> None:
+        super().__init__(name)
+        self.containing = containing
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not super().filter(record):
+            return True
+        if self.containing is not None and self.containing not in record.getMessage():
             return True
         if record.levelno > logging.DEBUG:
             record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)

@@ -69,6 +69,9 @@ def configure_logging(verbose: bool) -> None:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         # A decoder failure is an expected rejection with its own reason line, not a crash to show.
         handler.addFilter(DemoteToDebug("pydicom"))
+        # watchdog's observer thread, stopped while it reads (the inbox went away and the watcher is re-armed),
+        # logs this at ERROR although nothing is lost: the inbox presence check re-arms and rescans.
+        handler.addFilter(DemoteToDebug("watchdog.observers.inotify", containing="called when the thread is inactive"))
         root.addHandler(handler)
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:  # Alembic's per-command INFO chatter (plugins, DDL mode) tells an operator nothing

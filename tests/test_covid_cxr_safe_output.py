@@ -72,3 +72,19 @@ def test_a_library_error_is_demoted_to_debug_and_hidden_unless_debugging():
         assert demote.filter(_record("Error", name="pydicom", level=logging.ERROR)) is True
     finally:
         root.setLevel(before)
+
+
+def test_only_the_named_message_of_a_library_is_demoted():
+    demote = DemoteToDebug("watchdog.observers.inotify", containing="called when the thread is inactive")
+    race = _record("InotifyEmitter.queue_events() called when the thread is inactive",
+                   name="watchdog.observers.inotify", level=logging.ERROR)
+    other = _record("Unable to rebuild recursive inotify watches", name="watchdog.observers.inotify",
+                    level=logging.ERROR)
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert demote.filter(race) is False and race.levelno == logging.DEBUG
+        assert demote.filter(other) is True and other.levelno == logging.ERROR
+    finally:
+        root.setLevel(before)
