@@ -26,7 +26,7 @@ from model_store.dataset import (
 )
 from model_store.metrics import binary_report
 from model_store.report import compare_with_baseline, write_report
-from model_store.subgroups import MISSING, header_attributes, subgroup_metrics
+from model_store.subgroups import subgroup_metrics, with_header_attributes
 
 if TYPE_CHECKING:
     import keras
@@ -104,7 +104,7 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     loaded = load_images_with_headers(dataset.subset(np.concatenate([selected, fit_indices])), settings, progress)
     images = loaded.images
     eval_images, fit_images = images[: len(selected)], images[len(selected):]
-    groups = _subgroup_attributes(from_csv, loaded.headers[: len(selected)], notes)
+    groups = with_header_attributes(from_csv, loaded.headers[: len(selected)], notes)
     calibration = metadata.get("calibration") or {"method": "none"}
     scores = apply_calibration(predict_scores(model, eval_images, progress=progress), calibration)
     labels = evaluated.labels
@@ -144,20 +144,6 @@ def evaluate(model: keras.Model, metadata: dict[str, Any], dataset: Dataset, out
     ]
     files = write_report(evaluation, out_dir)
     return evaluation, files
-
-
-def _subgroup_attributes(from_csv: dict[str, list[str | None]], headers: Sequence[dict[str, str | None]],
-                         notes: list[str]) -> dict[str, list[str | None]]:
-    """The ``--group-by`` CSV columns first, then the header facts the evaluated DICOM files have."""
-    from_headers = header_attributes(headers)
-    shadowed = sorted(set(from_csv) & set(from_headers))
-    if shadowed:
-        notes.append(f"subgroup tables {', '.join(shadowed)} come from the CSV, not from the DICOM headers")
-    if set(from_headers) - set(from_csv):
-        notes.append(f"subgroup tables {', '.join(name for name in from_headers if name not in from_csv)} come from "
-                     f"the DICOM headers (sex and age band only of the patient; images without the attribute, PNG "
-                     f"and JPEG included, are counted as {MISSING})")
-    return {**from_csv, **{name: values for name, values in from_headers.items() if name not in from_csv}}
 
 
 def _baseline_scores(evaluated: Dataset, eval_images: np.ndarray, fit_set: Dataset, fit_images: np.ndarray,

@@ -60,3 +60,18 @@ def subgroup_metrics(labels: Sequence[str] | np.ndarray, scores: Sequence[float]
                          "specificity": report["specificity"], "roc_auc": auc, "flag": flag})
         tables[attribute] = rows
     return tables
+
+
+def with_header_attributes(from_csv: dict[str, list[str | None]], headers: Sequence[Mapping[str, str | None]],
+                           notes: list[str]) -> dict[str, list[str | None]]:
+    """The ``--group-by`` CSV columns first, then the header facts the DICOM files among the cases have; what
+    came from where is said in ``notes`` (a CSV column wins over a header table of the same name)."""
+    from_headers = header_attributes(headers)
+    shadowed = sorted(set(from_csv) & set(from_headers))
+    if shadowed:
+        notes.append(f"subgroup tables {', '.join(shadowed)} come from the CSV, not from the DICOM headers")
+    if set(from_headers) - set(from_csv):
+        notes.append(f"subgroup tables {', '.join(name for name in from_headers if name not in from_csv)} come from "
+                     f"the DICOM headers (sex and age band only of the patient; images without the attribute, PNG "
+                     f"and JPEG included, are counted as {MISSING})")
+    return {**from_csv, **{name: values for name, values in from_headers.items() if name not in from_csv}}

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from model_store.dataset import (
     Split,
     describe_source,
     group_attributes,
-    load_images,
+    load_images_with_headers,
     manifest,
     split_dataset,
 )
@@ -49,7 +49,7 @@ from model_store.drift import training_reference
 from model_store.metrics import binary_report, degeneracy
 from model_store.operating_point import OPERATING_POINT_RULES, choose_threshold
 from model_store.report import compare_with_baseline, write_report
-from model_store.subgroups import subgroup_metrics
+from model_store.subgroups import subgroup_metrics, with_header_attributes
 from model_store.weights import describe_base_weights
 
 if TYPE_CHECKING:
@@ -195,7 +195,8 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     split = split_dataset(dataset, config.test_fraction, config.validation_fraction, config.seed)
     group_attributes(dataset, group_by)  # an unknown --group-by column fails now, not after the fit
     with _timed(timings, "decode_s"):
-        images = load_images(dataset, settings, progress)
+        loaded = load_images_with_headers(dataset, settings, progress)
+        images = loaded.images
     model = build_seeded_model(config, trainable_from)
     cut = split_point(trainable_from)
     prefix, suffix = split_model(model, cut)
@@ -207,7 +208,8 @@ def train(dataset: Dataset, config: TrainingConfig, out_dir: Path, settings: Set
     calibration, operating = calibrate_and_choose_threshold(suffix, features, dataset.labels, split, config)
     test_scores = apply_calibration(positive_scores(suffix, features.test), calibration)
     reference = drift_reference(suffix, features, images, split, calibration)
-    evaluation = evaluate_test_part(dataset, split, images, test_scores, config, operating["threshold"], group_by)
+    evaluation = evaluate_test_part(dataset, split, images, test_scores, config, operating["threshold"], group_by,
+                                    headers=[loaded.headers[i] for i in split.test])
     evaluation["calibration"] = calibration_summary(dataset.labels[split.test] == POSITIVE_CLASS, test_scores,
                                                     calibration)
     evaluation["operating_point"] = operating
@@ -499,8 +501,11 @@ def _progress_callback(epochs: int, enabled: bool) -> keras.callbacks.Callback:
 
 def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_scores: np.ndarray,
                        config: TrainingConfig, threshold: float | None = None,
-                       group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """The held-out test part's report, with the thumbnail baseline fitted on train + validation."""
+                       group_by: Sequence[str] = (),
+                       headers: Sequence[Mapping[str, str | None]] = ()) -> dict[str, Any]:
+    """The held-out test part's report, with the thumbnail baseline fitted on train + validation; subgroup tables
+    for the ``group_by`` CSV columns and for the header facts of the test part's DICOM files (``headers``, in the
+    test part's order)."""
     labels = dataset.labels
     fitted_on = np.concatenate([split.train, split.validation])
     baseline_scores = baseline.fit_and_score(images[fitted_on], labels[fitted_on] == POSITIVE_CLASS,
@@ -509,6 +514,8 @@ def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_
     model_metrics = binary_report(labels[split.test], test_scores, threshold=threshold, seed=config.seed)
     baseline_metrics = binary_report(labels[split.test], baseline_scores, threshold=0.5, seed=config.seed)
     test_counts = dataset.counts(split.test)
+    notes: list[str] = []
+    attributes = with_header_attributes(group_attributes(dataset.subset(split.test), group_by), headers, notes)
     return {
         "title": f"held-out test part ({split.method})",
         "data_description": (f"{describe_source(dataset.source)}; test part {len(split.test)} images "
@@ -524,8 +531,8 @@ def evaluate_test_part(dataset: Dataset, split: Split, images: np.ndarray, test_
              "score": float(score), "baseline_score": float(base)}
             for i, score, base in zip(split.test, test_scores, baseline_scores, strict=False)
         ],
-        "subgroups": subgroup_metrics(labels[split.test], test_scores, group_attributes(dataset.subset(split.test),
-                                                                                       group_by),
-                                      model_metrics, threshold=threshold, seed=config.seed),
+        "subgroups": subgroup_metrics(labels[split.test], test_scores, attributes, model_metrics,
+                                      threshold=threshold, seed=config.seed),
+        **({"notes": notes} if notes else {}),
     }
 

@@ -198,7 +198,7 @@ def test_unreadable_images_stop_training_before_the_model_is_built(cxr_dir: Path
 
 def test_too_few_patients_stop_training_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("model_store.training.build_model", _refuse_to_build)
-    monkeypatch.setattr("model_store.training.load_images", _refuse_to_build)
+    monkeypatch.setattr("model_store.training.load_images_with_headers", _refuse_to_build)
     folder = tmp_path / "set"
     (folder / "covid").mkdir(parents=True)
     (folder / "normal").mkdir()
@@ -295,3 +295,26 @@ def test_the_best_epoch_is_the_lowest_validation_loss_else_the_last() -> None:
     assert FitResult({"loss": [3, 2, 1], "val_balanced_accuracy": [0.5, 0.7, 0.7]}, {}, True,
                      "val_balanced_accuracy").best_epoch == 2
     assert FitResult({"loss": [3, 2, 1]}, {}, False).best_epoch == 3
+
+
+def test_the_test_report_has_header_tables_beside_the_csv_columns() -> None:
+    """Training's report groups the test part's DICOM files by their header facts, as offline evaluation does."""
+    from model_store.dataset import Dataset, Item
+    from model_store.training import evaluate_test_part
+
+    labels = ["covid", "normal"] * 6
+    items = [Item(Path(f"{i}.dcm"), label, f"p{i}", f"{i}.dcm", {"site": "a" if i < 6 else "b"})
+             for i, label in enumerate(labels)]
+    dataset = Dataset(items, {"kind": "csv", "path": "x.csv", "label_column": "label"}, CLASS_NAMES, True)
+    split = Split(np.arange(0, 4), np.arange(4, 6), np.arange(6, 12), "given", 0, 0.5, 0.2)
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 224, 224), dtype=np.uint8)
+    headers = [{"manufacturer": "ACME", "patient_sex": "F"}, {"manufacturer": "ACME"}, {}, {"manufacturer": "Zeta"},
+               {"manufacturer": "Zeta", "patient_sex": "M"}, {}]  # the test part's six, in its order
+    scores = np.linspace(0.1, 0.9, 6)
+    report = evaluate_test_part(dataset, split, images, scores, SMALL_CONFIG, 0.5, ["site"], headers=headers)
+    tables = {name: {row["group"]: row["n"] for row in rows} for name, rows in report["subgroups"].items()}
+    assert tables == {"site": {"b": 6}, "manufacturer": {"ACME": 2, "Zeta": 2, "(missing)": 2},
+                      "patient_sex": {"F": 1, "M": 1, "(missing)": 4}}
+    assert any("come from the DICOM headers" in note for note in report["notes"])
+    plain = evaluate_test_part(dataset, split, images, scores, SMALL_CONFIG, 0.5, ["site"])
+    assert set(plain["subgroups"]) == {"site"} and "notes" not in plain
