@@ -42,7 +42,7 @@ from pathlib import Path
 from machine_info import describe_machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]  # tests/fresh_copies.py writes the staged files
 
 DEFAULT_DICOM_DIR = REPO_ROOT.parent / "shared" / "data" / "dicom"
 CHEST_FILES = (
