@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import brier_score_loss, classification_report, confusion_matrix, roc_auc_score
 
 from covid_cxr.constants import CLASS_NAMES, POSITIVE_CLASS
@@ -153,9 +153,18 @@ def _auc_with_interval(is_positive: np.ndarray, scores: np.ndarray, bootstrap: i
         resampled = is_positive[index]
         if resampled.all() or not resampled.any():
             continue
-        samples.append(float(roc_auc_score(resampled, scores[index])))
+        samples.append(_rank_auc(resampled, scores[index]))
     return {"value": value, "ci": _percentile_interval(samples), "ci_method": "bootstrap percentile",
             "bootstrap_resamples": len(samples)}
+
+
+def _rank_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count one half): what ``roc_auc_score`` computes, to rounding,
+    without its input checks, which made a 1000-resample bootstrap cost 1.6 s per report row."""
+    ranks = rankdata(scores)
+    positives = int(is_positive.sum())
+    negatives = is_positive.size - positives
+    return float((ranks[is_positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def _percentile_interval(samples: list[float], confidence: float = 0.95) -> tuple[float, float] | None:

@@ -155,3 +155,19 @@ def test_degeneracy_detects_one_class_predictions_and_chance_balanced_accuracy()
     assert any("at chance" in reason for reason in degeneracy(inverted, "validation"))
     good = binary_report(labels, [0.9, 0.8, 0.1, 0.2, 0.3], threshold=0.5, bootstrap=0)
     assert degeneracy(good, "test") == []
+
+
+def test_the_bootstrap_auc_equals_scikit_learns_on_every_resample() -> None:
+    """The rank statistic the bootstrap uses gives scikit-learn's ROC AUC, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from model_store.metrics import _rank_auc
+
+    rng = np.random.default_rng(7)
+    for n in (2, 5, 40, 300):
+        for _ in range(50):
+            truth = rng.integers(0, 2, n).astype(bool)
+            if truth.all() or not truth.any():
+                continue
+            scores = np.round(rng.random(n), 1)  # many ties
+            assert _rank_auc(truth, scores) == pytest.approx(float(roc_auc_score(truth, scores)), abs=1e-12)
