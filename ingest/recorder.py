@@ -35,6 +35,7 @@ from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, QualityCheckRecord, Study
 from db.session import session_scope
+from db.upsert import insert_or_ignore
 from ingest.inbox import Disposal, plan_disposal
 
 if TYPE_CHECKING:
@@ -220,15 +221,13 @@ def _study_id(session: Session, fields: dict[str, Any]) -> int:
     study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
     if study_id is not None:
         return study_id
-    try:
-        with session.begin_nested():  # a concurrent ingester may create the same study
-            study = Study(study_instance_uid=uid, accession_number=fields.get("accession_number"),
-                          study_date=fields.get("study_date"), patient_pseudonym=fields.get("patient_pseudonym"))
-            session.add(study)
-            session.flush()
-            return study.id
-    except IntegrityError:  # the other ingester's study is committed: it exists now
-        return session.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+    # Another ingester may be creating the same study: the first insert wins and the other one is ignored (on
+    # PostgreSQL it waits for the first to commit), then both read the one row; no savepoint round trips.
+    insert_or_ignore(session, Study, [{"study_instance_uid": uid, "accession_number": fields.get("accession_number"),
+                                      "study_date": fields.get("study_date"),
+                                      "patient_pseudonym": fields.get("patient_pseudonym"), "created_at": _utcnow()}],
+                     key=["study_instance_uid"])
+    return session.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
 
 
 def _normalized_image(instance_id: int, image: np.ndarray) -> NormalizedImage:
