@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_pipeline import create_postgres_database, drop_postgres_database
+from bench_pipeline import CHEST_FILES, DEFAULT_DICOM_DIR, create_postgres_database, drop_postgres_database
 from machine_info import describe_machine, machine_line
 
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -52,15 +52,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
-DEFAULT_DICOM_DIR = REPO_ROOT.parent / "shared" / "data" / "dicom"
-CHEST_FILES = (
-    "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
-    "dwv__gdcm-CR-MONO1-10-chest.dcm",
-    "orthanc-tests__Monochrome1-Jpeg.dcm",
-    "pydicom-data__RG1_J2KI.dcm",
-    "pylibjpeg-data__RG1_JLSN.dcm",
-    "pylibjpeg-data__966_fixed.dcm",
-)
 BENCH_REDIS_URL = "redis://127.0.0.1:6379/13"
 KEY = "bench-ingest-pseudonym-key-0123456789abcdef"
 #: Goals of the issue, as fractions of one forward pass.
