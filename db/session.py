@@ -54,13 +54,25 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+        _factories.clear()
+
+
+_factories: dict[Engine, sessionmaker[Session]] = {}
+
+
+def _session_factory(engine: Engine) -> sessionmaker[Session]:
+    """One session factory per engine: ``sessionmaker`` builds a new Session class each time it is called."""
+    with _lock:
+        factory = _factories.get(engine)
+        if factory is None:
+            factory = _factories[engine] = sessionmaker(bind=engine, expire_on_commit=False)
+        return factory
 
 
 @contextmanager
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    factory = sessionmaker(bind=create_engine_for(settings), expire_on_commit=False)
-    session = factory()
+    session = _session_factory(create_engine_for(settings))()
     try:
         yield session
         session.commit()
