@@ -6,7 +6,8 @@ address space (``RLIMIT_AS``), asks the kernel to kill it when its parent dies, 
 answers messages on stdin/stdout (:mod:`multiprocessing.connection` framing, pickled):
 
 * ``("policy", ReaderPolicy)``: the acceptance policy for what follows (no answer);
-* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``.
+* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``; an accepted result carries
+  its image PNG-encoded as the database stores it.
 
 A read that ran out of memory is answered ``too_large`` with ``exiting`` true, and the
 process exits: its heap may be fragmented or a C library left in a bad state, and a fresh
@@ -15,6 +16,7 @@ process costs about a second.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -42,6 +44,7 @@ def main(argv: list[str]) -> int:
 
     from covid_cxr.errors import InputRejected
     from covid_cxr.reasons import Reason
+    from ingest.normalized_png import encode_png
     from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
 
     cv2.setNumThreads(1)  # the pool runs one process per core; threads inside would only compete
@@ -61,6 +64,8 @@ def main(argv: list[str]) -> int:
             raise RuntimeError("a read request arrived before the policy")
         result = read_radiograph(data, policy, sha256=sha256)
         del data
+        if result.accepted:  # the ingester stores this PNG: encoded here, where the work scales with the processes
+            result = dataclasses.replace(result, png=encode_png(result.image))
         exiting = not result.accepted and _ran_out_of_memory(result.rejection)
         if exiting:
             rejection = InputRejected(f"decoding needed more than the {memory_mb} MiB a decode process may use "

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from covid_cxr.errors import CovidCxrError
 from covid_cxr.reasons import Reason
 from ingest.metadata import sop_class_name
+from ingest.normalized_png import encode_png
 from ingest.reader import ReaderPolicy, ReadResult, read_radiograph
 
 
@@ -94,11 +93,12 @@ def _quality(check: dict[str, Any]) -> str:
 def _write_png(result: ReadResult, png: Path) -> Path | None:
     if not result.accepted:
         return None
-    ok, encoded = cv2.imencode(".png", result.image)
-    if not ok:
-        raise CovidCxrError(f"cannot encode the image as PNG for {png}", reason=Reason.PNG_NOT_WRITTEN)
     try:
-        png.write_bytes(encoded.tobytes())
+        encoded = encode_png(result.image)
+    except ValueError as exc:
+        raise CovidCxrError(f"cannot encode the image as PNG for {png}", reason=Reason.PNG_NOT_WRITTEN) from exc
+    try:
+        png.write_bytes(encoded)
     except OSError as exc:
         raise CovidCxrError(f"cannot write {png}: {exc.strerror or exc}", reason=Reason.PNG_NOT_WRITTEN) from exc
     return png

@@ -120,6 +120,8 @@ class AcceptedResult:
     steps: tuple[str, ...]
     flags: tuple[str, ...] = ()
     quality: tuple[QualityCheck, ...] = ()
+    #: ``image`` as the PNG the database stores, when it was encoded where it was read (a decode process).
+    png: bytes | None = field(default=None, repr=False, compare=False)
     accepted: ClassVar[Literal[True]] = True
     reason: ClassVar[None] = None
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from bombs import J2K_CHEST, JPEG_CHEST, j2k_siz_bomb, jpeg_sof_bomb, zeros_after_dicm
@@ -69,6 +70,9 @@ def test_results_equal_reading_in_process_and_no_process_loads_tensorflow(dicom_
                                                                                 here.sha256, here.metadata), name
         if here.accepted:
             np.testing.assert_array_equal(there.image, here.image)
+            assert there.png is not None, name  # encoded beside decoding, as the database stores it
+            np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(there.png, np.uint8), cv2.IMREAD_UNCHANGED),
+                                          here.image)
         else:
             assert there.rejection.message == here.rejection.message
 
