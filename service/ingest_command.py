@@ -58,13 +58,14 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def run_ingest(args: argparse.Namespace) -> int:
     from ingest.service import IngestService
-    from taskqueue.producer import enqueue_batch, requeue_stale
+    from taskqueue.producer import enqueue_batch, prepare_producer, requeue_stale
 
     settings = inbox_settings(args, probe_port=args.probe_port)
     check_layout(settings)
     secure_data_dir(settings)
     prepare_database(settings)
     describe(settings)
+    prepare_producer(settings)
     service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)
     network = start_dicom_services(settings)
     probes = start_ingest_probes(settings)

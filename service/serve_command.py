@@ -38,7 +38,7 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from ingest.service import IngestService
-    from taskqueue.producer import enqueue_batch, requeue_stale
+    from taskqueue.producer import enqueue_batch, prepare_producer, requeue_stale
     from taskqueue.recovery import requeue_lost
 
     settings = inbox_settings(args, web_host=args.web_host, web_port=args.web_port)
@@ -48,6 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = require_active_model(settings)
     describe(settings)
     log.info("serving model %s version %s", settings.model_name, model.version)
+    prepare_producer(settings)
     service = IngestService(settings, enqueue=enqueue_batch, requeue=requeue_stale)
     if settings.embedded_broker:
         # The folder broker drops a message once a worker takes it, so a batch whose worker died

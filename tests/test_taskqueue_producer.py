@@ -16,7 +16,7 @@ from db.migrate import upgrade
 from db.models import Instance
 from db.session import session_scope
 from taskqueue.names import PREDICT_TASK
-from taskqueue.producer import enqueue_batch, requeue_stale
+from taskqueue.producer import enqueue_batch, prepare_producer, producer_app, requeue_stale
 
 IMAGES = [np.full((224, 224), level, dtype=np.uint8) for level in (10, 120, 240)]
 
@@ -84,6 +84,16 @@ def test_a_dead_broker_leaves_instances_received_and_returns_quickly(tmp_path):
     assert time.monotonic() - started < 10
     assert set(instance_states(settings, ids).values()) == {"received"}
     assert requeue_stale(settings, now=datetime.now(UTC) + timedelta(minutes=1)) == 0
+
+
+def test_preparing_the_producer_at_start_connects_to_nothing(tmp_path):
+    """The ingester builds its publishing app before it watches; a broker that is down is no reason to fail then."""
+    settings = embedded_settings(tmp_path, broker_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    assert "amqp" not in vars(producer_app(settings))  # Celery builds its message layer on first use
+    started = time.monotonic()
+    prepare_producer(settings)
+    assert time.monotonic() - started < 5
+    assert "amqp" in vars(producer_app(settings))
 
 
 def test_a_prediction_written_before_the_queued_mark_is_not_overwritten(settings):
