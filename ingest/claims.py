@@ -60,9 +60,12 @@ class Claim:
     def inbox_path(self) -> Path:
         return self.inbox / self.relative
 
-    @property
+    @functools.cached_property
     def rel_name(self) -> str:
-        """The name the database stores (``file_name``): the inbox-relative path, escaped as ingest escapes it."""
+        """The name the database stores (``file_name``): the inbox-relative path, escaped as ingest escapes it.
+
+        Worked out once per claim: it resolves the inbox and the file's folder, which the loop would
+        otherwise repeat several times for every file."""
         return relative_name(self.inbox_path, self.inbox)
 
 

@@ -20,14 +20,13 @@ Identity rules (the database is the source of truth):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
-import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,9 +36,18 @@ from db.models import Instance, InstanceState, NormalizedImage, QualityCheckReco
 from db.session import session_scope
 from db.upsert import insert_or_ignore
 from ingest.inbox import Disposal, plan_disposal
+from ingest.normalized_png import encode_png
 
 if TYPE_CHECKING:
-    from ingest.reader import ReadResult
+    from ingest.reader import AcceptedResult, ReadResult
+
+
+# The recorder's queries, built once: each file runs them, and building a statement costs more than running it.
+_RECORDED_FILE = (select(Instance).where(Instance.file_sha256 == bindparam("sha256"),
+                                         Instance.file_name == bindparam("file_name")).order_by(Instance.id.desc()))
+_SAME_SOP_INSTANCE = (select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256, Instance.state)
+                      .where(Instance.sop_instance_uid == bindparam("uid")).order_by(Instance.id))
+_STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 
 
 @dataclass(frozen=True)
@@ -85,11 +93,9 @@ def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: st
     deleted, means the file was dropped again: a new instance (a duplicate).
     """
     with session_scope(settings) as session:
-        rows = session.scalars(
-            select(Instance)
-            .where(Instance.file_sha256 == sha256, Instance.file_name == rel_name)
-            .order_by(Instance.id.desc())
-        ).all()
+        rows = session.scalars(_RECORDED_FILE, {"sha256": sha256, "file_name": rel_name}).all()
+    if not rows:  # a new drop, the usual case: nothing to resolve
+        return None
     here = path.resolve()
     for row in rows:
         if row.stored_path is None:
@@ -98,6 +104,16 @@ def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: st
         if stored == here or not stored.exists() or _same_file(stored, here):
             return row
     return None
+
+
+@dataclass(frozen=True)
+class FileToRecord:
+    """One read file for :func:`record_group`: where it was dropped, its inbox name, size and reader's result."""
+
+    path: Path
+    rel_name: str
+    file_size: int
+    result: ReadResult
 
 
 def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, result: ReadResult) -> Outcome:
@@ -114,6 +130,34 @@ def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, res
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outcome | Exception]:
+    """Commit the rows of several read files in one transaction, in order; an outcome or an error for each.
+
+    One commit (one fsync of the database's log) for the group instead of one per file: the
+    ingest loop hands over every file decoded while the previous group was being written. The
+    rules are :func:`record`'s, applied file after file; a later file of the group sees the
+    earlier ones (the same SOPInstanceUID twice in one group is a duplicate, as it would be one
+    commit apart). If the group fails as a whole (a concurrent ingester won a SOPInstanceUID,
+    one file's rows cannot be written), nothing of it is committed and each file is recorded on
+    its own, so that one file's error is that file's alone.
+    """
+    if len(files) > 1:
+        try:
+            with session_scope(settings) as session:
+                return [_record(session, settings, path=file.path, rel_name=file.rel_name, file_size=file.file_size,
+                                result=file.result) for file in files]
+        except Exception:  # one by one below: the errors, if any, land on the files that cause them
+            pass
+    outcomes: list[Outcome | Exception] = []
+    for file in files:
+        try:
+            outcomes.append(record(settings, path=file.path, rel_name=file.rel_name, file_size=file.file_size,
+                                   result=file.result))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, file_size: int,
@@ -183,13 +227,13 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         instance.study_id = _study_id(session, fields)
     session.add(instance)
     session.flush()
-    if state is not InstanceState.duplicate:  # a copy's checks are its primary's
-        session.add_all(QualityCheckRecord(instance_id=instance.id, check_name=check.check, decision=check.decision,
-                                           finding=check.finding, score=check.score, confident=check.confident,
-                                           action=check.action, evidence=check.evidence, version=check.version,
-                                           created_at=now) for check in result.quality)
+    if state is not InstanceState.duplicate and result.quality:  # a copy's checks are its primary's
+        session.execute(insert(QualityCheckRecord), [
+            {"instance_id": instance.id, "check_name": check.check, "decision": check.decision,
+             "finding": check.finding, "score": check.score, "confident": check.confident, "action": check.action,
+             "evidence": check.evidence, "version": check.version, "created_at": now} for check in result.quality])
     if result.accepted and state is InstanceState.received:  # a new instance: the worker's input
-        session.add(_normalized_image(instance.id, result.image))
+        session.add(_normalized_image(instance.id, result))
     return Outcome(instance.id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
 
 
@@ -203,11 +247,7 @@ def _earlier_instances(session: Session, sop_instance_uid: str | None, sha256: s
     """
     if not sop_instance_uid:
         return None, False
-    rows = session.execute(
-        select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256, Instance.state)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-        .order_by(Instance.id)
-    ).all()
+    rows = session.execute(_SAME_SOP_INSTANCE, {"uid": sop_instance_uid}).all()
     same_content = any(row.file_sha256 == sha256 for row in rows)
     originals = [row for row in rows if row.duplicate_of_id is None]
     primary = next((row.id for row in originals if row.state != InstanceState.rejected), None)
@@ -218,7 +258,7 @@ def _earlier_instances(session: Session, sop_instance_uid: str | None, sha256: s
 
 def _study_id(session: Session, fields: dict[str, Any]) -> int:
     uid = fields["study_instance_uid"]
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+    study_id = session.scalar(_STUDY_ID, {"uid": uid})
     if study_id is not None:
         return study_id
     # Another ingester may be creating the same study: the first insert wins and the other one is ignored (on
@@ -227,17 +267,17 @@ def _study_id(session: Session, fields: dict[str, Any]) -> int:
                                       "study_date": fields.get("study_date"),
                                       "patient_pseudonym": fields.get("patient_pseudonym"), "created_at": _utcnow()}],
                      key=["study_instance_uid"])
-    return session.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+    return session.execute(_STUDY_ID, {"uid": uid}).scalar_one()
 
 
-def _normalized_image(instance_id: int, image: np.ndarray) -> NormalizedImage:
+def _normalized_image(instance_id: int, result: AcceptedResult) -> NormalizedImage:
     from ingest.pixels import PREPROCESSING_VERSION
 
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image, dtype=np.uint8))
-    if not ok:
-        raise ValueError(f"could not PNG-encode the normalized image of instance {instance_id}")
+    image = result.image
+    # A decode process encodes the PNG beside decoding (that work scales with the processes); else it is done here.
+    png = result.png if result.png is not None else encode_png(image)
     return NormalizedImage(instance_id=instance_id, preprocessing_version=PREPROCESSING_VERSION,
-                           png=encoded.tobytes(), mean=float(image.mean()), std=float(image.std()))
+                           png=png, mean=float(image.mean()), std=float(image.std()))
 
 
 def set_stored_path(settings: Settings, instance_id: int, stored_path: Path | None) -> None:

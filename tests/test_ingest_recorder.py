@@ -7,21 +7,23 @@ import shutil
 import threading
 from pathlib import Path
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
 from service_fixtures import changed_pixel_copy
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
 from db.models import Instance, InstanceState, NormalizedImage, Study
-from db.session import session_scope
+from db.session import create_engine_for, session_scope
 from ingest.inbox import carry_out, relative_name
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
-from ingest.recorder import find_recorded_file, record, set_stored_path
+from ingest.recorder import FileToRecord, find_recorded_file, record, record_group, set_stored_path
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
@@ -198,3 +200,61 @@ def test_a_deleted_file_dropped_again_is_new(tmp_path, dicom_dir):
     set_stored_path(settings, outcome.instance_id, None)
     again = _drop(settings, dicom_dir / SIIM, "a.dcm")
     assert find_recorded_file(settings, again, "a.dcm", result.sha256) is None
+
+
+def _to_record(settings, path: Path) -> FileToRecord:
+    data = path.read_bytes()
+    return FileToRecord(path, relative_name(path, settings.inbox), len(data),
+                        read_radiograph(data, ReaderPolicy.from_settings(settings)))
+
+
+def _count_commits(settings) -> list[int]:
+    commits = [0]
+
+    def counted(_connection) -> None:
+        commits[0] += 1
+
+    event.listen(create_engine_for(settings), "commit", counted)
+    return commits
+
+
+def test_a_group_is_recorded_in_one_commit_with_the_rules_of_one_by_one(settings, dicom_dir):
+    """Files of one group see each other: the same instance twice is a duplicate, changed content a conflict."""
+    chest = _drop(settings, dicom_dir / UNCOMPRESSED_CHEST, "chest.dcm")
+    edited = settings.inbox / "chest-edited.dcm"
+    changed_pixel_copy(dicom_dir / UNCOMPRESSED_CHEST, edited)
+    files = [_to_record(settings, path) for path in (
+        chest, _drop(settings, dicom_dir / SIIM, "siim.dcm"), _drop(settings, dicom_dir / SIIM, "siim-again.dcm"),
+        edited, _drop(settings, dicom_dir / HIP, "hip.dcm"))]
+    commits = _count_commits(settings)
+    outcomes = record_group(settings, files)
+    assert commits[0] == 1
+    assert all(not isinstance(outcome, Exception) for outcome in outcomes)
+    chest_row, siim, siim_again, conflict, hip = outcomes
+    assert [o.state for o in outcomes] == ["received", "received", "duplicate", "rejected", "rejected"]
+    assert siim_again.duplicate_of_id == siim.instance_id
+    assert conflict.conflict and conflict.reason is Reason.SOP_INSTANCE_CONFLICT
+    assert conflict.duplicate_of_id == chest_row.instance_id
+    assert hip.reason is files[4].result.reason and hip.disposal.action == "quarantine"
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 5
+        stored = session.get(NormalizedImage, siim.instance_id)
+        assert stored is not None and session.get(NormalizedImage, siim_again.instance_id) is None
+    image = cv2.imdecode(np.frombuffer(stored.png, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(image, files[1].result.image)
+
+
+def test_a_file_whose_rows_cannot_be_written_fails_alone(settings, dicom_dir):
+    """The group is rolled back and its files recorded one by one: only the broken one gets an error."""
+    good = [_to_record(settings, _drop(settings, dicom_dir / name, name)) for name in (SIIM, UNCOMPRESSED_CHEST)]
+    broken = good[0].result.metadata
+    assert broken is not None
+    unwritable = dataclasses.replace(broken, modality=object(), sop_instance_uid="1.2.826.0.1.3680043.2.1143.7")
+    bad = dataclasses.replace(good[0], rel_name="bad.dcm", result=dataclasses.replace(good[0].result,
+                                                                                     metadata=unwritable))
+    outcomes = record_group(settings, [good[0], bad, good[1]])
+    assert isinstance(outcomes[1], Exception)
+    assert [o.state for o in (outcomes[0], outcomes[2])] == ["received", "received"]
+    with session_scope(settings) as session:
+        names = sorted(session.scalars(select(Instance.file_name)))
+    assert names == sorted([SIIM, UNCOMPRESSED_CHEST])

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from service_fixtures import RecordingPublisher as Publisher
 from service_fixtures import RunningIngester, wait_until
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
 from db.models import Instance
-from db.session import session_scope
+from db.session import create_engine_for, session_scope
 from ingest import service as service_module
 from ingest.inbox import read_reason
 from ingest.service import Batcher, IngestService
@@ -112,6 +112,39 @@ def test_files_are_recorded_batched_and_disposed_of(settings, dicom_dir):
     for row in rows:
         assert Path(row.stored_path).is_file()
     assert service.counts["received"] == 2
+
+
+def test_files_decoded_together_are_recorded_in_one_transaction(settings, dicom_dir, tmp_path):
+    """A burst is written in groups (one commit for several files), and still one row per file."""
+    from fresh_copies import write_fresh_copies
+
+    staged = write_fresh_copies([dicom_dir / SMALL_CHEST, dicom_dir / SIIM], 12, tmp_path / "staging",
+                                "f{:02d}.dcm".format)
+    inserts_per_commit, inserts = [], [0]
+
+    def statement(_connection, _cursor, sql: str, *_args) -> None:
+        inserts[0] += sql.lstrip().upper().startswith("INSERT INTO INSTANCES")
+
+    def commit(_connection) -> None:
+        inserts_per_commit.append(inserts[0])
+        inserts[0] = 0
+
+    engine = create_engine_for(settings)
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    try:
+        with running(service):
+            for path in staged:
+                path.rename(settings.inbox / path.name)
+            rows = _wait_for_rows(settings, 12)
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+    assert sorted(row.file_name for row in rows) == sorted(path.name for path in staged)
+    assert all(row.state == "received" for row in rows)
+    assert sum(inserts_per_commit) == 12 and max(inserts_per_commit) >= 2, inserts_per_commit
 
 
 def test_each_file_is_hashed_once(settings, dicom_dir, monkeypatch):
