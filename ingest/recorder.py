@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import Settings
 from db.models import Instance, InstanceState, NormalizedImage, QualityCheckRecord, Study
-from db.session import session_scope
+from db.session import create_engine_for, session_scope
 from db.upsert import insert_or_ignore
 from ingest.inbox import Disposal, plan_disposal
 from ingest.normalized_png import encode_png
@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 
 
 # The recorder's queries, built once: each file runs them, and building a statement costs more than running it.
-_RECORDED_FILE = (select(Instance).where(Instance.file_sha256 == bindparam("sha256"),
-                                         Instance.file_name == bindparam("file_name")).order_by(Instance.id.desc()))
+_RECORDED_FILE = (select(Instance.id, Instance.stored_path)
+                  .where(Instance.file_sha256 == bindparam("sha256"), Instance.file_name == bindparam("file_name"))
+                  .order_by(Instance.id.desc()))
 _SAME_SOP_INSTANCE = (select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256, Instance.state)
                       .where(Instance.sop_instance_uid == bindparam("uid")).order_by(Instance.id))
 _STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(Instance).returning(Instance.id)
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,18 @@ def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: st
     the hard link and the unlink of a move). A row whose file really is elsewhere, or was
     deleted, means the file was dropped again: a new instance (a duplicate).
     """
-    with session_scope(settings) as session:
-        rows = session.scalars(_RECORDED_FILE, {"sha256": sha256, "file_name": rel_name}).all()
+    with create_engine_for(settings).connect() as connection:  # a plain query: every file dropped asks it
+        rows = connection.execute(_RECORDED_FILE, {"sha256": sha256, "file_name": rel_name}).all()
     if not rows:  # a new drop, the usual case: nothing to resolve
         return None
     here = path.resolve()
-    for row in rows:
-        if row.stored_path is None:
+    for instance_id, stored_path in rows:
+        if stored_path is None:
             continue
-        stored = Path(row.stored_path)
+        stored = Path(stored_path)
         if stored == here or not stored.exists() or _same_file(stored, here):
-            return row
+            with session_scope(settings) as session:
+                return session.get(Instance, instance_id)
     return None
 
 
@@ -191,7 +194,7 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
     # A conflicting version is quarantined even when readable: which version is right is an operator's call.
     disposal = plan_disposal(settings, path, rel_name, accepted=result.accepted and not conflict)
 
-    instance = Instance(
+    instance = dict(
         state=state,
         reason=reason,
         message=message,
@@ -222,19 +225,19 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         created_at=now,
         updated_at=now,
         finished_at=None if state is InstanceState.received else now,
+        study_id=_study_id(session, fields) if result.accepted and not conflict and fields.get("study_instance_uid")
+        else None,
     )
-    if result.accepted and not conflict and fields.get("study_instance_uid"):
-        instance.study_id = _study_id(session, fields)
-    session.add(instance)
-    session.flush()
+    # Plain INSERTs (no unit of work): the ORM's flush of one new object cost about as much as the rest of a file.
+    instance_id: int = session.execute(_INSERT_INSTANCE, instance).scalar_one()
     if state is not InstanceState.duplicate and result.quality:  # a copy's checks are its primary's
         session.execute(insert(QualityCheckRecord), [
-            {"instance_id": instance.id, "check_name": check.check, "decision": check.decision,
+            {"instance_id": instance_id, "check_name": check.check, "decision": check.decision,
              "finding": check.finding, "score": check.score, "confident": check.confident, "action": check.action,
              "evidence": check.evidence, "version": check.version, "created_at": now} for check in result.quality])
     if result.accepted and state is InstanceState.received:  # a new instance: the worker's input
-        session.add(_normalized_image(instance.id, result))
-    return Outcome(instance.id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
+        session.execute(insert(NormalizedImage), [_normalized_image(instance_id, result)])
+    return Outcome(instance_id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
 
 
 def _earlier_instances(session: Session, sop_instance_uid: str | None, sha256: str) -> tuple[int | None, bool]:
@@ -270,14 +273,14 @@ def _study_id(session: Session, fields: dict[str, Any]) -> int:
     return session.execute(_STUDY_ID, {"uid": uid}).scalar_one()
 
 
-def _normalized_image(instance_id: int, result: AcceptedResult) -> NormalizedImage:
+def _normalized_image(instance_id: int, result: AcceptedResult) -> dict[str, Any]:
     from ingest.pixels import PREPROCESSING_VERSION
 
     image = result.image
     # A decode process encodes the PNG beside decoding (that work scales with the processes); else it is done here.
     png = result.png if result.png is not None else encode_png(image)
-    return NormalizedImage(instance_id=instance_id, preprocessing_version=PREPROCESSING_VERSION,
-                           png=png, mean=float(image.mean()), std=float(image.std()))
+    return {"instance_id": instance_id, "preprocessing_version": PREPROCESSING_VERSION, "png": png,
+            "mean": float(image.mean()), "std": float(image.std())}
 
 
 def set_stored_path(settings: Settings, instance_id: int, stored_path: Path | None) -> None:
