@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,7 +49,9 @@ _RECORDED_FILE = (select(Instance.id, Instance.stored_path)
 _SAME_SOP_INSTANCE = (select(Instance.id, Instance.duplicate_of_id, Instance.file_sha256, Instance.state)
                       .where(Instance.sop_instance_uid == bindparam("uid")).order_by(Instance.id))
 _STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
-_INSERT_INSTANCE = insert(Instance).returning(Instance.id)
+_INSTANCES, _CHECKS, _IMAGES = (cast(Table, model.__table__)
+                                for model in (Instance, QualityCheckRecord, NormalizedImage))
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
 
 
 @dataclass(frozen=True)
@@ -228,15 +230,17 @@ def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, 
         study_id=_study_id(session, fields) if result.accepted and not conflict and fields.get("study_instance_uid")
         else None,
     )
-    # Plain INSERTs (no unit of work): the ORM's flush of one new object cost about as much as the rest of a file.
-    instance_id: int = session.execute(_INSERT_INSTANCE, instance).scalar_one()
+    # Plain INSERTs into the tables (no unit of work, no ORM bulk path): the ORM's flush of one new object cost
+    # about as much as the rest of a file.
+    connection = session.connection()
+    instance_id: int = connection.execute(_INSERT_INSTANCE, instance).scalar_one()
     if state is not InstanceState.duplicate and result.quality:  # a copy's checks are its primary's
-        session.execute(insert(QualityCheckRecord), [
+        connection.execute(insert(_CHECKS), [
             {"instance_id": instance_id, "check_name": check.check, "decision": check.decision,
              "finding": check.finding, "score": check.score, "confident": check.confident, "action": check.action,
              "evidence": check.evidence, "version": check.version, "created_at": now} for check in result.quality])
     if result.accepted and state is InstanceState.received:  # a new instance: the worker's input
-        session.execute(insert(NormalizedImage), [_normalized_image(instance_id, result)])
+        connection.execute(insert(_IMAGES), [_normalized_image(instance_id, result)])
     return Outcome(instance_id, state, reason, message, disposal, primary_id, conflict, sop_instance_uid)
 
 
