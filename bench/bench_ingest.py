@@ -6,7 +6,9 @@ CPU cost of this checkout's pipeline against a baseline beside one VGG16 forward
    processes on PostgreSQL + Redis: one ingester with 1 decode process, one with ``--processes``,
    and two ingesters with ``processes / 2`` each (the same total). Files/s = N / (last row's
    commit - drop). Configurations are interleaved, ``--rounds`` times, and the median is taken,
-   so that other load on a shared machine weighs on all of them.
+   so that other load on a shared machine weighs on all of them. ``--throughput-baseline REVISION``
+   adds that revision's ingester (extracted with ``git archive``) with 1 and ``--processes`` decode
+   processes to the interleaving, so that a change to the loop is measured against its parent in one run.
 2. **Per syntax** (one core, one thread, CPU time): parse + normalize, and parse + decode alone, of
    every shared file with this checkout's pipeline and with a baseline: ``--baseline old-decoders``
    (pylibjpeg, JPEG 2000 at full resolution: ``cxr-norm-3``'s decoders with this checkout's steps)
@@ -22,6 +24,7 @@ Usage::
 
     python bench/bench_ingest.py [--n 60] [--processes 2] [--rounds 2] [--json out.json]
     python bench/bench_ingest.py --parts throughput --database sqlite --cpus 0,1   # two quiet cores, no servers
+    python bench/bench_ingest.py --parts throughput --database sqlite --throughput-baseline REVISION
     python bench/bench_ingest.py --parts per-syntax --baseline REVISION [--rounds 3] [--repeats 5]   # no servers
 """
 
@@ -96,14 +99,15 @@ def _pin() -> None:
 
 
 def start_ingester(data_dir: Path, url: str, processes: int, log_path: Path,
-                   extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                   extra: dict[str, str] | None = None, root: Path = REPO_ROOT) -> subprocess.Popen[bytes]:
+    """A ``covid-cxr ingest`` of the source tree ``root`` (this checkout, or an extracted baseline revision)."""
     broker = broker_for(url)
     env = {**os.environ, "COVID_CXR_DATABASE_URL": url, "COVID_CXR_PSEUDONYM_KEY": KEY,
            "COVID_CXR_SETTLE_SECONDS": "0.2", "COVID_CXR_DECODE_PROCESSES": str(processes),
            **({"COVID_CXR_BROKER_URL": broker} if broker else {}), **(extra or {})}
     with log_path.open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "covid_cxr", "ingest", "--data-dir", str(data_dir)],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, preexec_fn=_pin)
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, preexec_fn=_pin)
     deadline = time.monotonic() + 180
     while "watching" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -158,7 +162,7 @@ def rows_committed(url: str) -> tuple[int, float | None]:
 
 
 def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, workdir: Path,
-               database: str) -> dict[str, Any]:
+               database: str, root: Path = REPO_ROOT) -> dict[str, Any]:
     from covid_cxr.settings import load_settings
     from db.migrate import upgrade
 
@@ -168,8 +172,8 @@ def throughput(dicom_dir: Path, n: int, ingesters: int, processes_each: int, wor
         upgrade(load_settings(data_dir=data_dir, database_url=url, broker_url=broker_for(url)))
         (data_dir / "inbox").mkdir(parents=True)
         names = stage(dicom_dir, n, data_dir / "staging")
-        running = [start_ingester(data_dir, url, processes_each, workdir / f"ingest-{uuid.uuid4().hex[:6]}.log")
-                   for _ in range(ingesters)]
+        running = [start_ingester(data_dir, url, processes_each, workdir / f"ingest-{uuid.uuid4().hex[:6]}.log",
+                                  root=root) for _ in range(ingesters)]
         try:
             time.sleep(2.0)  # the decode processes have imported the reader
             before = [tree_cpu_seconds(p.pid) for p in running]
@@ -435,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                              "embedded default: needs no server)")
     parser.add_argument("--baseline", default="old-decoders",
                         help="per syntax: 'old-decoders' or a git revision whose pipeline to compare with")
+    parser.add_argument("--throughput-baseline", metavar="REVISION",
+                        help="throughput: also time that git revision's ingester (1 x 1 and 1 x --processes), "
+                             "interleaved with this checkout's; it must share this checkout's database schema")
     parser.add_argument("--cpus", help="pin the ingesters and their decode processes to these CPUs, e.g. 0,1 "
                         "(two quiet cores of a larger machine)")
     parser.add_argument("--json", type=Path)
@@ -447,14 +454,21 @@ def main(argv: list[str] | None = None) -> int:
     configurations = {"1 ingester x 1 process": (1, 1),
                       f"1 ingester x {args.processes} processes": (1, args.processes),
                       f"2 ingesters x {args.processes // 2} process(es)": (2, max(1, args.processes // 2))}
-    measured: dict[str, list[dict[str, Any]]] = {label: [] for label in configurations}
+    roots = dict.fromkeys(configurations, REPO_ROOT)
     result: dict[str, Any] = {"database": args.database, "cpus": args.cpus}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
+        if "throughput" in parts and args.throughput_baseline:
+            baseline_root = extract_revision(args.throughput_baseline, workdir)
+            for ingesters, processes in ((1, 1), (1, args.processes)):
+                label = f"baseline {args.throughput_baseline}: 1 ingester x {processes} process(es)"
+                configurations[label], roots[label] = (ingesters, processes), baseline_root
+        measured: dict[str, list[dict[str, Any]]] = {label: [] for label in configurations}
         if "throughput" in parts:
             for round_index in range(args.rounds):
                 for label, (ingesters, processes) in configurations.items():
-                    run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir, args.database)
+                    run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir, args.database,
+                                     roots[label])
                     measured[label].append(run)
                     print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU s/file "
                           f"{run['loop_cpu_s_per_file']:.3f} loop + {run['decode_cpu_s_per_file']:.3f} decode, "

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
 from pathlib import Path
-
-import dataclasses
 
 import cv2
 import numpy as np
