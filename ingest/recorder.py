@@ -127,10 +127,14 @@ def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, res
     Retries once when a concurrent ingester committed the same SOPInstanceUID first (the
     partial unique index on primary rows makes the second one a duplicate or conflict).
     """
+    return _record_alone(settings, FileToRecord(path, rel_name, file_size, result))
+
+
+def _record_alone(settings: Settings, file: FileToRecord) -> Outcome:
     for attempt in (1, 2):
         try:
             with session_scope(settings) as session:
-                return _record(session, settings, path=path, rel_name=rel_name, file_size=file_size, result=result)
+                return _record(session, settings, file)
         except IntegrityError:
             if attempt == 2:
                 raise
@@ -151,22 +155,20 @@ def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outc
     if len(files) > 1:
         try:
             with session_scope(settings) as session:
-                return [_record(session, settings, path=file.path, rel_name=file.rel_name, file_size=file.file_size,
-                                result=file.result) for file in files]
+                return [_record(session, settings, file) for file in files]
         except Exception:  # one by one below: the errors, if any, land on the files that cause them
             pass
     outcomes: list[Outcome | Exception] = []
     for file in files:
         try:
-            outcomes.append(record(settings, path=file.path, rel_name=file.rel_name, file_size=file.file_size,
-                                   result=file.result))
+            outcomes.append(_record_alone(settings, file))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
 
 
-def _record(session: Session, settings: Settings, *, path: Path, rel_name: str, file_size: int,
-            result: ReadResult) -> Outcome:
+def _record(session: Session, settings: Settings, file: FileToRecord) -> Outcome:
+    path, rel_name, file_size, result = file.path, file.rel_name, file.file_size, file.result
     metadata = result.metadata
     fields = metadata.to_dict() if metadata is not None else {}
     sop_instance_uid = fields.get("sop_instance_uid")
