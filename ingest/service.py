@@ -339,15 +339,18 @@ class IngestService:
             return
         self._begin(claim, path)
 
+    def _decoded_items(self) -> list[_InFlight]:
+        """The files decoded and not yet booked: waiting for a recorder thread, or being recorded."""
+        return [decoded.item for decoded in self._to_record] + [
+            item for items in self._recording.values() for item in items]
+
     @property
     def _files_recording(self) -> int:
-        return len(self._to_record) + sum(len(items) for items in self._recording.values())
+        return len(self._decoded_items())
 
     @property
     def _files_with_bytes(self) -> int:
-        waiting = [decoded.item for decoded in self._to_record]
-        recording = [item for items in self._recording.values() for item in items]
-        return len(self._in_flight) + sum(item.data is not None for item in (*waiting, *recording))
+        return len(self._in_flight) + sum(item.data is not None for item in self._decoded_items())
 
     def _group_due(self, now: float) -> bool:
         """Whether the decoded files waiting should be written now rather than wait for more."""
@@ -404,9 +407,7 @@ class IngestService:
         A step that failed while the inbox was away (renamed, unmounted) can neither finish its file
         nor give it back; the file waits in the claim folder until this sweep, not until shutdown.
         """
-        recording = [item for items in self._recording.values() for item in items]
-        busy = {item.claim.path for item in (*self._in_flight.values(), *recording)}
-        busy |= {decoded.item.claim.path for decoded in self._to_record}
+        busy = {item.claim.path for item in (*self._in_flight.values(), *self._decoded_items())}
         busy |= {claim.path for claim in self._adopted}
         forgotten = [claim for claim in self.claims.held() if claim.path not in busy]
         if forgotten:
@@ -564,21 +565,20 @@ class IngestService:
         Safe in a recorder thread: it touches no state of the loop. A file written to (or swapped)
         since it was read is not recorded: its ``FileChanged`` has it judged again, as it is now.
         """
-        answers: list[Outcome | Exception] = []
-        unchanged: list[int] = []
-        for index, decoded in enumerate(group):
-            answers.append(FileChanged("changed after it was read"))  # replaced below for every unchanged file
-            if is_unchanged(decoded.item.claim.path, decoded.item.identity):
-                unchanged.append(index)
+        unchanged = [index for index, decoded in enumerate(group)
+                     if is_unchanged(decoded.item.claim.path, decoded.item.identity)]
         files = [FileToRecord(group[index].item.claim.inbox_path, group[index].item.claim.rel_name,
                               group[index].item.size, group[index].result) for index in unchanged]
-        for index, outcome in zip(unchanged, record_group(self.settings, files), strict=True):
-            if isinstance(outcome, Outcome):
+        recorded = dict(zip(unchanged, record_group(self.settings, files), strict=True))
+        answers: list[Outcome | Exception] = []
+        for index, decoded in enumerate(group):
+            answer = recorded[index] if index in recorded else FileChanged("changed after it was read")
+            if isinstance(answer, Outcome):
                 try:
-                    outcome = self._dispose(group[index], outcome)
+                    answer = self._dispose(decoded, answer)
                 except Exception as exc:  # the rows are committed: the next attempt finds them and finishes this
-                    outcome = exc
-            answers[index] = outcome
+                    answer = exc
+            answers.append(answer)
         return answers
 
     def _dispose(self, decoded: _Decoded, outcome: Outcome) -> Outcome:
@@ -738,7 +738,7 @@ class _Resources:
             assert isinstance(policy, ReaderPolicy)
             self.pool = DecodePool(policy, processes=settings.decode_process_count,
                                    memory_mb=settings.decode_memory_mb, timeout_seconds=settings.decode_timeout_seconds,
-                                   on_result=wake)
+                                   on_result=wake, encode_png=True)
         if self.recorders is None:
             # SQLite takes one writer at a time; a server database takes one per decode process.
             self.recorder_threads = 1 if settings.database.startswith("sqlite") else settings.decode_process_count

@@ -147,6 +147,30 @@ def test_files_decoded_together_are_recorded_in_one_transaction(settings, dicom_
     assert sum(inserts_per_commit) == 12 and max(inserts_per_commit) >= 2, inserts_per_commit
 
 
+def test_a_file_written_to_after_it_was_read_is_left_out_of_its_group(settings, dicom_dir):
+    """The group's other files are recorded; the changed one gets FileChanged (judged again later) and no row."""
+    from ingest.inbox import FileChanged
+    from ingest.reader import ReaderPolicy, read_radiograph
+    from ingest.service import _Decoded
+
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    try:
+        group = []
+        for rel, name in (("kept.dcm", SIIM), ("changed.dcm", SMALL_CHEST)):
+            claim = service.claims.claim(_drop(settings, dicom_dir / name, rel))
+            item = service._begin(claim, None, submit=False)
+            group.append(_Decoded(item, read_radiograph(item.data, ReaderPolicy.from_settings(settings)), 0.0, 0.0))
+        with group[1].item.claim.path.open("ab") as handle:  # a writer still holding the file appends
+            handle.write(b"more")
+        kept, changed = service._record_and_dispose_group(group)
+    finally:
+        service.close()
+    assert isinstance(changed, FileChanged)
+    assert not isinstance(kept, Exception) and kept.state == "received"
+    assert [row.file_name for row in _rows(settings)] == ["kept.dcm"]
+
+
 def test_each_file_is_hashed_once(settings, dicom_dir, monkeypatch):
     data = (dicom_dir / SIIM).read_bytes()
     sha256, hashed = hashlib.sha256, []
