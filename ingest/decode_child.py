@@ -5,9 +5,9 @@ imports the reader and nothing above ``ingest`` (no TensorFlow, no database), ca
 address space (``RLIMIT_AS``), asks the kernel to kill it when its parent dies, and then
 answers messages on stdin/stdout (:mod:`multiprocessing.connection` framing, pickled):
 
-* ``("policy", ReaderPolicy)``: the acceptance policy for what follows (no answer);
-* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``; an accepted result carries
-  its image PNG-encoded as the database stores it.
+* ``("policy", ReaderPolicy, encode_png)``: the acceptance policy for what follows, and whether an
+  accepted result carries its image PNG-encoded as the database stores it (no answer);
+* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``.
 
 A read that ran out of memory is answered ``too_large`` with ``exiting`` true, and the
 process exits: its heap may be fragmented or a C library left in a bad state, and a fresh
@@ -51,20 +51,21 @@ def main(argv: list[str]) -> int:
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     policy: ReaderPolicy | None = None
+    encoding = False
     while True:
         try:
             message: Any = requests.recv()
         except EOFError:  # the pool closed the pipe: stop
             return 0
         if message[0] == "policy":
-            policy = message[1]
+            _, policy, encoding = message
             continue
         _, job, data, sha256 = message
         if policy is None:
             raise RuntimeError("a read request arrived before the policy")
         result = read_radiograph(data, policy, sha256=sha256)
         del data
-        if result.accepted:  # the ingester stores this PNG: encoded here, where the work scales with the processes
+        if encoding and result.accepted:  # the ingester stores this PNG: encoded here, where the work scales
             result = dataclasses.replace(result, png=encode_png(result.image))
         exiting = not result.accepted and _ran_out_of_memory(result.rejection)
         if exiting:

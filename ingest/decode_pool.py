@@ -69,10 +69,13 @@ class DecodePool:
         Wall-clock limit per file; a process that exceeds it is killed and its file rejected ``decode_timeout``.
     on_result
         Called (from a pool thread) after each result is ready.
+    encode_png
+        Whether an accepted result also carries its image as the PNG the database stores (the
+        ingester records it; training has no use for it).
     """
 
     def __init__(self, policy: ReaderPolicy, *, processes: int, memory_mb: int, timeout_seconds: float,
-                 on_result: Callable[[], None] | None = None) -> None:
+                 on_result: Callable[[], None] | None = None, encode_png: bool = False) -> None:
         if processes < 1:
             raise ValueError(f"a decode pool needs at least one process, got {processes}")
         self.policy = policy
@@ -80,6 +83,7 @@ class DecodePool:
         self.memory_mb = memory_mb
         self.timeout_seconds = timeout_seconds
         self._on_result = on_result
+        self.encode_png = encode_png
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._done: deque[Decoded] = deque()
         self._lock = threading.Lock()
@@ -261,7 +265,7 @@ class _Slot:
         self.answers = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         self.process.stdin.close()
         self.process.stdout.close()
-        self.requests.send(("policy", self.pool.policy))
+        self.requests.send(("policy", self.pool.policy, self.pool.encode_png))
         log.debug("decode process %d started (memory limit %d MiB)", self.process.pid, self.pool.memory_mb)
 
     def stop(self, *, kill: bool = False) -> None:

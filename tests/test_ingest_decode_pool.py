@@ -55,7 +55,7 @@ def test_results_equal_reading_in_process_and_no_process_loads_tensorflow(dicom_
     import tensorflow  # noqa: F401 - training's situation: the parent has TensorFlow loaded
 
     files = {path.name: path.read_bytes() for path in sorted(dicom_dir.glob("*.dcm"))}
-    with DecodePool(POLICY, processes=2, memory_mb=1536, timeout_seconds=60) as pool:
+    with DecodePool(POLICY, processes=2, memory_mb=1536, timeout_seconds=60, encode_png=True) as pool:
         results = dict(pool.read_all(_job(name, data) for name, data in files.items()))
         for pid in pool.pids:
             maps = Path(f"/proc/{pid}/maps").read_text()
@@ -70,11 +70,19 @@ def test_results_equal_reading_in_process_and_no_process_loads_tensorflow(dicom_
                                                                                 here.sha256, here.metadata), name
         if here.accepted:
             np.testing.assert_array_equal(there.image, here.image)
-            assert there.png is not None, name  # encoded beside decoding, as the database stores it
+            assert there.png is not None, name  # encoded beside decoding, as the ingester stores it
             np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(there.png, np.uint8), cv2.IMREAD_UNCHANGED),
                                           here.image)
         else:
             assert there.rejection.message == here.rejection.message
+
+
+def test_a_pool_encodes_png_only_when_asked(dicom_dir: Path) -> None:
+    """Training reads through the same processes and has no use for the PNG the ingester stores."""
+    data = (dicom_dir / SMALL_CHEST).read_bytes()
+    with DecodePool(POLICY, processes=1, memory_mb=1536, timeout_seconds=60) as pool:
+        result = _one(pool, "training", data)
+    assert result.accepted and result.png is None
 
 
 def test_a_decode_process_keeps_the_heap_a_file_freed_for_the_next_one(dicom_dir: Path,
