@@ -242,16 +242,19 @@ def wait_for_predictions(settings, names: set[str], timeout: float, processes) -
         time.sleep(0.25)
 
 
-def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: Path) -> Result:
+def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: Path, *, when_idle: bool = True,
+             label: str | None = None) -> Result:
     from covid_cxr.settings import load_settings
 
-    data_dir = workdir / mode / "data"
-    inbox = workdir / mode / "inbox"
+    label = label or mode
+    data_dir = workdir / label / "data"
+    inbox = workdir / label / "inbox"
     env_settings = {
         "COVID_CXR_DATA_DIR": str(data_dir),
         "COVID_CXR_INBOX_DIR": str(inbox),
         "COVID_CXR_BATCH_SIZE": str(args.batch_size),
         "COVID_CXR_BATCH_MAX_WAIT_SECONDS": str(args.batch_max_wait),
+        "COVID_CXR_BATCH_WHEN_IDLE": "true" if when_idle else "false",
     }
     database = None
     if mode == "distributed":
@@ -265,9 +268,9 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
     processes: list[subprocess.Popen[bytes]] = []
     try:
         register_model(settings, artifact_dir)
-        staged = stage_files(args.dicom_dir, args.n + 1, workdir / mode / "staging")
+        staged = stage_files(args.dicom_dir, args.n + 1, workdir / label / "staging")
         env = service_env(env_settings)
-        logs = workdir / mode
+        logs = workdir / label
         if mode == "embedded":
             processes.append(start([sys.executable, "-m", "covid_cxr", "serve"], env, logs / "serve.log"))
         else:
@@ -291,7 +294,7 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
         last_prediction = max(done[name] for name in dropped)
         latencies = sorted((done[name] - dropped[name]).total_seconds() for name in dropped)
         throughput = len(dropped) / (last_prediction - first_drop).total_seconds()
-        return Result(mode=mode, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
+        return Result(mode=label, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
                       latency_p50_s=statistics.median(latencies),
                       latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
                       mean_batch=mean_batch_size(settings, set(dropped)), wall_s=wall)
@@ -333,7 +336,9 @@ def markdown_table(results: list[Result]) -> str:
     names = {"embedded": "embedded (`serve`: SQLite + folder broker)",
              "distributed": "distributed (`ingest` + `worker`: PostgreSQL + Redis)"}
     for r in results:
-        lines.append(f"| {names[r.mode]} | {r.n} | {r.mean_batch:.1f} | {r.pipeline_images_per_s:.2f} | "
+        mode, _, variant = r.mode.partition(", ")
+        name = names[mode] + (f", {variant}" if variant else "")
+        lines.append(f"| {name} | {r.n} | {r.mean_batch:.1f} | {r.pipeline_images_per_s:.2f} | "
                      f"{r.latency_p50_s:.1f} s | {r.latency_p95_s:.1f} s | {r.bare_model_images_per_s:.2f} | "
                      f"{r.ratio:.2f} | {r.cpu_bound_ratio:.2f} |")
     return "\n".join(lines)
@@ -352,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
     parser.add_argument("--batch-max-wait", type=float, default=2.0, help="partial batch wait, seconds (default 2)")
     parser.add_argument("--modes", default="embedded,distributed", help="embedded, distributed or both")
+    parser.add_argument("--batch-when-idle", choices=("true", "false", "both"), default="true",
+                        help="COVID_CXR_BATCH_WHEN_IDLE; 'both' runs each mode without, then with, early partial "
+                             "batches (default true)")
     parser.add_argument("--dicom-dir", type=Path, default=DEFAULT_DICOM_DIR)
     parser.add_argument("--redis-url", default=BENCH_REDIS_URL, help=f"flushed before use (default {BENCH_REDIS_URL})")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the N predictions")
@@ -369,18 +377,21 @@ def main(argv: list[str] | None = None) -> int:
         cores = len(os.sched_getaffinity(0))
         print(f"ingest (read + normalize): {ingest_cost:.2f} s per image on one core", flush=True)
         results = []
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        variants = {"true": [True], "false": [False], "both": [False, True]}[args.batch_when_idle]
+        runs = [(mode, idle) for mode in [m.strip() for m in args.modes.split(",") if m.strip()] for idle in variants]
+        for mode, idle in runs:
+            label = f"{mode}, batch when idle: {str(idle).lower()}" if len(variants) > 1 else mode
             # The bare model is timed just before and just after each mode and averaged, so that
             # other load on the machine affects both sides of the ratio alike.
             before = bare.images_per_s(batches)
-            result = run_mode(mode, args, artifact.directory, workdir)
+            result = run_mode(mode, args, artifact.directory, workdir, when_idle=idle, label=label)
             after = bare.images_per_s(batches)
             result.bare_model_images_per_s = (before + after) / 2
             result.ratio = result.pipeline_images_per_s / result.bare_model_images_per_s
             # If decoding and the model share the same cores, each image costs cores/bare + ingest_cost core-seconds.
             result.cpu_bound_ratio = 1 / (1 + ingest_cost * result.bare_model_images_per_s / cores)
             result.load_average = load_average()
-            print(f"{mode}: {result.pipeline_images_per_s:.2f} images/s; bare model {before:.2f} before, {after:.2f} "
+            print(f"{label}: {result.pipeline_images_per_s:.2f} images/s; bare model {before:.2f} before, {after:.2f} "
                   f"after; ratio {result.ratio:.2f} (CPU-bound ceiling {result.cpu_bound_ratio:.2f}); "
                   f"load average {result.load_average}", flush=True)
             results.append(result)

@@ -52,6 +52,7 @@ _STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 _INSTANCES, _CHECKS, _IMAGES = (cast(Table, model.__table__)
                                 for model in (Instance, QualityCheckRecord, NormalizedImage))
 _INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_ANY_QUEUED = select(Instance.id).where(Instance.state == InstanceState.queued).limit(1)
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,12 @@ def set_stored_path(settings: Settings, instance_id: int, stored_path: Path | No
     with session_scope(settings) as session:
         session.execute(update(Instance).where(Instance.id == instance_id)
                         .values(stored_path=None if stored_path is None else str(stored_path), updated_at=_utcnow()))
+
+
+def any_queued(settings: Settings) -> bool:
+    """Whether some instance is ``queued``: sent in a batch that no worker has finished (one indexed probe)."""
+    with create_engine_for(settings).connect() as connection:
+        return connection.execute(_ANY_QUEUED).first() is not None
 
 
 def counts_by_state(settings: Settings) -> dict[str, int]:

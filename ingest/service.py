@@ -66,6 +66,7 @@ from ingest.metrics import observe_file
 from ingest.recorder import (
     FileToRecord,
     Outcome,
+    any_queued,
     counts_by_state,
     find_recorded_file,
     record_group,
@@ -101,47 +102,82 @@ RECORD_GROUP_MAX = 16
 
 
 class Batcher:
-    """Groups instance ids into batches of ``batch_size``; a partial batch leaves after ``max_wait_seconds``.
+    """Groups instance ids into batches of ``batch_size``; a partial batch leaves after ``max_wait_seconds``,
+    or sooner when the workers are idle.
 
     ``send(ids) -> bool`` publishes one batch; ``False`` (broker down) drops the batch from
     here: its instances stay ``received`` in the database, where reconciliation finds them.
+
+    ``idle() -> bool``, when given, says that no batch sent earlier is still waiting for or in a worker.
+    It is asked at most every ``idle_check_seconds`` while a partial batch waits, and a ``True`` sends
+    the batch at once: holding images back while every worker is idle only adds latency, and the
+    first batch of a burst no longer waits for 32 files before the model starts. While the workers
+    are busy a partial batch fills up as before, so a busy fleet still gets full batches.
     """
 
     def __init__(self, batch_size: int, max_wait_seconds: float, send: Callable[[list[int]], bool],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, idle: Callable[[], bool] | None = None,
+                 idle_check_seconds: float = 0.25) -> None:
         self.batch_size = batch_size
         self.max_wait_seconds = max_wait_seconds
         self._send = send
         self._clock = clock
+        self._idle = idle
+        self._idle_check_seconds = idle_check_seconds
         self._pending: list[int] = []
         self._oldest: float | None = None
+        self._next_idle_check: float | None = None
         self.sent_batches = 0
         self.refused_batches = 0
+        #: Partial batches sent before their wait because the workers were idle.
+        self.sent_early = 0
 
     def add(self, instance_id: int) -> None:
         if not self._pending:
-            self._oldest = self._clock()
+            self._started_waiting()
         self._pending.append(instance_id)
         while len(self._pending) >= self.batch_size:
             self._emit(self.batch_size)
 
     def flush(self, *, force: bool = False) -> None:
-        """Send the partial batch if it waited ``max_wait_seconds`` (or now, with ``force``)."""
-        if self._pending and (force or self.seconds_until_due() == 0.0):
+        """Send the partial batch if it waited ``max_wait_seconds`` (or now, with ``force``), or if the workers
+        are idle (asked at most every ``idle_check_seconds``)."""
+        if not self._pending:
+            return
+        if force or self._seconds_until_wait_over() == 0.0:
             self._emit(len(self._pending))
+        elif self._idle is not None and self._next_idle_check is not None and self._clock() >= self._next_idle_check:
+            self._next_idle_check = self._clock() + self._idle_check_seconds
+            if self._idle():
+                self.sent_early += 1
+                self._emit(len(self._pending))
 
     def seconds_until_due(self) -> float | None:
-        if not self._pending or self._oldest is None:
-            return None
-        return max(0.0, self._oldest + self.max_wait_seconds - self._clock())
+        """Seconds until :meth:`flush` has something to do: the wait is over, or the next idle check."""
+        wait = self._seconds_until_wait_over()
+        if wait is None or self._idle is None or self._next_idle_check is None:
+            return wait
+        return min(wait, max(0.0, self._next_idle_check - self._clock()))
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    def _seconds_until_wait_over(self) -> float | None:
+        if not self._pending or self._oldest is None:
+            return None
+        return max(0.0, self._oldest + self.max_wait_seconds - self._clock())
+
+    def _started_waiting(self) -> None:
+        self._oldest = self._clock()
+        self._next_idle_check = self._oldest + self._idle_check_seconds
+
     def _emit(self, size: int) -> None:
         batch, self._pending = self._pending[:size], self._pending[size:]
-        self._oldest = self._clock() if self._pending else None
+        if self._pending:
+            self._started_waiting()
+        else:
+            self._oldest = self._next_idle_check = None
         if self._send(batch):
             self.sent_batches += 1
         else:
@@ -182,7 +218,8 @@ class IngestService:
             polling=settings.use_polling_observer,
         )
         self.batcher = Batcher(settings.batch_size, settings.batch_max_wait_seconds,
-                               lambda ids: enqueue(settings, ids))
+                               lambda ids: enqueue(settings, ids),
+                               idle=self._workers_idle if settings.batch_when_idle else None)
         self.presence = InboxPresence(self.watcher)
         self.watermark = DiskWatermark(settings)
         self.watermark.on_change = lambda _: self.publish_status()
@@ -237,9 +274,10 @@ class IngestService:
         self.watcher.start()
         self.presence.start()
         pool = self.pool
-        log.info("watching %s (settle %.1fs, batch %d or %.1fs, after ingest: %s, reconcile every %.0fs, "
+        log.info("watching %s (settle %.1fs, batch %d or %.1fs%s, after ingest: %s, reconcile every %.0fs, "
                  "%d decode process(es))", self.settings.inbox.resolve(), self.settings.settle_seconds,
-                 self.settings.batch_size, self.settings.batch_max_wait_seconds, self.settings.after_ingest,
+                 self.settings.batch_size, self.settings.batch_max_wait_seconds,
+                 " or when the workers are idle" if self.settings.batch_when_idle else "", self.settings.after_ingest,
                  self.settings.reconcile_interval_seconds, pool.processes)
         next_reconcile = 0.0  # at once: the start-up scan and a sweep for what a crash left behind
         next_progress = time.monotonic() + self._progress_interval
@@ -638,6 +676,17 @@ class IngestService:
             set_stored_path(self.settings, row.id, final)
 
     # --- queue ---------------------------------------------------------------------------------
+    def _workers_idle(self) -> bool:
+        """No sent batch is waiting for or in a worker (no ``queued`` instance), so a partial batch may leave now.
+
+        A database that cannot answer counts as busy: the batch then leaves after its wait, as without the check.
+        """
+        try:
+            return not any_queued(self.settings)
+        except Exception as exc:  # SQLAlchemy and driver errors alike: the wait still sends the batch
+            log.debug("could not ask whether the workers are idle: %s", type(exc).__name__)
+            return False
+
     def _send_due_batch(self, *, force: bool = False) -> None:
         try:
             self.batcher.flush(force=force)

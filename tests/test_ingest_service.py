@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from service_fixtures import RecordingPublisher as Publisher
 from service_fixtures import RunningIngester, wait_until
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 
 from covid_cxr.settings import load_settings
 from db.migrate import upgrade
@@ -47,6 +48,56 @@ def test_batcher_sends_full_batches_at_once_and_partial_ones_after_the_wait():
     assert sent[-1] == [6] and batcher.pending == 0 and batcher.seconds_until_due() is None
 
 
+def test_a_partial_batch_leaves_at_the_first_idle_check_while_the_workers_are_idle():
+    clock, sent, idle_calls = FakeClock(), [], []
+
+    def idle() -> bool:
+        idle_calls.append(clock.now)
+        return workers_idle
+
+    workers_idle = False
+    batcher = Batcher(3, 2.0, lambda ids: sent.append(ids) or True, clock=clock, idle=idle, idle_check_seconds=0.25)
+    batcher.add(1)
+    assert batcher.seconds_until_due() == 0.25, "the loop wakes for the idle check, not only after the wait"
+    batcher.flush()
+    assert idle_calls == [] and sent == [], "no check before idle_check_seconds: a burst gathers a little first"
+    clock.now = 0.25
+    batcher.flush()
+    batcher.flush()
+    assert idle_calls == [0.25] and sent == [], "busy workers: the batch keeps filling; asked once per interval"
+    assert batcher.seconds_until_due() == 0.25
+    workers_idle = True
+    clock.now = 0.5
+    batcher.add(2)
+    batcher.flush()
+    assert sent == [[1, 2]] and batcher.sent_early == 1 and batcher.pending == 0
+    assert batcher.seconds_until_due() is None
+    # A batch started later gets its own first check a quarter of a second after its first id.
+    clock.now = 10.0
+    batcher.add(3)
+    batcher.flush()
+    assert sent == [[1, 2]] and idle_calls == [0.25, 0.5]
+    clock.now = 10.25
+    batcher.flush()
+    assert sent == [[1, 2], [3]]
+
+
+def test_busy_workers_leave_the_partial_batch_to_its_wait_and_full_batches_never_wait():
+    clock, sent = FakeClock(), []
+    batcher = Batcher(2, 1.0, lambda ids: sent.append(ids) or True, clock=clock, idle=lambda: False)
+    batcher.add(1)
+    batcher.add(2)
+    assert sent == [[1, 2]], "a full batch leaves at once, idle or not"
+    batcher.add(3)
+    for step in range(1, 4):
+        clock.now = step * 0.25
+        batcher.flush()
+    assert sent == [[1, 2]]
+    clock.now = 1.0
+    batcher.flush()
+    assert sent == [[1, 2], [3]] and batcher.sent_early == 0
+
+
 def test_a_refused_batch_is_left_to_reconciliation():
     batcher = Batcher(2, 1.0, lambda ids: False, clock=FakeClock())
     batcher.add(1)
@@ -56,8 +107,10 @@ def test_a_refused_batch_is_left_to_reconciliation():
 
 @pytest.fixture
 def settings(tmp_path):
+    # The recording publisher marks nothing 'queued', so the workers always look idle: these tests pin the
+    # batches' composition, so partial batches wait their batch_max_wait_seconds (idle batching has its own tests).
     settings = load_settings(data_dir=tmp_path / "data", settle_seconds=0.3, batch_size=2, batch_max_wait_seconds=0.3,
-                             reconcile_interval_seconds=1.0)
+                             reconcile_interval_seconds=1.0, batch_when_idle=False)
     upgrade(settings)
     return settings
 
@@ -250,6 +303,27 @@ def test_delete_mode_removes_accepted_files_and_still_quarantines_rejects(tmp_pa
     assert Path(rejected.stored_path).is_file()
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+def test_a_partial_batch_leaves_early_only_while_no_batch_is_queued(tmp_path, dicom_dir):
+    """The real publisher (the embedded folder broker, no worker): the first file's batch of one leaves at once;
+    the second waits while the first is 'queued', and leaves as soon as a worker has finished the first."""
+    settings = load_settings(data_dir=tmp_path, settle_seconds=0.2, batch_max_wait_seconds=120.0,
+                             reconcile_interval_seconds=300.0)
+    upgrade(settings)
+    states = lambda: {row.file_name: row.state for row in _rows(settings)}  # noqa: E731
+    with RunningIngester(settings) as service:
+        _drop(settings, dicom_dir / SIIM, "first.dcm")
+        wait_until(lambda: states() == {"first.dcm": "queued"}, timeout=20, what="the first batch sent early")
+        _drop(settings, dicom_dir / SMALL_CHEST, "second.dcm")
+        wait_until(lambda: states().get("second.dcm") == "received", timeout=20, what="the second file recorded")
+        time.sleep(1.0)  # four idle checks
+        assert states() == {"first.dcm": "queued", "second.dcm": "received"}, "a worker is busy: keep filling"
+        assert service.batcher.pending == 1
+        with session_scope(settings) as session:  # what a worker's commit does at the end of its batch
+            session.execute(update(Instance).where(Instance.file_name == "first.dcm").values(state="predicted"))
+        wait_until(lambda: states()["second.dcm"] == "queued", timeout=5, what="the second batch sent early")
+    assert service.batcher.sent_early == 2 and service.batcher.sent_batches == 2
 
 
 def test_the_docs_document_every_setting():
