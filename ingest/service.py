@@ -282,6 +282,7 @@ class IngestService:
         next_reconcile = 0.0  # at once: the start-up scan and a sweep for what a crash left behind
         next_progress = time.monotonic() + self._progress_interval
         last_reported: tuple[object, ...] | None = None
+        rearmed = self.presence.rearmed
         self.started.set()
         try:
             while not self._stop.is_set():
@@ -292,6 +293,9 @@ class IngestService:
                 self._collect_recorded()  # first: it makes room for the next files
                 self._finish_decoded()
                 taking = self.may_take_files()
+                if self.presence.rearmed != rearmed:  # the inbox is back: what its absence stranded goes on now
+                    rearmed = self.presence.rearmed
+                    self._take_up_forgotten_claims()
                 if taking:
                     self._ready.extend(self.watcher.take_ready())
                     self._start_files()
@@ -438,6 +442,12 @@ class IngestService:
             else:
                 log.exception("a claimed file failed and could not be given back; it is adopted when this ingester "
                               "stops")
+
+    def _take_up_forgotten_claims(self) -> None:
+        try:
+            self._adopted.extend(self._forgotten_claims())
+        except OSError:
+            log.warning("could not look at the claim folder %s", self.claims.folder, exc_info=True)
 
     def _forgotten_claims(self) -> list[Claim]:
         """Files in this ingester's own claim folder that nothing works on any more, taken up again.
