@@ -10,7 +10,9 @@ worker`` on Redis + PostgreSQL) this script
 3. starts the service as an operator would (subprocesses), warms it up with one file,
 4. renames N files into the inbox at once (chest files of ``../shared/data/dicom`` cycled, each
    with fresh Study/Series/SOP Instance UIDs so that none is a duplicate), and
-5. reads from the database when each one's prediction was written.
+5. reads from the database when each one's prediction was written, and
+6. with ``--lone K``, then drops K files one at a time, each a second after the one before was predicted
+   (studies arriving alone, as at night), for the latency of a lone file.
 
 It prints end-to-end images/s (first drop -> last prediction), drop -> prediction latency
 p50/p95 (under that burst of N), the bare model's images/s and the ratio pipeline / bare model,
@@ -19,6 +21,7 @@ beside the ceiling of that ratio when decoding and the model share the same CPU 
 
     .venv/bin/python bench/bench_pipeline.py --n 96                  # both modes
     .venv/bin/python bench/bench_pipeline.py --modes embedded --n 32
+    .venv/bin/python bench/bench_pipeline.py --modes embedded --batch-when-idle both --lone 8
 
 Not a test: run on demand; nothing here is fetched from the network.
 """
@@ -71,6 +74,7 @@ class Result:
     cpu_bound_ratio: float = 0.0
     wall_s: float = 0.0
     load_average: str = ""
+    lone_latency_p50_s: float | None = None
 
 
 # --- preparation -------------------------------------------------------------------------------------
@@ -268,7 +272,8 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
     processes: list[subprocess.Popen[bytes]] = []
     try:
         register_model(settings, artifact_dir)
-        staged = stage_files(args.dicom_dir, args.n + 1, workdir / label / "staging")
+        staged = stage_files(args.dicom_dir, args.n + 1 + args.lone, workdir / label / "staging")
+        lone = [staged.pop() for _ in range(args.lone)]
         env = service_env(env_settings)
         logs = workdir / label
         if mode == "embedded":
@@ -294,10 +299,20 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
         last_prediction = max(done[name] for name in dropped)
         latencies = sorted((done[name] - dropped[name]).total_seconds() for name in dropped)
         throughput = len(dropped) / (last_prediction - first_drop).total_seconds()
-        return Result(mode=label, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
-                      latency_p50_s=statistics.median(latencies),
-                      latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-                      mean_batch=mean_batch_size(settings, set(dropped)), wall_s=wall)
+        result = Result(mode=label, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
+                        latency_p50_s=statistics.median(latencies),
+                        latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+                        mean_batch=mean_batch_size(settings, set(dropped)), wall_s=wall)
+        if lone:  # studies arriving one at a time, as at night: each dropped once the one before is predicted
+            lone_latencies = []
+            for path in lone:
+                time.sleep(1.0)
+                dropped_at = datetime.now(UTC)
+                path.rename(inbox / path.name)
+                done = wait_for_predictions(settings, {path.name}, 300, processes)
+                lone_latencies.append((done[path.name] - dropped_at).total_seconds())
+            result.lone_latency_p50_s = statistics.median(lone_latencies)
+        return result
     finally:
         for process in reversed(processes):
             stop(process)
@@ -331,8 +346,8 @@ def drop_postgres_database(url: str) -> None:
 
 def markdown_table(results: list[Result]) -> str:
     lines = ["| mode | N | mean batch | pipeline img/s | latency p50 | latency p95 | bare model img/s "
-             "| pipeline ÷ model | CPU-bound ceiling |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| pipeline ÷ model | CPU-bound ceiling | lone file latency p50 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"embedded": "embedded (`serve`: SQLite + folder broker)",
              "distributed": "distributed (`ingest` + `worker`: PostgreSQL + Redis)"}
     for r in results:
@@ -340,7 +355,8 @@ def markdown_table(results: list[Result]) -> str:
         name = names[mode] + (f", {variant}" if variant else "")
         lines.append(f"| {name} | {r.n} | {r.mean_batch:.1f} | {r.pipeline_images_per_s:.2f} | "
                      f"{r.latency_p50_s:.1f} s | {r.latency_p95_s:.1f} s | {r.bare_model_images_per_s:.2f} | "
-                     f"{r.ratio:.2f} | {r.cpu_bound_ratio:.2f} |")
+                     f"{r.ratio:.2f} | {r.cpu_bound_ratio:.2f} | "
+                     f"{'—' if r.lone_latency_p50_s is None else f'{r.lone_latency_p50_s:.2f} s'} |")
     return "\n".join(lines)
 
 
@@ -360,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-when-idle", choices=("true", "false", "both"), default="true",
                         help="COVID_CXR_BATCH_WHEN_IDLE; 'both' runs each mode without, then with, early partial "
                              "batches (default true)")
+    parser.add_argument("--lone", type=int, default=0,
+                        help="after the burst, drop this many files one at a time and report their median latency")
     parser.add_argument("--dicom-dir", type=Path, default=DEFAULT_DICOM_DIR)
     parser.add_argument("--redis-url", default=BENCH_REDIS_URL, help=f"flushed before use (default {BENCH_REDIS_URL})")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the N predictions")

@@ -194,9 +194,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=1024, description="Images per inference batch")
     batch_max_wait_seconds: float = Field(2.0, ge=0, description="Send a partial batch after this wait")
     batch_when_idle: bool = Field(
-        True, description="Send a partial batch sooner, within a quarter of a second, when no batch sent earlier is "
-        "waiting for or in a worker (no instance is 'queued'); false: partial batches always wait "
-        "batch_max_wait_seconds")
+        True, description="Send a partial batch a quarter of a second after its first image when the ingester holds "
+        "no more files and no batch sent earlier is waiting for or in a worker (no instance is 'queued'); false: "
+        "partial batches always wait batch_max_wait_seconds")
     inference_queue: str = Field("gpu", description="Celery queue for inference tasks")
     cpu_queue: str = Field("cpu", description="Celery queue for CPU jobs (evaluation)")
     max_attempts: int = Field(3, ge=1, description="Task attempts before an instance ends 'failed'")

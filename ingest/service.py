@@ -108,11 +108,11 @@ class Batcher:
     ``send(ids) -> bool`` publishes one batch; ``False`` (broker down) drops the batch from
     here: its instances stay ``received`` in the database, where reconciliation finds them.
 
-    ``idle() -> bool``, when given, says that no batch sent earlier is still waiting for or in a worker.
-    It is asked at most every ``idle_check_seconds`` while a partial batch waits, and a ``True`` sends
-    the batch at once: holding images back while every worker is idle only adds latency, and the
-    first batch of a burst no longer waits for 32 files before the model starts. While the workers
-    are busy a partial batch fills up as before, so a busy fleet still gets full batches.
+    ``idle() -> bool``, when given, says that nothing would join the batch soon and no worker has anything
+    to do (:meth:`IngestService._workers_idle`). It is asked at most every ``idle_check_seconds`` while a
+    partial batch waits, and a ``True`` sends the batch at once: holding a lone study back from idle
+    workers only adds latency. Otherwise a partial batch fills up as before, so bursts and busy fleets
+    still get full batches.
     """
 
     def __init__(self, batch_size: int, max_wait_seconds: float, send: Callable[[list[int]], bool],
@@ -687,10 +687,16 @@ class IngestService:
 
     # --- queue ---------------------------------------------------------------------------------
     def _workers_idle(self) -> bool:
-        """No sent batch is waiting for or in a worker (no ``queued`` instance), so a partial batch may leave now.
+        """The partial batch may leave now: this ingester has no more files in hand that would join it (none
+        settling, claimed, decoding or being recorded), and no sent batch is waiting for or in a worker (no
+        ``queued`` instance).
 
-        A database that cannot answer counts as busy: the batch then leaves after its wait, as without the check.
+        While files are in hand a burst is arriving: its batches fill up instead of starting the model on a
+        few images beside the decoding (measured slower on 2 cores). A database that cannot answer counts as
+        busy: the batch then leaves after its wait, as without the check.
         """
+        if self.watcher.waiting or self._ready or self._adopted or self._in_flight or self._decoded_items():
+            return False
         try:
             return not any_queued(self.settings)
         except Exception as exc:  # SQLAlchemy and driver errors alike: the wait still sends the batch

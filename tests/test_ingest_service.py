@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fresh_copies import write_fresh_copies
 from service_fixtures import RecordingPublisher as Publisher
 from service_fixtures import RunningIngester, wait_until
 from sqlalchemy import event, func, select, update
@@ -25,6 +26,8 @@ SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.151787520
 SMALL_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
 HIP = "pylibjpeg-data__RG2_JPLY_fixed.dcm"
 MR = "dcmfx-pydicom__MR_small_RLE.dcm"
+JPEG_LS_CHEST = "pylibjpeg-data__RG1_JLSN.dcm"
+J2K_CHEST = "pylibjpeg-data__966_fixed.dcm"
 
 
 class FakeClock:
@@ -305,24 +308,34 @@ def test_delete_mode_removes_accepted_files_and_still_quarantines_rejects(tmp_pa
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
 
 
-def test_a_partial_batch_leaves_early_only_while_no_batch_is_queued(tmp_path, dicom_dir):
-    """The real publisher (the embedded folder broker, no worker): the first file's batch of one leaves at once;
-    the second waits while the first is 'queued', and leaves as soon as a worker has finished the first."""
+def test_a_partial_batch_leaves_early_only_when_nothing_more_comes_and_no_batch_is_queued(tmp_path, dicom_dir):
+    """The real publisher (the embedded folder broker, no worker), batches of 32 or 120 s: a burst of three leaves
+    as one batch once the last is recorded; a lone file waits while that batch is 'queued', and leaves as soon as
+    a worker has finished it."""
     settings = load_settings(data_dir=tmp_path, settle_seconds=0.2, batch_max_wait_seconds=120.0,
-                             reconcile_interval_seconds=300.0)
+                             reconcile_interval_seconds=300.0, decode_processes=1)
     upgrade(settings)
     states = lambda: {row.file_name: row.state for row in _rows(settings)}  # noqa: E731
+    burst = {f"burst/{i}.dcm": "queued" for i in range(10)}
     with RunningIngester(settings) as service:
-        _drop(settings, dicom_dir / SIIM, "first.dcm")
-        wait_until(lambda: states() == {"first.dcm": "queued"}, timeout=20, what="the first batch sent early")
-        _drop(settings, dicom_dir / SMALL_CHEST, "second.dcm")
-        wait_until(lambda: states().get("second.dcm") == "received", timeout=20, what="the second file recorded")
+        # One decode process and slower syntaxes (JPEG-LS, JPEG 2000): the burst takes longer to decode than
+        # a partial batch's first idle check, so an early send that ignored the files in hand would split it.
+        sources = [dicom_dir / JPEG_LS_CHEST, dicom_dir / J2K_CHEST]
+        staged = write_fresh_copies(sources, len(burst), tmp_path / "staged", "{}.dcm".format)
+        (settings.inbox / "burst").mkdir(parents=True)
+        for path in staged:
+            path.rename(settings.inbox / "burst" / path.name)
+        wait_until(lambda: states() == burst, timeout=30, what="the burst sent early")
+        with session_scope(settings) as session:
+            assert len(set(session.scalars(select(Instance.batch_id)))) == 1, "a burst leaves as one batch"
+        _drop(settings, dicom_dir / SMALL_CHEST, "lone.dcm")
+        wait_until(lambda: states().get("lone.dcm") == "received", timeout=20, what="the lone file recorded")
         time.sleep(1.0)  # four idle checks
-        assert states() == {"first.dcm": "queued", "second.dcm": "received"}, "a worker is busy: keep filling"
+        assert states() == {**burst, "lone.dcm": "received"}, "a worker is busy: the batch keeps filling"
         assert service.batcher.pending == 1
         with session_scope(settings) as session:  # what a worker's commit does at the end of its batch
-            session.execute(update(Instance).where(Instance.file_name == "first.dcm").values(state="predicted"))
-        wait_until(lambda: states()["second.dcm"] == "queued", timeout=5, what="the second batch sent early")
+            session.execute(update(Instance).where(Instance.file_name.in_(burst)).values(state="predicted"))
+        wait_until(lambda: states()["lone.dcm"] == "queued", timeout=5, what="the lone file's batch sent early")
     assert service.batcher.sent_early == 2 and service.batcher.sent_batches == 2
 
 
