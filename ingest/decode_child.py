@@ -57,6 +57,8 @@ def main(argv: list[str]) -> int:
             message: Any = requests.recv()
         except EOFError:  # the pool closed the pipe: stop
             return 0
+        except OSError:  # the pipe ended inside a message: the ingester died while sending (SIGKILL follows)
+            return 1
         if message[0] == "policy":
             _, policy, encoding = message
             continue
@@ -73,7 +75,10 @@ def main(argv: list[str]) -> int:
                                       "(COVID_CXR_DECODE_MEMORY_MB)", reason=Reason.TOO_LARGE)
             result = RejectedResult(result.sha256, result.metadata, rejection, result.flags)
             log.warning("sha256=%s: out of memory; this decode process exits and is replaced", sha256)
-        answers.send(("result", job, result, exiting))
+        try:
+            answers.send(("result", job, result, exiting))
+        except OSError:  # BrokenPipeError: the ingester is gone, nobody to answer
+            return 1
         if exiting:
             return 0
 

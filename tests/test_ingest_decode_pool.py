@@ -227,3 +227,31 @@ def test_a_decode_process_logs_header_values_escaped(dicom_dir: Path, capfd: pyt
     assert result.reason == "wrong_modality"
     logged = capfd.readouterr().err
     assert "is not accepted" in logged and "\x1b" not in logged and "\x07" not in logged
+
+
+@pytest.mark.parametrize("cut", ["inside a request", "before an answer"])
+def test_a_decode_process_whose_ingester_died_exits_without_a_traceback(dicom_dir: Path, cut: str) -> None:
+    """An ingester SIGKILLed while sending a request (or before reading the answer) must not leave a traceback in
+    its log: the decode process sees the pipe end and exits quietly (its parent-death signal follows anyway)."""
+    import pickle
+    import struct
+
+    child = subprocess.Popen([sys.executable, "-m", "ingest.decode_child", "1024", "INFO"], cwd=REPO_ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    send = lambda message: child.stdin.write(struct.pack("!i", len(message)) + message)  # noqa: E731
+    send(pickle.dumps(("policy", POLICY, False)))
+    if cut == "inside a request":
+        request = pickle.dumps(("read", "job", (dicom_dir / SMALL_CHEST).read_bytes(), "0" * 64))
+        child.stdin.write(struct.pack("!i", len(request)) + request[: len(request) // 2])
+        child.stdin.close()
+    else:
+        send(pickle.dumps(("read", "job", (dicom_dir / SMALL_CHEST).read_bytes(), "0" * 64)))
+        child.stdin.flush()
+        child.stdout.close()  # nobody reads the answer
+    if not child.stdin.closed:
+        child.stdin.close()
+    assert child.wait(timeout=60) in (0, 1)
+    assert child.stderr is not None
+    stderr = child.stderr.read()
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
