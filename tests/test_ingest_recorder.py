@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from service_fixtures import changed_pixel_copy
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 
 from covid_cxr.reasons import Reason
 from covid_cxr.settings import load_settings
@@ -22,7 +22,14 @@ from db.session import create_engine_for, session_scope
 from ingest.inbox import carry_out, relative_name
 from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
-from ingest.recorder import FileToRecord, find_recorded_file, record, record_group, set_stored_path
+from ingest.recorder import (
+    FileToRecord,
+    any_queued,
+    find_recorded_file,
+    record,
+    record_group,
+    set_stored_path,
+)
 
 SIIM = "torchxrayvision__siim-acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 UNCOMPRESSED_CHEST = "dwv__gdcm-CR-MONO1-10-chest.dcm"
@@ -90,6 +97,17 @@ def test_a_rejected_file_is_recorded_with_its_reason_and_goes_to_quarantine(sett
     assert instance.study_id is None and instance.sop_instance_uid  # UIDs kept for duplicate detection
     with session_scope(settings) as session:
         assert session.get(NormalizedImage, outcome.instance_id) is None
+
+
+def test_any_queued_says_whether_a_sent_batch_is_unfinished(settings, dicom_dir):
+    """The ingester's "are the workers idle?" probe (``COVID_CXR_BATCH_WHEN_IDLE``), on both databases."""
+    outcome, _ = _record(settings, _drop(settings, dicom_dir / SIIM, "a.dcm"))
+    _record(settings, _drop(settings, dicom_dir / HIP, "hip.dcm"))  # a rejected row is never queued
+    assert not any_queued(settings), "received, not sent yet"
+    for state, queued in (("queued", True), ("predicted", False)):
+        with session_scope(settings) as session:
+            session.execute(update(Instance).where(Instance.id == outcome.instance_id).values(state=state))
+        assert any_queued(settings) is queued, state
 
 
 def test_a_file_that_is_not_dicom_is_rejected(settings):
