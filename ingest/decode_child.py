@@ -7,7 +7,12 @@ answers messages on stdin/stdout (:mod:`multiprocessing.connection` framing, pic
 
 * ``("policy", ReaderPolicy, encode_png)``: the acceptance policy for what follows, and whether an
   accepted result carries its image PNG-encoded as the database stores it (no answer);
-* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting)``.
+* ``("read", job, data, sha256)`` -> ``("result", job, ReadResult, exiting, None)``;
+* ``("read_path", job, path, identity)``: the same for a file this process reads itself (a claimed inbox
+  file: the ingester then neither reads nor hashes it; a rejected file's bytes come back as the last item),
+  answered ``("error", job, exception, False, None)``
+  when the file cannot be read (:func:`ingest.inbox.read_inbox_file`'s errors) or is no longer the file
+  of ``identity`` (device, inode, size, mtime), as the ingester saw it when it claimed it.
 
 A read that ran out of memory is answered ``too_large`` with ``exiting`` true, and the
 process exits: its heap may be fragmented or a C library left in a bad state, and a fresh
@@ -40,10 +45,13 @@ def main(argv: list[str]) -> int:
     requests = Connection(0, writable=False)
     _configure_logging(log_level)
 
+    from pathlib import Path
+
     import cv2
 
     from covid_cxr.errors import InputRejected
     from covid_cxr.reasons import Reason
+    from ingest.inbox import FileChanged, InboxEntryError, read_inbox_file
     from ingest.normalized_png import encode_png
     from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
 
@@ -62,10 +70,25 @@ def main(argv: list[str]) -> int:
         if message[0] == "policy":
             _, policy, encoding = message
             continue
-        _, job, data, sha256 = message
         if policy is None:
             raise RuntimeError("a read request arrived before the policy")
+        if message[0] == "read_path":
+            _, job, path, identity = message
+            try:
+                inbox_file = read_inbox_file(Path(path))
+                if inbox_file.identity != identity:
+                    raise FileChanged("replaced or written to since it was claimed")
+            except (OSError, InboxEntryError, FileChanged) as exc:
+                if not _answer(answers, ("error", job, exc, False, None)):
+                    return 1
+                continue
+            data, sha256 = inbox_file.data, inbox_file.sha256
+            del inbox_file
+        else:
+            _, job, data, sha256 = message
         result = read_radiograph(data, policy, sha256=sha256)
+        # A rejected file read here goes back with its bytes: its quarantine copy is written from what was judged.
+        judged = data if message[0] == "read_path" and not result.accepted else None
         del data
         if encoding and result.accepted:  # the ingester stores this PNG: encoded here, where the work scales
             result = dataclasses.replace(result, png=encode_png(result.image))
@@ -75,12 +98,20 @@ def main(argv: list[str]) -> int:
                                       "(COVID_CXR_DECODE_MEMORY_MB)", reason=Reason.TOO_LARGE)
             result = RejectedResult(result.sha256, result.metadata, rejection, result.flags)
             log.warning("sha256=%s: out of memory; this decode process exits and is replaced", sha256)
-        try:
-            answers.send(("result", job, result, exiting))
-        except OSError:  # BrokenPipeError: the ingester is gone, nobody to answer
+        if not _answer(answers, ("result", job, result, exiting, judged)):
             return 1
+        del judged
         if exiting:
             return 0
+
+
+def _answer(answers: Connection, message: tuple[Any, ...]) -> bool:
+    """Send one answer; ``False`` when the ingester is gone (BrokenPipeError: nobody to answer)."""
+    try:
+        answers.send(message)
+    except OSError:
+        return False
+    return True
 
 
 def _configure_logging(level: str) -> None:

@@ -47,11 +47,17 @@ _STOP = object()
 
 
 class Decoded(NamedTuple):
-    """One file's result: its key, what the reader made of it, and the seconds from sending it to the answer."""
+    """One file's result: its key, what the reader made of it, and the seconds from sending it to the answer.
+
+    ``result`` is the exception of :func:`ingest.inbox.read_inbox_file` (not a regular file, gone, changed
+    since it was claimed) when a file submitted by path could not be read as the file it was.
+    """
 
     key: Hashable
-    result: ReadResult
+    result: ReadResult | Exception
     seconds: float
+    #: The bytes judged, for a file read by path and rejected (its quarantine copy is written from them).
+    judged: bytes | None = None
 
 
 class DecodePool:
@@ -119,7 +125,15 @@ class DecodePool:
         """Queue one file's bytes for reading; its result comes back from :meth:`results` under ``key``."""
         with self._lock:
             self._submitted += 1
-        self._jobs.put((key, data, sha256))
+        self._jobs.put((key, ("read", data, sha256)))
+
+    def submit_path(self, key: Hashable, path: Path, identity: tuple[int, int, int, int]) -> None:
+        """Queue one file for a decode process to read itself (links never followed), if it is still the file of
+        ``identity``; its result carries the sha256 of the bytes read. A process that dies or overruns on it
+        gives a rejection whose sha256 is empty: the caller hashes the file then."""
+        with self._lock:
+            self._submitted += 1
+        self._jobs.put((key, ("read_path", str(path), identity)))
 
     @property
     def in_flight(self) -> int:
@@ -166,15 +180,17 @@ class DecodePool:
                 return
             self.wait(1.0)
             for decoded in self.results():
+                assert not isinstance(decoded.result, Exception), "only a file submitted by path has no result"
                 yield decoded.key, decoded.result
 
     def wait(self, timeout: float) -> None:
         """Sleep until a result is ready (one may be already) or ``timeout`` seconds pass."""
         self._ready.wait(timeout)
 
-    def _finish(self, key: Hashable, result: ReadResult, seconds: float) -> None:
+    def _finish(self, key: Hashable, result: ReadResult | Exception, seconds: float,
+                judged: bytes | None = None) -> None:
         with self._lock:
-            self._done.append(Decoded(key, result, seconds))
+            self._done.append(Decoded(key, result, seconds, judged))
             self._ready.set()
         if self._on_result is not None:
             self._on_result()
@@ -205,49 +221,52 @@ class _Slot:
                 job = self.pool._jobs.get()
                 if job is _STOP:
                     return
-                key, data, sha256 = job
+                key, request = job
                 started = time.monotonic()
-                result = self.read(data, sha256)
-                self.pool._finish(key, result, time.monotonic() - started)
+                result, judged = self.read(request)
+                self.pool._finish(key, result, time.monotonic() - started, judged)
         finally:
             self.stop()
 
-    def read(self, data: bytes, sha256: str) -> ReadResult:
+    def read(self, request: tuple[str, Any, Any]) -> tuple[ReadResult | Exception, bytes | None]:
         """One file's result; never raises (a failing process becomes the file's rejection)."""
+        kind, first, second = request
+        sha256 = second if kind == "read" else ""  # a file read by path: its sha256 comes with the answer
         for attempt in (1, 2):
             try:
                 self.ensure_started()
                 assert self.requests is not None and self.answers is not None
-                self.requests.send(("read", self.index, data, sha256))
+                self.requests.send((kind, self.index, first, second))
             except (OSError, EOFError, RuntimeError) as exc:  # the process died before it had the file
                 self.stop()
                 if attempt == 2:
                     return _rejected(sha256, f"no decode process could be started: {exc}",
-                                     Reason.INTERNAL_ERROR)
+                                     Reason.INTERNAL_ERROR), None
                 continue
             return self.await_answer(sha256)
         raise AssertionError("unreachable")
 
-    def await_answer(self, sha256: str) -> ReadResult:
+    def await_answer(self, sha256: str) -> tuple[ReadResult | Exception, bytes | None]:
         assert self.answers is not None and self.process is not None
         timeout = self.pool.timeout_seconds
         try:
             if self.answers.poll(timeout):
-                _, _, result, exiting = self.answers.recv()
+                # ("result", job, ReadResult, exiting, judged bytes or None) or ("error", job, exception, False, None)
+                _, _, result, exiting, judged = self.answers.recv()
                 if exiting:
                     self.stop()
-                return result  # type: ignore[no-any-return]
+                return result, judged
         except (OSError, EOFError):
             self.process.wait(timeout=10)
             code = self.process.returncode
             self.stop()
             return _rejected(sha256, f"the decode process died ({_describe_exit(code)}) while reading this file",
-                             Reason.DECODE_FAILED)
-        log.warning("sha256=%s: reading took longer than %.0f s; killing decode process %d", sha256, timeout,
+                             Reason.DECODE_FAILED), None
+        log.warning("sha256=%s: reading took longer than %.0f s; killing decode process %d", sha256 or "-", timeout,
                     self.process.pid)
         self.stop(kill=True)
         return _rejected(sha256, f"reading the file took longer than the limit of {timeout:g} s "
-                                 "(COVID_CXR_DECODE_TIMEOUT_SECONDS)", Reason.DECODE_TIMEOUT)
+                                 "(COVID_CXR_DECODE_TIMEOUT_SECONDS)", Reason.DECODE_TIMEOUT), None
 
     def ensure_started(self) -> None:
         if self.process is not None and self.process.poll() is None:

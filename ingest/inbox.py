@@ -42,6 +42,9 @@ class InboxEntryError(Exception):
         self.cause = cause
         self.message = message
 
+    def __reduce__(self) -> tuple[type[InboxEntryError], tuple[Reason, str]]:
+        return type(self), (self.cause, self.message)  # a decode process that read the entry sends it back
+
 
 class FileChanged(Exception):
     """The file changed while it was read, or before it was moved: its writer is not done yet."""

@@ -9,7 +9,10 @@ database round trips overlap with decoding. The steps, each testable alone:
    (several ingesters may watch one inbox; each file is claimed by exactly one of them).
 2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason, in a
    :class:`~ingest.decode_pool.DecodePool` process (memory cap, time limit); files above
-   ``max_file_bytes`` are rejected before they are read.
+   ``max_file_bytes`` are rejected before they are read. The decode process reads and hashes the
+   claimed file itself, checking it is still the file claimed (device, inode, size, mtime); whether
+   it was recorded before (a restart) is asked with the sha256 it returns. Kept files
+   (``after_ingest=keep``), met again at every start, are read here and asked before decoding.
 3. :func:`~ingest.recorder.record` commits the rows (and where the file will go).
 4. :func:`~ingest.inbox.carry_out` archives, keeps, deletes or quarantines the file.
 5. :class:`Batcher` groups new instances and the ``enqueue`` function sends one task per batch;
@@ -404,16 +407,28 @@ class IngestService:
         recorders = self._resources.recorders
         assert recorders is not None
         now = time.monotonic()
-        for key, result, seconds in self.pool.results():
+        for key, answer, seconds, judged in self.pool.results():
             item = self._in_flight.pop(cast(int, key))
-            if result.accepted:  # its bytes are needed no more (a quarantined file is written from what was judged)
-                item = dataclasses.replace(item, data=None)
-            self._to_record.append(_Decoded(item, result, seconds, now))
+            if judged is not None:
+                item = dataclasses.replace(item, data=judged)
+            self._guarded(item.watcher_path, item.claim,
+                          functools.partial(self._decoded, item, answer, seconds, now))
         while self._to_record and len(self._recording) < self._resources.recorder_threads and self._group_due(now):
             group = [self._to_record.popleft() for _ in range(min(RECORD_GROUP_MAX, len(self._to_record)))]
             future = recorders.submit(self._record_and_dispose_group, group)
             future.add_done_callback(lambda _: self.watcher.wake())
             self._recording[future] = [decoded.item for decoded in group]
+
+    def _decoded(self, item: _InFlight, answer: ReadResult | Exception, seconds: float, now: float) -> None:
+        """A decode process's answer: the file waits for a recorder thread, or was recorded before, or failed."""
+        if isinstance(answer, Exception):  # read by path, it was not the file claimed (or is no regular file now)
+            raise answer
+        item, result, known = self._with_sha256(item, answer)
+        if known:
+            return
+        if result.accepted:  # its bytes are needed no more (a quarantined file is written from what was judged)
+            item = dataclasses.replace(item, data=None)
+        self._to_record.append(_Decoded(item, result, seconds, now))
 
     def _collect_recorded(self) -> None:
         """Book the files the recorder threads are done with (or list and retry those that failed)."""
@@ -551,12 +566,18 @@ class IngestService:
             item = self._begin(claim, path, submit=False)
             if not isinstance(item, _InFlight):
                 return item
-            key = next(self._keys)
-            pool.submit(key, item.data or b"", item.sha256)
+            self._submit(next(self._keys), item)
             while not (results := pool.results()):
                 pool.wait(1.0)
-            [(_, result, seconds)] = results
-            return self._complete(item, result, seconds)
+            [(_, answer, seconds, judged)] = results
+            if judged is not None:
+                item = dataclasses.replace(item, data=judged)
+            if isinstance(answer, Exception):
+                raise answer
+            item, answer, known = self._with_sha256(item, answer)
+            if known:
+                return None
+            return self._complete(item, answer, seconds)
         except BaseException:
             self._give_back(claim)
             raise
@@ -577,24 +598,56 @@ class IngestService:
             sha256, identity = _hash_unread(claim.path)
             item = _InFlight(claim, watcher_path, None, identity, size, sha256)
             return self._complete(item, RejectedResult(sha256, None, rejection))
-        inbox_file = read_inbox_file(claim.path)
-        sha256 = inbox_file.sha256
-        known = find_recorded_file(self.settings, claim.path, claim.rel_name, sha256)
-        if known is not None:
-            self._finish_disposal(known, claim)
-            self._done(claim, watcher_path)
-            if known.state == InstanceState.received:  # its move failed before it was batched: send it now
-                self.batcher.add(known.id)
-            self.counts["already_recorded"] += 1
-            log.info("%s: already recorded as instance %d (%s), not processed again", claim.rel_name, known.id,
-                     known.state)
-            return None
-        item = _InFlight(claim, watcher_path, inbox_file.data, inbox_file.identity, size, sha256)
+        if self.settings.after_ingest != "keep":
+            # The decode process reads and hashes the file itself (the claim keeps it still): this loop, which
+            # all decode processes share, does neither. Whether it was recorded before is asked after decoding.
+            info = os.lstat(claim.path)
+            if not stat.S_ISREG(info.st_mode):
+                read_inbox_file(claim.path)  # raises what the entry is: it is given back and listed
+            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            item = _InFlight(claim, watcher_path, None, identity, size, None)
+        else:
+            # Kept files stay in the inbox and are met again at every start: asked before decoding, by their bytes.
+            inbox_file = read_inbox_file(claim.path)
+            sha256 = inbox_file.sha256
+            if self._already_recorded(claim, watcher_path, sha256):
+                return None
+            item = _InFlight(claim, watcher_path, inbox_file.data, inbox_file.identity, size, sha256)
         if submit:
             key = next(self._keys)
             self._in_flight[key] = item
-            self.pool.submit(key, inbox_file.data, sha256)
+            self._submit(key, item)
         return item
+
+    def _submit(self, key: int, item: _InFlight) -> None:
+        if item.data is not None and item.sha256 is not None:
+            self.pool.submit(key, item.data, item.sha256)
+        else:
+            self.pool.submit_path(key, item.claim.path, item.identity)
+
+    def _already_recorded(self, claim: Claim, watcher_path: Path | None, sha256: str) -> bool:
+        """Whether this physical file is recorded already (a restart found it again): then its disposal is finished."""
+        known = find_recorded_file(self.settings, claim.path, claim.rel_name, sha256)
+        if known is None:
+            return False
+        self._finish_disposal(known, claim)
+        self._done(claim, watcher_path)
+        if known.state == InstanceState.received:  # its move failed before it was batched: send it now
+            self.batcher.add(known.id)
+        self.counts["already_recorded"] += 1
+        log.info("%s: already recorded as instance %d (%s), not processed again", claim.rel_name, known.id,
+                 known.state)
+        return True
+
+    def _with_sha256(self, item: _InFlight, result: ReadResult) -> tuple[_InFlight, ReadResult, bool]:
+        """A file its decode process read: its sha256 from the result (or hashed here, if the process failed on
+        it), and whether it was recorded before (then finished, not to be recorded again)."""
+        if item.sha256 is not None:
+            return item, result, False
+        if not result.sha256:
+            result = dataclasses.replace(result, sha256=_hash_unread(item.claim.path)[0])
+        item = dataclasses.replace(item, sha256=result.sha256)
+        return item, result, self._already_recorded(item.claim, item.watcher_path, result.sha256)
 
     def _complete(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
         """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now."""
@@ -637,8 +690,8 @@ class IngestService:
         if outcome.disposal.action == "keep":
             final: Path | None = self.claims.release(claim)
         else:
-            reason = outcome.reason_record(claim.rel_name, item.sha256) if outcome.disposal.action == "quarantine" \
-                else None
+            reason = outcome.reason_record(claim.rel_name, result.sha256) \
+                if outcome.disposal.action == "quarantine" else None
             final = carry_out(outcome.disposal, claim.path, reason, data=item.data)
         if final != outcome.disposal.destination:
             set_stored_path(self.settings, outcome.instance_id, final)
@@ -779,7 +832,8 @@ class _InFlight:
     data: bytes | None
     identity: tuple[int, int, int, int]
     size: int
-    sha256: str
+    #: ``None`` until its decode process has read it (a file read by path).
+    sha256: str | None
 
 
 class _Resources:

@@ -39,7 +39,7 @@ def _one(pool: DecodePool, key: str, data: bytes):  # type: ignore[no-untyped-de
     pool.submit(*_job(key, data))
     while not (ready := pool.results()):
         pool.wait(1.0)
-    [(got, result, seconds)] = ready
+    [(got, result, seconds, _)] = ready
     assert got == key and seconds >= 0
     return result
 
@@ -255,3 +255,52 @@ def test_a_decode_process_whose_ingester_died_exits_without_a_traceback(dicom_di
     assert child.stderr is not None
     stderr = child.stderr.read()
     assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def test_a_file_read_by_path_gets_the_same_result_and_its_sha256_from_the_decode_process(
+        dicom_dir: Path, tmp_path: Path) -> None:
+    accepted, rejected = dicom_dir / SMALL_CHEST, dicom_dir / "pylibjpeg-data__RG2_JPLY_fixed.dcm"  # a hip
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        for path in (accepted, rejected):
+            data = path.read_bytes()
+            pool.submit_path(path.name, path, _identity(path))
+            while not (ready := pool.results()):
+                pool.wait(1.0)
+            [(_, result, _, judged)] = ready
+            expected = read_radiograph(data, POLICY)
+            assert not isinstance(result, Exception)
+            assert result.sha256 == hashlib.sha256(data).hexdigest() == expected.sha256
+            assert result.accepted == expected.accepted and result.reason == expected.reason
+            # A rejected file's judged bytes come back for its quarantine copy; an accepted one's do not.
+            assert judged == (None if expected.accepted else data)
+
+
+def test_a_file_read_by_path_that_is_not_the_file_claimed_is_an_error_not_a_result(dicom_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    from ingest.inbox import FileChanged, InboxEntryError
+
+    path = tmp_path / "a.dcm"
+    path.write_bytes((dicom_dir / SMALL_CHEST).read_bytes())
+    claimed = _identity(path)
+    with path.open("ab") as handle:  # a writer still at it
+        handle.write(b"more")
+    link = tmp_path / "link.dcm"
+    link.symlink_to(path)
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        answers = {}
+        for key, target, identity in (("changed", path, claimed), ("link", link, claimed),
+                                      ("gone", tmp_path / "gone.dcm", claimed)):
+            pool.submit_path(key, target, identity)
+            while not (ready := pool.results()):
+                pool.wait(1.0)
+            [(got, result, _, judged)] = ready
+            answers[got] = result
+            assert judged is None
+    assert isinstance(answers["changed"], FileChanged)
+    assert isinstance(answers["link"], InboxEntryError) and answers["link"].cause == "not_a_regular_file"
+    assert isinstance(answers["gone"], FileNotFoundError)

@@ -216,7 +216,8 @@ def test_a_file_written_to_after_it_was_read_is_left_out_of_its_group(settings, 
         for rel, name in (("kept.dcm", SIIM), ("changed.dcm", SMALL_CHEST)):
             claim = service.claims.claim(_drop(settings, dicom_dir / name, rel))
             item = service._begin(claim, None, submit=False)
-            group.append(_Decoded(item, read_radiograph(item.data, ReaderPolicy.from_settings(settings)), 0.0, 0.0))
+            data = claim.path.read_bytes()  # as its decode process reads it
+            group.append(_Decoded(item, read_radiograph(data, ReaderPolicy.from_settings(settings)), 0.0, 0.0))
         with group[1].item.claim.path.open("ab") as handle:  # a writer still holding the file appends
             handle.write(b"more")
         kept, changed = service._record_and_dispose_group(group)
@@ -227,9 +228,15 @@ def test_a_file_written_to_after_it_was_read_is_left_out_of_its_group(settings, 
     assert [row.file_name for row in _rows(settings)] == ["kept.dcm"]
 
 
-def test_each_file_is_hashed_once(settings, dicom_dir, monkeypatch):
+@pytest.mark.parametrize("after_ingest", ["archive", "keep"])
+def test_the_loop_reads_and_hashes_a_file_only_when_it_is_kept(tmp_path, dicom_dir, monkeypatch, after_ingest):
+    """The decode process reads and hashes a claimed file itself, so the loop all decode processes share does
+    neither; a kept file (met again at every start) is hashed here once, to ask before decoding whether it is
+    recorded already."""
+    settings = load_settings(data_dir=tmp_path / "data", after_ingest=after_ingest, batch_when_idle=False)
+    upgrade(settings)
     data = (dicom_dir / SIIM).read_bytes()
-    sha256, hashed = hashlib.sha256, []
+    sha256, hashed, read = hashlib.sha256, [], []
 
     def counting_sha256(*args, **kwargs):
         if args and args[0] == data:
@@ -237,11 +244,16 @@ def test_each_file_is_hashed_once(settings, dicom_dir, monkeypatch):
         return sha256(*args, **kwargs)
 
     monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    reading = service_module.read_inbox_file
+    monkeypatch.setattr(service_module, "read_inbox_file", lambda path: read.append(path) or reading(path))
     publisher = Publisher()
     service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
-    outcome = service.process_file(_drop(settings, dicom_dir / SIIM, "a.dcm"))
+    try:
+        outcome = service.process_file(_drop(settings, dicom_dir / SIIM, "a.dcm"))
+    finally:
+        service.close()
     assert outcome is not None and outcome.enqueue
-    assert len(hashed) == 1
+    assert (len(read), len(hashed)) == ((1, 1) if after_ingest == "keep" else (0, 0))
     [row] = _rows(settings)
     assert row.file_sha256 == sha256(data).hexdigest()
 
