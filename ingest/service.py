@@ -589,7 +589,8 @@ class IngestService:
         file already recorded (its disposal is completed). Returns the outcome, ``None`` or the
         file now in flight (sent when ``submit``).
         """
-        size = os.lstat(claim.path).st_size
+        info = os.lstat(claim.path)
+        size = info.st_size
         try:
             check_file_size(size, self.settings.max_file_bytes)
         except InputRejected as rejection:
@@ -601,7 +602,6 @@ class IngestService:
         if self.settings.after_ingest != "keep":
             # The decode process reads and hashes the file itself (the claim keeps it still): this loop, which
             # all decode processes share, does neither. Whether it was recorded before is asked after decoding.
-            info = os.lstat(claim.path)
             if not stat.S_ISREG(info.st_mode):
                 read_inbox_file(claim.path)  # raises what the entry is: it is given back and listed
             identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -644,8 +644,12 @@ class IngestService:
         it), and whether it was recorded before (then finished, not to be recorded again)."""
         if item.sha256 is not None:
             return item, result, False
-        if not result.sha256:
-            result = dataclasses.replace(result, sha256=_hash_unread(item.claim.path)[0])
+        if not result.sha256:  # its decode process died or overran: the file is read here, for its row and quarantine
+            inbox_file = read_inbox_file(item.claim.path)
+            if inbox_file.identity != item.identity:
+                raise FileChanged("replaced or written to since it was claimed")
+            item = dataclasses.replace(item, data=inbox_file.data)
+            result = dataclasses.replace(result, sha256=inbox_file.sha256)
         item = dataclasses.replace(item, sha256=result.sha256)
         return item, result, self._already_recorded(item.claim, item.watcher_path, result.sha256)
 

@@ -258,6 +258,28 @@ def test_the_loop_reads_and_hashes_a_file_only_when_it_is_kept(tmp_path, dicom_d
     assert row.file_sha256 == sha256(data).hexdigest()
 
 
+def test_a_file_whose_decode_process_overran_is_read_here_for_its_row_and_its_quarantine_copy(tmp_path, dicom_dir):
+    """The decode process reads a claimed file itself; when it is killed for overrunning, the loop reads the file,
+    so that the row has its sha256 and the quarantine copy is written from the bytes (a new inode)."""
+    settings = load_settings(data_dir=tmp_path / "data", decode_timeout_seconds=0.01, batch_when_idle=False)
+    upgrade(settings)
+    data = (dicom_dir / JPEG_LS_CHEST).read_bytes()  # about 80 ms to decode: far over 10 ms
+    path = _drop(settings, dicom_dir / JPEG_LS_CHEST, "slow.dcm")
+    dropped_inode = path.stat().st_ino
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    try:
+        outcome = service.process_file(path)
+    finally:
+        service.close()
+    assert outcome is not None and outcome.reason == "decode_timeout"
+    [row] = _rows(settings)
+    assert row.file_sha256 == hashlib.sha256(data).hexdigest()
+    quarantined = Path(row.stored_path)
+    assert quarantined.read_bytes() == data and quarantined.stat().st_ino != dropped_inode
+    assert read_reason(quarantined)["sha256"] == row.file_sha256
+
+
 def test_kept_files_are_not_processed_again_after_a_restart(tmp_path, dicom_dir):
     settings = load_settings(data_dir=tmp_path, after_ingest="keep", settle_seconds=0.2, batch_max_wait_seconds=0.1)
     upgrade(settings)
