@@ -75,6 +75,8 @@ class Result:
     wall_s: float = 0.0
     load_average: str = ""
     lone_latency_p50_s: float | None = None
+    #: "batch when idle: true/false" when ``--batch-when-idle both`` runs the mode twice, else empty.
+    variant: str = ""
 
 
 # --- preparation -------------------------------------------------------------------------------------
@@ -247,10 +249,10 @@ def wait_for_predictions(settings, names: set[str], timeout: float, processes) -
 
 
 def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: Path, *, when_idle: bool = True,
-             label: str | None = None) -> Result:
+             variant: str = "") -> Result:
     from covid_cxr.settings import load_settings
 
-    label = label or mode
+    label = f"{mode}, {variant}" if variant else mode
     data_dir = workdir / label / "data"
     inbox = workdir / label / "inbox"
     env_settings = {
@@ -299,8 +301,8 @@ def run_mode(mode: str, args: argparse.Namespace, artifact_dir: Path, workdir: P
         last_prediction = max(done[name] for name in dropped)
         latencies = sorted((done[name] - dropped[name]).total_seconds() for name in dropped)
         throughput = len(dropped) / (last_prediction - first_drop).total_seconds()
-        result = Result(mode=label, n=len(dropped), batch_size=args.batch_size, pipeline_images_per_s=throughput,
-                        latency_p50_s=statistics.median(latencies),
+        result = Result(mode=mode, variant=variant, n=len(dropped), batch_size=args.batch_size,
+                        pipeline_images_per_s=throughput, latency_p50_s=statistics.median(latencies),
                         latency_p95_s=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
                         mean_batch=mean_batch_size(settings, set(dropped)), wall_s=wall)
         if lone:  # studies arriving one at a time, as at night: each dropped once the one before is predicted
@@ -351,8 +353,7 @@ def markdown_table(results: list[Result]) -> str:
     names = {"embedded": "embedded (`serve`: SQLite + folder broker)",
              "distributed": "distributed (`ingest` + `worker`: PostgreSQL + Redis)"}
     for r in results:
-        mode, _, variant = r.mode.partition(", ")
-        name = names[mode] + (f", {variant}" if variant else "")
+        name = names[r.mode] + (f", {r.variant}" if r.variant else "")
         lines.append(f"| {name} | {r.n} | {r.mean_batch:.1f} | {r.pipeline_images_per_s:.2f} | "
                      f"{r.latency_p50_s:.1f} s | {r.latency_p95_s:.1f} s | {r.bare_model_images_per_s:.2f} | "
                      f"{r.ratio:.2f} | {r.cpu_bound_ratio:.2f} | "
@@ -398,11 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"true": [True], "false": [False], "both": [False, True]}[args.batch_when_idle]
         runs = [(mode, idle) for mode in [m.strip() for m in args.modes.split(",") if m.strip()] for idle in variants]
         for mode, idle in runs:
-            label = f"{mode}, batch when idle: {str(idle).lower()}" if len(variants) > 1 else mode
+            variant = f"batch when idle: {str(idle).lower()}" if len(variants) > 1 else ""
+            label = f"{mode}, {variant}" if variant else mode
             # The bare model is timed just before and just after each mode and averaged, so that
             # other load on the machine affects both sides of the ratio alike.
             before = bare.images_per_s(batches)
-            result = run_mode(mode, args, artifact.directory, workdir, when_idle=idle, label=label)
+            result = run_mode(mode, args, artifact.directory, workdir, when_idle=idle, variant=variant)
             after = bare.images_per_s(batches)
             result.bare_model_images_per_s = (before + after) / 2
             result.ratio = result.pipeline_images_per_s / result.bare_model_images_per_s

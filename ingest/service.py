@@ -80,7 +80,7 @@ from ingest.watcher import InboxWatcher
 from ingest.watermark import DiskWatermark, forget_ingest_status, ingester_name, record_ingest_status
 
 if TYPE_CHECKING:
-    from ingest.decode_pool import DecodePool
+    from ingest.decode_pool import Decoded, DecodePool
     from ingest.reader import ReadResult
 
 log = logging.getLogger(__name__)
@@ -407,28 +407,34 @@ class IngestService:
         recorders = self._resources.recorders
         assert recorders is not None
         now = time.monotonic()
-        for key, answer, seconds, judged in self.pool.results():
-            item = self._in_flight.pop(cast(int, key))
-            if judged is not None:
-                item = dataclasses.replace(item, data=judged)
+        for answer in self.pool.results():
+            item = self._in_flight.pop(cast(int, answer.key))
             self._guarded(item.watcher_path, item.claim,
-                          functools.partial(self._decoded, item, answer, seconds, now))
+                          functools.partial(self._queue_for_recording, item, answer, now))
         while self._to_record and len(self._recording) < self._resources.recorder_threads and self._group_due(now):
             group = [self._to_record.popleft() for _ in range(min(RECORD_GROUP_MAX, len(self._to_record)))]
             future = recorders.submit(self._record_and_dispose_group, group)
             future.add_done_callback(lambda _: self.watcher.wake())
             self._recording[future] = [decoded.item for decoded in group]
 
-    def _decoded(self, item: _InFlight, answer: ReadResult | Exception, seconds: float, now: float) -> None:
-        """A decode process's answer: the file waits for a recorder thread, or was recorded before, or failed."""
-        if isinstance(answer, Exception):  # read by path, it was not the file claimed (or is no regular file now)
-            raise answer
-        item, result, known = self._with_sha256(item, answer)
+    def _queue_for_recording(self, item: _InFlight, answer: Decoded, now: float) -> None:
+        decoded = self._to_be_recorded(item, answer, now)
+        if decoded is not None:
+            self._to_record.append(decoded)
+
+    def _to_be_recorded(self, item: _InFlight, answer: Decoded, now: float) -> _Decoded | None:
+        """A decode process's answer: the file to record, or ``None`` when it was recorded before (now finished);
+        raises the read error of a file read by path that was not the file claimed (or no regular file now)."""
+        if answer.judged is not None:
+            item = dataclasses.replace(item, data=answer.judged)
+        if isinstance(answer.result, Exception):
+            raise answer.result
+        item, result, known = self._with_sha256(item, answer.result)
         if known:
-            return
+            return None
         if result.accepted:  # its bytes are needed no more (a quarantined file is written from what was judged)
             item = dataclasses.replace(item, data=None)
-        self._to_record.append(_Decoded(item, result, seconds, now))
+        return _Decoded(item, result, answer.seconds, now)
 
     def _collect_recorded(self) -> None:
         """Book the files the recorder threads are done with (or list and retry those that failed)."""
@@ -569,15 +575,11 @@ class IngestService:
             self._submit(next(self._keys), item)
             while not (results := pool.results()):
                 pool.wait(1.0)
-            [(_, answer, seconds, judged)] = results
-            if judged is not None:
-                item = dataclasses.replace(item, data=judged)
-            if isinstance(answer, Exception):
-                raise answer
-            item, answer, known = self._with_sha256(item, answer)
-            if known:
+            [answer] = results
+            decoded = self._to_be_recorded(item, answer, time.monotonic())
+            if decoded is None:
                 return None
-            return self._complete(item, answer, seconds)
+            return self._complete(decoded.item, decoded.result, decoded.decode_seconds)
         except BaseException:
             self._give_back(claim)
             raise
@@ -752,7 +754,8 @@ class IngestService:
         few images beside the decoding (measured slower on 2 cores). A database that cannot answer counts as
         busy: the batch then leaves after its wait, as without the check.
         """
-        if self.watcher.waiting or self._ready or self._adopted or self._in_flight or self._decoded_items():
+        in_hand = (self._ready, self._adopted, self._in_flight, self._to_record, self._recording)
+        if self.watcher.waiting or any(in_hand):
             return False
         try:
             return not any_queued(self.settings)
@@ -776,9 +779,9 @@ class IngestService:
             log.debug("scan: %d new file(s) in the inbox", found)
         try:
             self._adopted.extend(self.claims.adopt_orphans())
-            self._adopted.extend(self._forgotten_claims())
         except OSError:
             log.warning("could not look for the files of dead ingesters under %s", self.claims.root, exc_info=True)
+        self._take_up_forgotten_claims()
         self._forget_gone_stuck()
         self.publish_status()
         try:
