@@ -11,7 +11,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -22,6 +33,15 @@ log = logging.getLogger(__name__)
 TEMPORARY_SUFFIXES = (".part", ".tmp")
 
 Signature = tuple[int, int]  # (size, mtime_ns)
+
+#: The events the handler acts on. Asking inotify for these alone keeps out the open and close-without-write
+#: events of every read of a claimed file (a decode process's, a hash's), and the parent folder's "modified"
+#: echo of each change: events the handler ignores, but which watchdog's thread would otherwise decode and
+#: dispatch, on the cores the decode processes use.
+HANDLED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileMovedEvent, DirMovedEvent, FileDeletedEvent,
+    DirDeletedEvent, FileClosedEvent,
+]
 
 
 def is_ignored_name(rel_parts: Iterable[str]) -> bool:
@@ -95,7 +115,7 @@ class InboxWatcher:
 
     def _start_observer(self, *, polling: bool) -> BaseObserver:
         observer = PollingObserver(timeout=1.0) if polling else Observer()
-        observer.schedule(_Handler(self), str(self.inbox), recursive=True)
+        observer.schedule(_Handler(self), str(self.inbox), recursive=True, event_filter=HANDLED_EVENTS)
         observer.daemon = True
         observer.start()
         return observer

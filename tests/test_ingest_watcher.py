@@ -102,6 +102,36 @@ def test_slow_writer_is_taken_only_once_complete(tmp_path, dicom_dir):
     assert target.read_bytes() == data
 
 
+def test_reads_of_inbox_files_send_the_handler_no_events(tmp_path, monkeypatch):
+    """Decode processes read every claimed file: those opens and closes must not cost the watcher's thread
+    a dispatch each (inotify is asked for the events the handler acts on, nothing more)."""
+    import ingest.watcher as watcher_module
+
+    seen: list[str] = []
+    handled = watcher_module._Handler.on_any_event
+
+    def counting(self: watcher_module._Handler, event: object) -> None:
+        seen.append(f"{event.event_type}:{Path(os.fsdecode(event.src_path)).name}")  # type: ignore[attr-defined]
+        handled(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watcher_module._Handler, "on_any_event", counting)
+    inbox = tmp_path / "inbox"
+    claimed = inbox / ".claims" / "host-1"
+    claimed.mkdir(parents=True)
+    (claimed / "study.dcm").write_bytes(b"x" * 4096)
+    with InboxWatcher(inbox, settle_seconds=60) as watcher:
+        time.sleep(0.2)
+        for _ in range(50):
+            (claimed / "study.dcm").read_bytes()
+        time.sleep(1.0)  # watchdog holds events up to 0.5 s to pair moves
+        assert seen == [], f"reads were dispatched: {seen[:5]}"
+        (inbox / "written.dcm").write_bytes(b"y" * 4096)  # written in place: still seen by its events
+        deadline = time.monotonic() + 5
+        while "closed:written.dcm" not in seen and time.monotonic() < deadline:
+            watcher.wait(0.05)
+    assert {"created:written.dcm", "closed:written.dcm"} <= set(seen)
+
+
 def _written_an_hour_ago(path: Path) -> None:
     an_hour_ago = time.time() - 3600
     os.utime(path, (an_hour_ago, an_hour_ago))
