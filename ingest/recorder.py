@@ -97,8 +97,12 @@ def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: st
     the hard link and the unlink of a move). A row whose file really is elsewhere, or was
     deleted, means the file was dropped again: a new instance (a duplicate).
     """
-    with create_engine_for(settings).connect() as connection:  # a plain query: every file dropped asks it
-        rows = connection.execute(_RECORDED_FILE, {"sha256": sha256, "file_name": rel_name}).all()
+    with session_scope(settings) as session:
+        return _recorded_file(session, path, rel_name, sha256)
+
+
+def _recorded_file(session: Session, path: Path, rel_name: str, sha256: str) -> Instance | None:
+    rows = session.execute(_RECORDED_FILE, {"sha256": sha256, "file_name": rel_name}).all()
     if not rows:  # a new drop, the usual case: nothing to resolve
         return None
     here = path.resolve()
@@ -107,9 +111,15 @@ def find_recorded_file(settings: Settings, path: Path, rel_name: str, sha256: st
             continue
         stored = Path(stored_path)
         if stored == here or not stored.exists() or _same_file(stored, here):
-            with session_scope(settings) as session:
-                return session.get(Instance, instance_id)
+            return session.get(Instance, instance_id)
     return None
+
+
+@dataclass(frozen=True)
+class RecordedBefore:
+    """:func:`record_group`'s answer for a file that a row already accounts for: nothing was recorded."""
+
+    instance: Instance
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,9 @@ class FileToRecord:
     rel_name: str
     file_size: int
     result: ReadResult
+    #: Where the file is now, when it may have been recorded before (a restart meeting its own file): then it is
+    #: recognised (:func:`find_recorded_file`) instead of recorded again. ``None``: asked already, or not to ask.
+    recognise_at: Path | None = None
 
 
 def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, result: ReadResult) -> Outcome:
@@ -128,10 +141,12 @@ def record(settings: Settings, *, path: Path, rel_name: str, file_size: int, res
     Retries once when a concurrent ingester committed the same SOPInstanceUID first (the
     partial unique index on primary rows makes the second one a duplicate or conflict).
     """
-    return _record_alone(settings, FileToRecord(path, rel_name, file_size, result))
+    outcome = _record_alone(settings, FileToRecord(path, rel_name, file_size, result))
+    assert isinstance(outcome, Outcome)  # nothing is recognised unless asked
+    return outcome
 
 
-def _record_alone(settings: Settings, file: FileToRecord) -> Outcome:
+def _record_alone(settings: Settings, file: FileToRecord) -> Outcome | RecordedBefore:
     for attempt in (1, 2):
         try:
             with session_scope(settings) as session:
@@ -142,7 +157,7 @@ def _record_alone(settings: Settings, file: FileToRecord) -> Outcome:
     raise AssertionError("unreachable")
 
 
-def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outcome | Exception]:
+def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outcome | RecordedBefore | Exception]:
     """Commit the rows of several read files in one transaction, in order; an outcome or an error for each.
 
     One commit (one fsync of the database's log) for the group instead of one per file: the
@@ -151,7 +166,8 @@ def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outc
     earlier ones (the same SOPInstanceUID twice in one group is a duplicate, as it would be one
     commit apart). If the group fails as a whole (a concurrent ingester won a SOPInstanceUID,
     one file's rows cannot be written), nothing of it is committed and each file is recorded on
-    its own, so that one file's error is that file's alone.
+    its own, so that one file's error is that file's alone. A file with ``recognise_at`` that a row
+    already accounts for is answered :class:`RecordedBefore`, with nothing recorded.
     """
     if len(files) > 1:
         try:
@@ -159,7 +175,7 @@ def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outc
                 return [_record(session, settings, file) for file in files]
         except Exception:  # one by one below: the errors, if any, land on the files that cause them
             pass
-    outcomes: list[Outcome | Exception] = []
+    outcomes: list[Outcome | RecordedBefore | Exception] = []
     for file in files:
         try:
             outcomes.append(_record_alone(settings, file))
@@ -168,7 +184,7 @@ def record_group(settings: Settings, files: Sequence[FileToRecord]) -> list[Outc
     return outcomes
 
 
-def _record(session: Session, settings: Settings, file: FileToRecord) -> Outcome:
+def _record(session: Session, settings: Settings, file: FileToRecord) -> Outcome | RecordedBefore:
     path, rel_name, file_size, result = file.path, file.rel_name, file.file_size, file.result
     metadata = result.metadata
     fields = metadata.to_dict() if metadata is not None else {}
@@ -176,6 +192,11 @@ def _record(session: Session, settings: Settings, file: FileToRecord) -> Outcome
     rejection = None if result.accepted else result.rejection
 
     primary_id, same_content = _earlier_instances(session, sop_instance_uid, result.sha256)
+    # Only a file whose content has a row can be accounted for already: a new drop (the usual case) is not asked.
+    if file.recognise_at is not None and (same_content or not sop_instance_uid):
+        known = _recorded_file(session, file.recognise_at, rel_name, result.sha256)
+        if known is not None:
+            return RecordedBefore(known)
     now = _utcnow()
     reason = message = None
     conflict = False

@@ -69,6 +69,7 @@ from ingest.metrics import observe_file
 from ingest.recorder import (
     FileToRecord,
     Outcome,
+    RecordedBefore,
     any_queued,
     counts_by_state,
     find_recorded_file,
@@ -243,7 +244,7 @@ class IngestService:
         self._in_flight: dict[int, _InFlight] = {}
         #: Decoded files waiting for a recorder thread, and the groups the recorder threads are writing.
         self._to_record: deque[_Decoded] = deque()
-        self._recording: dict[Future[list[Outcome | Exception]], list[_InFlight]] = {}
+        self._recording: dict[Future[list[Outcome | RecordedBefore | Exception]], list[_InFlight]] = {}
         self._keys = itertools.count()
         self.started = threading.Event()
 
@@ -418,20 +419,16 @@ class IngestService:
             self._recording[future] = [decoded.item for decoded in group]
 
     def _queue_for_recording(self, item: _InFlight, answer: Decoded, now: float) -> None:
-        decoded = self._to_be_recorded(item, answer, now)
-        if decoded is not None:
-            self._to_record.append(decoded)
+        self._to_record.append(self._to_be_recorded(item, answer, now))
 
-    def _to_be_recorded(self, item: _InFlight, answer: Decoded, now: float) -> _Decoded | None:
-        """A decode process's answer: the file to record, or ``None`` when it was recorded before (now finished);
-        raises the read error of a file read by path that was not the file claimed (or no regular file now)."""
+    def _to_be_recorded(self, item: _InFlight, answer: Decoded, now: float) -> _Decoded:
+        """A decode process's answer: the file to record (or to recognise as recorded before); raises the read
+        error of a file read by path that was not the file claimed (or no regular file now)."""
         if answer.judged is not None:
             item = dataclasses.replace(item, data=answer.judged)
         if isinstance(answer.result, Exception):
             raise answer.result
-        item, result, known = self._with_sha256(item, answer.result)
-        if known:
-            return None
+        item, result = self._with_sha256(item, answer.result)
         if result.accepted:  # its bytes are needed no more (a quarantined file is written from what was judged)
             item = dataclasses.replace(item, data=None)
         return _Decoded(item, result, answer.seconds, now)
@@ -577,8 +574,6 @@ class IngestService:
                 pool.wait(1.0)
             [answer] = results
             decoded = self._to_be_recorded(item, answer, time.monotonic())
-            if decoded is None:
-                return None
             return self._complete(decoded.item, decoded.result, decoded.decode_seconds)
         except BaseException:
             self._give_back(claim)
@@ -587,7 +582,7 @@ class IngestService:
     def _begin(self, claim: Claim, watcher_path: Path | None, *, submit: bool = True) -> Outcome | _InFlight | None:
         """Read a claimed file and send it to the decode processes, or finish it at once without decoding.
 
-        Finished at once: a file above ``max_file_bytes`` (rejected ``too_large`` unread) and a
+        Finished at once: a file above ``max_file_bytes`` (rejected ``too_large`` unread) and a kept
         file already recorded (its disposal is completed). Returns the outcome, ``None`` or the
         file now in flight (sent when ``submit``).
         """
@@ -614,7 +609,8 @@ class IngestService:
             sha256 = inbox_file.sha256
             if self._already_recorded(claim, watcher_path, sha256):
                 return None
-            item = _InFlight(claim, watcher_path, inbox_file.data, inbox_file.identity, size, sha256)
+            item = _InFlight(claim, watcher_path, inbox_file.data, inbox_file.identity, size, sha256,
+                             asked_if_recorded=True)
         if submit:
             key = next(self._keys)
             self._in_flight[key] = item
@@ -633,54 +629,67 @@ class IngestService:
         if known is None:
             return False
         self._finish_disposal(known, claim)
+        self._book_recognised(claim, watcher_path, known)
+        return True
+
+    def _book_recognised(self, claim: Claim, watcher_path: Path | None, known: Instance) -> None:
+        """The loop's books for a file recognised as recorded before, its disposal now finished."""
         self._done(claim, watcher_path)
         if known.state == InstanceState.received:  # its move failed before it was batched: send it now
             self.batcher.add(known.id)
         self.counts["already_recorded"] += 1
         log.info("%s: already recorded as instance %d (%s), not processed again", claim.rel_name, known.id,
                  known.state)
-        return True
 
-    def _with_sha256(self, item: _InFlight, result: ReadResult) -> tuple[_InFlight, ReadResult, bool]:
-        """A file its decode process read: its sha256 from the result (or hashed here, if the process failed on
-        it), and whether it was recorded before (then finished, not to be recorded again)."""
+    def _with_sha256(self, item: _InFlight, result: ReadResult) -> tuple[_InFlight, ReadResult]:
+        """A file its decode process read, with its sha256 from the result (or hashed here, if the process failed
+        on it)."""
         if item.sha256 is not None:
-            return item, result, False
+            return item, result
         if not result.sha256:  # its decode process died or overran: the file is read here, for its row and quarantine
             inbox_file = read_inbox_file(item.claim.path)
             if inbox_file.identity != item.identity:
                 raise FileChanged("replaced or written to since it was claimed")
             item = dataclasses.replace(item, data=inbox_file.data)
             result = dataclasses.replace(result, sha256=inbox_file.sha256)
-        item = dataclasses.replace(item, sha256=result.sha256)
-        return item, result, self._already_recorded(item.claim, item.watcher_path, result.sha256)
+        return dataclasses.replace(item, sha256=result.sha256), result
 
-    def _complete(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
-        """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now."""
+    def _complete(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome | None:
+        """Record a read file, dispose of it (archive, keep, delete, quarantine) and book it, here and now
+        (``None``: it was recorded before, and its disposal is now finished)."""
         return self._after_record(item, self._record_and_dispose(item, result, decode_seconds))
 
-    def _record_and_dispose(self, item: _InFlight, result: ReadResult, decode_seconds: float = 0.0) -> Outcome:
+    def _record_and_dispose(self, item: _InFlight, result: ReadResult,
+                            decode_seconds: float = 0.0) -> Outcome | RecordedBefore:
         """Record a read file and dispose of it, here and now; raises the file's error."""
         [answer] = self._record_and_dispose_group([_Decoded(item, result, decode_seconds, time.monotonic())])
         if isinstance(answer, Exception):
             raise answer
         return answer
 
-    def _record_and_dispose_group(self, group: list[_Decoded]) -> list[Outcome | Exception]:
+    def _record_and_dispose_group(self, group: list[_Decoded]) -> list[Outcome | RecordedBefore | Exception]:
         """Record read files in one transaction, then dispose of each; an outcome or an error per file, in order.
 
-        Safe in a recorder thread: it touches no state of the loop. A file written to (or swapped)
-        since it was read is not recorded: its ``FileChanged`` has it judged again, as it is now.
+        Safe in a recorder thread: it touches no state of the loop. A file recorded before (a restart
+        met its own file again) is recognised in the same transaction, and its disposal finished
+        instead. A file written to (or swapped) since it was read is not recorded: its ``FileChanged``
+        has it judged again, as it is now.
         """
         unchanged = [index for index, decoded in enumerate(group)
                      if is_unchanged(decoded.item.claim.path, decoded.item.identity)]
-        files = [FileToRecord(group[index].item.claim.inbox_path, group[index].item.claim.rel_name,
-                              group[index].item.size, group[index].result) for index in unchanged]
+        files = [FileToRecord(item.claim.inbox_path, item.claim.rel_name, item.size, group[index].result,
+                              recognise_at=None if item.asked_if_recorded else item.claim.path)
+                 for index in unchanged for item in (group[index].item,)]
         recorded = dict(zip(unchanged, record_group(self.settings, files), strict=True))
-        answers: list[Outcome | Exception] = []
+        answers: list[Outcome | RecordedBefore | Exception] = []
         for index, decoded in enumerate(group):
             answer = recorded[index] if index in recorded else FileChanged("changed after it was read")
-            if isinstance(answer, Outcome):
+            if isinstance(answer, RecordedBefore):
+                try:
+                    self._finish_disposal(answer.instance, decoded.item.claim)
+                except Exception as exc:  # given back: the next attempt recognises it again
+                    answer = exc
+            elif isinstance(answer, Outcome):
                 try:
                     answer = self._dispose(decoded, answer)
                 except Exception as exc:  # the rows are committed: the next attempt finds them and finishes this
@@ -703,10 +712,14 @@ class IngestService:
             set_stored_path(self.settings, outcome.instance_id, final)
         return outcome
 
-    def _after_record(self, item: _InFlight, outcome: Outcome | Exception) -> Outcome:
-        """The loop's books for a recorded file: the claim, the watcher, the batch, the counts (or its error)."""
+    def _after_record(self, item: _InFlight, outcome: Outcome | RecordedBefore | Exception) -> Outcome | None:
+        """The loop's books for a recorded file: the claim, the watcher, the batch, the counts (or its error);
+        ``None`` for a file recognised as recorded before."""
         if isinstance(outcome, Exception):
             raise outcome
+        if isinstance(outcome, RecordedBefore):
+            self._book_recognised(item.claim, item.watcher_path, outcome.instance)
+            return None
         claim = item.claim
         self._done(claim, item.watcher_path)
         if outcome.enqueue:
@@ -841,6 +854,8 @@ class _InFlight:
     size: int
     #: ``None`` until its decode process has read it (a file read by path).
     sha256: str | None
+    #: Whether "recorded before?" was asked before decoding (a kept file); otherwise its recorder thread asks.
+    asked_if_recorded: bool = False
 
 
 class _Resources:

@@ -24,6 +24,8 @@ from ingest.pixels import PREPROCESSING_VERSION
 from ingest.reader import ReaderPolicy, read_radiograph
 from ingest.recorder import (
     FileToRecord,
+    Outcome,
+    RecordedBefore,
     any_queued,
     find_recorded_file,
     record,
@@ -259,6 +261,28 @@ def test_a_group_is_recorded_in_one_commit_with_the_rules_of_one_by_one(settings
         assert stored is not None and session.get(NormalizedImage, siim_again.instance_id) is None
     image = cv2.imdecode(np.frombuffer(stored.png, np.uint8), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(image, files[1].result.image)
+
+
+def test_a_group_recognises_a_file_recorded_before_and_asks_nothing_of_new_drops(settings, dicom_dir):
+    """``recognise_at``: a restart's own file is answered with its row, not recorded again; a new drop (content no
+    row has) costs no recognition query; a copy of recorded content under another name is still a duplicate."""
+    crashed = _drop(settings, dicom_dir / SIIM, "a.dcm")
+    first, _ = _record(settings, crashed)  # and the process died before the move
+    statements: list[str] = []
+    event.listen(create_engine_for(settings), "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *rest: statements.append(statement))
+    new = _drop(settings, dicom_dir / UNCOMPRESSED_CHEST, "b.dcm")
+    copy = _drop(settings, dicom_dir / SIIM, "copy-of-a.dcm")
+    files = [dataclasses.replace(_to_record(settings, path), recognise_at=path) for path in (crashed, new, copy)]
+    statements.clear()
+    again, recorded, duplicate = record_group(settings, files)
+    assert isinstance(again, RecordedBefore) and again.instance.id == first.instance_id
+    assert isinstance(recorded, Outcome) and recorded.state is InstanceState.received
+    assert isinstance(duplicate, Outcome) and duplicate.state is InstanceState.duplicate
+    asked = [statement for statement in statements if "file_name =" in statement]
+    assert len(asked) == 2, "asked for the recorded content only (a.dcm and its copy), not for the new drop"
+    with session_scope(settings) as session:
+        assert sorted(session.scalars(select(Instance.file_name))) == ["a.dcm", "b.dcm", "copy-of-a.dcm"]
 
 
 def test_a_file_whose_rows_cannot_be_written_fails_alone(settings, dicom_dir):

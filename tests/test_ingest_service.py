@@ -316,6 +316,69 @@ def test_a_crash_between_commit_and_move_is_finished_by_the_next_run(settings, d
     assert read_reason(Path(row.stored_path))["reason"] == "wrong_body_part"
 
 
+def _crash_after_commit(settings, paths: list[Path], monkeypatch) -> None:
+    """Record each file and crash before it is moved: its row is committed, the file is back in the inbox."""
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    publisher = Publisher()
+    monkeypatch.setattr(service_module, "carry_out", crash)
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    try:
+        for path in paths:
+            with pytest.raises(KeyboardInterrupt):
+                service.process_file(path)
+    finally:
+        service.close()
+        monkeypatch.undo()
+    assert all(path.exists() for path in paths) and len(_rows(settings)) == len(paths)
+
+
+def test_the_loop_recognises_files_recorded_before_a_crash_in_its_recorder_threads(settings, dicom_dir, monkeypatch):
+    """The loop never asks "recorded before?" file by file: a recorder thread recognises the files in the transaction
+    that would record them, finishes the disposal a crash left undone, and an accepted file that never reached a
+    batch is sent now."""
+    crashed = [_drop(settings, dicom_dir / name, f"{index}.dcm") for index, name in enumerate([SIIM, SMALL_CHEST, HIP])]
+    _crash_after_commit(settings, crashed, monkeypatch)
+    before = {row.file_name: row for row in _rows(settings)}
+    assert [before[name].state for name in ("0.dcm", "1.dcm", "2.dcm")] == ["received", "received", "rejected"]
+
+    def per_file(*args, **kwargs):
+        raise AssertionError("the loop asked for one file")
+
+    monkeypatch.setattr(service_module, "find_recorded_file", per_file)
+    publisher = Publisher()
+    _drop(settings, dicom_dir / J2K_CHEST, "new.dcm")
+    with running(IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)) as service:
+        wait_until(lambda: service.counts["already_recorded"] == 3 and len(_rows(settings)) == 4
+                   and sum(map(len, publisher.batches)) == 3, timeout=30, what="3 recognised, 1 new, 3 sent")
+    rows = {row.file_name: row for row in _rows(settings)}
+    assert all(rows[name].id == before[name].id for name in before), "recognised, not recorded again"
+    assert sorted(id_ for batch in publisher.batches for id_ in batch) == sorted(
+        [before["0.dcm"].id, before["1.dcm"].id, rows["new.dcm"].id])
+    assert not any(settings.inbox.rglob("*.dcm"))
+    for name in ("0.dcm", "1.dcm", "new.dcm"):
+        assert Path(rows[name].stored_path).read_bytes()[128:132] == b"DICM"
+    assert read_reason(Path(before["2.dcm"].stored_path))["reason"] == "wrong_body_part"
+
+
+def test_a_too_large_file_recorded_before_a_crash_is_not_recorded_again(tmp_path, dicom_dir, monkeypatch):
+    settings = load_settings(data_dir=tmp_path / "data", max_file_bytes=1024, batch_when_idle=False)
+    upgrade(settings)
+    path = _drop(settings, dicom_dir / SIIM, "big.dcm")
+    _crash_after_commit(settings, [path], monkeypatch)
+    [row] = _rows(settings)
+    assert row.reason == "too_large"
+    publisher = Publisher()
+    service = IngestService(settings, enqueue=publisher.enqueue, requeue=publisher.requeue)
+    try:
+        assert service.process_file(path) is None
+    finally:
+        service.close()
+    [again] = _rows(settings)
+    assert again.id == row.id and not path.exists() and Path(row.stored_path).exists()
+
+
 def test_with_the_broker_down_instances_stay_received_for_reconciliation(settings, dicom_dir):
     publisher = Publisher()
     publisher.down = True
