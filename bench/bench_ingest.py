@@ -379,19 +379,27 @@ def syntax_family(uid: str) -> str:
     return ""
 
 
+def _one_process_label(label: str) -> str:
+    """The row ``label`` is compared with: one ingester, one decode process, of the same code (this checkout's, or
+    the baseline revision's)."""
+    if label.startswith("baseline "):
+        return label.split(": ", 1)[0] + ": 1 ingester x 1 process(es)"
+    return "1 ingester x 1 process"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {machine_line(result['machine'])}; load average before: {result['load_before']}, "
              f"after: {result['load_after']}; database: {result['database']}; ingesters pinned to CPUs: "
              f"{result['cpus'] or 'all'}.", ""]
     runs = result.get("throughput")
     if runs:
-        base = runs["1 ingester x 1 process"]["files_per_s"]
-        lines += ["| ingest (no worker) | files/s (median) | × one process | each round | CPU s/file: loop + decode |",
+        lines += ["| ingest (no worker) | files/s (median) | × one process | each round | CPU ms/file: loop + decode |",
                   "|---|---:|---:|---|---:|"]
         for label, run in runs.items():
+            base = runs[_one_process_label(label)]["files_per_s"]
             rounds = ", ".join(f"{r['files_per_s']:.1f}" for r in result["throughput_runs"][label])
             lines.append(f"| {label} | {run['files_per_s']:.1f} | {run['files_per_s'] / base:.2f} | {rounds} | "
-                         f"{run['loop_cpu_s_per_file']:.3f} + {run['decode_cpu_s_per_file']:.3f} |")
+                         f"{run['loop_cpu_s_per_file'] * 1000:.1f} + {run['decode_cpu_s_per_file'] * 1000:.1f} |")
     syntax = result.get("per_syntax")
     if syntax:
         forward = syntax["forward_ms"]
@@ -470,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                     run = throughput(args.dicom_dir, args.n, ingesters, processes, workdir, args.database,
                                      roots[label])
                     measured[label].append(run)
-                    print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU s/file "
-                          f"{run['loop_cpu_s_per_file']:.3f} loop + {run['decode_cpu_s_per_file']:.3f} decode, "
+                    print(f"round {round_index + 1} {label}: {run['files_per_s']:.2f} files/s, CPU ms/file "
+                          f"{run['loop_cpu_s_per_file'] * 1000:.1f} loop + {run['decode_cpu_s_per_file'] * 1000:.1f} "
+                          "decode, "
                           f"load {run['load']:.1f}", flush=True)
             keys = ("files_per_s", "cpu_s_per_file", "loop_cpu_s_per_file", "decode_cpu_s_per_file", "load")
             result["throughput"] = {label: {key: statistics.median(run[key] for run in values) for key in keys}

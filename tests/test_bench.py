@@ -43,3 +43,25 @@ def test_the_benchmarks_stage_fresh_copies_of_the_shared_chest_files(module: str
 
     uids = {pydicom.dcmread(path).SOPInstanceUID for path in (tmp_path / "out").iterdir()}
     assert len(uids) == count  # every copy is a new instance
+
+
+def test_the_ingest_table_compares_each_row_with_one_process_of_the_same_code() -> None:
+    """A baseline revision's rows are its own ratios: against this checkout's one process they would mix two codes."""
+    def run(files_per_s: float) -> dict[str, float]:
+        return {"files_per_s": files_per_s, "loop_cpu_s_per_file": 0.004, "decode_cpu_s_per_file": 0.037}
+
+    runs = {"1 ingester x 1 process": run(20.0), "1 ingester x 2 processes": run(36.0),
+            "baseline abc123: 1 ingester x 1 process(es)": run(25.0),
+            "baseline abc123: 1 ingester x 2 process(es)": run(45.0)}
+    result = {"load_before": 0, "load_after": 0, "database": "sqlite", "cpus": None, "throughput": runs,
+              "throughput_runs": {label: [run] for label, run in runs.items()}}
+    code = ("import sys; sys.path.insert(0, 'bench'); import bench_ingest\n"
+            f"print(bench_ingest.markdown({{**{result!r}, 'machine': bench_ingest.describe_machine(False)}}))")
+    done = _python("-c", code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratios = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in done.stdout.splitlines()
+              if line.startswith("| ") and "x " in line}
+    assert ratios == {"1 ingester x 1 process": "1.00", "1 ingester x 2 processes": "1.80",
+                      "baseline abc123: 1 ingester x 1 process(es)": "1.00",
+                      "baseline abc123: 1 ingester x 2 process(es)": "1.80"}
+    assert "| 4.0 + 37.0 |" in done.stdout
