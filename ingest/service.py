@@ -677,9 +677,7 @@ class IngestService:
         """
         unchanged = [index for index, decoded in enumerate(group)
                      if is_unchanged(decoded.item.claim.path, decoded.item.identity)]
-        files = [FileToRecord(item.claim.inbox_path, item.claim.rel_name, item.size, group[index].result,
-                              recognise_at=None if item.asked_if_recorded else item.claim.path)
-                 for index in unchanged for item in (group[index].item,)]
+        files = [_file_to_record(group[index]) for index in unchanged]
         recorded = dict(zip(unchanged, record_group(self.settings, files), strict=True))
         answers: list[Outcome | RecordedBefore | Exception] = []
         for index, decoded in enumerate(group):
@@ -827,6 +825,14 @@ class IngestService:
             log.info("progress | inbox: %d settling, %d decoding, %d batching | this run: %s | database: %s",
                      waiting, decoding, pending, run, database)
         return now
+
+
+def _file_to_record(decoded: _Decoded) -> FileToRecord:
+    """What the recorder needs of a decoded file: recognised, rather than recorded, if a row already accounts for
+    it (unless that was asked before decoding)."""
+    item = decoded.item
+    return FileToRecord(item.claim.inbox_path, item.claim.rel_name, item.size, decoded.result,
+                        recognise_at=None if item.asked_if_recorded else item.claim.path)
 
 
 class _Decoded(NamedTuple):
