@@ -8,7 +8,10 @@ Everything covid-cxr prints or logs goes through here first.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
+from typing import TextIO
 
 #: C0 and C1 controls, DEL, the Unicode line separators and bidirectional overrides that reorder or
 #: break what a reader sees, and lone surrogates (bytes of a non-UTF-8 file name, which a UTF-8
@@ -76,3 +79,47 @@ class DemoteToDebug(logging.Filter):
         if record.levelno > logging.DEBUG:
             record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+#: The logger that Python warnings go to once :func:`log_warnings` is on (the name ``logging.captureWarnings`` uses).
+WARNINGS_LOGGER = "py.warnings"
+
+
+def library_noise() -> list[logging.Filter]:
+    """What every covid-cxr process demotes to DEBUG: library messages about events it handles itself."""
+    return [
+        # A decoder failure is an expected rejection with its own reason line, not a crash to show.
+        DemoteToDebug("pydicom"),
+        # pydicom warns what it also logs (above): a file's problems are its rejection's message.
+        DemoteToDebug(WARNINGS_LOGGER, containing=f"{os.sep}pydicom{os.sep}"),
+        # watchdog's observer thread, stopped while it reads (the inbox went away and the watcher is re-armed),
+        # logs this at ERROR although nothing is lost: the inbox presence check re-arms and rescans.
+        DemoteToDebug("watchdog.observers.inotify", containing="called when the thread is inactive"),
+        # watchdog re-adding the watch of a claim folder made again at once after it emptied: nothing is missed.
+        DemoteToDebug(WARNINGS_LOGGER, containing="already exists for watch"),
+    ]
+
+
+def log_handler(stream: TextIO, fmt: str) -> logging.Handler:
+    """The handler every covid-cxr process logs through: one line per record, control characters escaped, library
+    noise demoted (:func:`library_noise`)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(EscapingFormatter(fmt))
+    for noise in library_noise():
+        handler.addFilter(noise)
+    return handler
+
+
+def log_warnings() -> None:
+    """Send Python warnings through logging, one line each.
+
+    Python prints a library's warning raw to stderr, and a library's warning can quote a file: pydicom names an
+    unknown character set as the header spells it (control characters included). Logged, it is escaped like
+    every record.
+    """
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    logging.getLogger(WARNINGS_LOGGER).warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)

@@ -117,14 +117,12 @@ def _answer(answers: Connection, message: tuple[Any, ...]) -> bool:
 def _configure_logging(level: str) -> None:
     """As the ingester logs (``service.cli``): one line per record, control characters from headers escaped,
     pydicom's tracebacks for a failing decoder demoted to DEBUG (the file's rejection says it in one line)."""
-    from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter
+    from covid_cxr.safe_output import log_handler, log_warnings
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s"))
-    handler.addFilter(DemoteToDebug("pydicom"))
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(log_handler(sys.stderr, "%(asctime)s %(levelname)s decode[%(process)d] %(name)s: %(message)s"))
     root.setLevel(level)
+    log_warnings()
 
 
 def _ran_out_of_memory(rejection: BaseException) -> bool:

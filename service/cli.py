@@ -20,7 +20,7 @@ import worker.cli
 import worker.evaluation_cli
 from covid_cxr.commandline import EXIT_ERROR, EXIT_USAGE, Subparsers, common_options
 from covid_cxr.errors import CovidCxrError, UsageError
-from covid_cxr.safe_output import DemoteToDebug, EscapingFormatter, printable
+from covid_cxr.safe_output import log_handler, log_warnings, printable
 from service import deliver_command, ingest_command, receive_command, serve_command, web_command, worker_command
 
 #: Functions that add subcommands, in the order they appear in ``--help``.
@@ -65,15 +65,9 @@ def configure_logging(verbose: bool) -> None:
     """One line per record, control characters escaped; library noise below WARNING unless ``verbose``."""
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: an embedding program's (or pytest's) handlers stay
-        handler = logging.StreamHandler()
-        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        # A decoder failure is an expected rejection with its own reason line, not a crash to show.
-        handler.addFilter(DemoteToDebug("pydicom"))
-        # watchdog's observer thread, stopped while it reads (the inbox went away and the watcher is re-armed),
-        # logs this at ERROR although nothing is lost: the inbox presence check re-arms and rescans.
-        handler.addFilter(DemoteToDebug("watchdog.observers.inotify", containing="called when the thread is inactive"))
-        root.addHandler(handler)
+        root.addHandler(log_handler(sys.stderr, "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log_warnings()
     if not verbose:  # Alembic's per-command INFO chatter (plugins, DDL mode) tells an operator nothing
         logging.getLogger("alembic").setLevel(logging.WARNING)
 

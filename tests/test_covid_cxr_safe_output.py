@@ -88,3 +88,35 @@ def test_only_the_named_message_of_a_library_is_demoted():
         assert demote.filter(other) is True and other.levelno == logging.ERROR
     finally:
         root.setLevel(before)
+
+
+def test_a_library_warning_is_logged_on_one_escaped_line_and_known_noise_is_demoted(monkeypatch):
+    """Python prints warnings raw to stderr; a library's warning can quote a header (pydicom names an unknown
+    character set as the file spells it). Once routed through logging it is one escaped line."""
+    import io
+    import warnings
+
+    from covid_cxr.safe_output import WARNINGS_LOGGER, log_handler, log_warnings
+
+    stream = io.StringIO()
+    handler = log_handler(stream, "%(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger(WARNINGS_LOGGER)
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after the test
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)
+    try:
+        log_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn_explicit("Unknown encoding 'EVIL\x1b[2J\x1b]0;OWNED\x07'", UserWarning,
+                                   "/opt/lib/somelibrary/charset.py", 7)
+            warnings.warn_explicit("Unknown encoding 'EVIL'", UserWarning, "/opt/lib/pydicom/charset.py", 7)
+            warnings.warn_explicit("Callback with id '1' already exists for watch <Watch(/inbox/.claims/x/s1)>",
+                                   RuntimeWarning, "/opt/lib/watchdog/observers/inotify.py", 365)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines == ["WARNING py.warnings: UserWarning: Unknown encoding 'EVIL\\x1b[2J\\x1b]0;OWNED\\x07' "
+                     "(/opt/lib/somelibrary/charset.py:7)"]

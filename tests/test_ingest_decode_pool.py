@@ -229,6 +229,26 @@ def test_a_decode_process_logs_header_values_escaped(dicom_dir: Path, capfd: pyt
     assert "is not accepted" in logged and "\x1b" not in logged and "\x07" not in logged
 
 
+def test_a_library_warning_with_a_header_value_reaches_the_log_escaped(dicom_dir: Path,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """pydicom warns about an unknown character set with the header's own text; Python would print that warning
+    raw to stderr (the ingester's terminal or log). Warnings go through logging, escaped like every record."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.SpecificCharacterSet = "EVIL\x1b[2J\x1b]0;OWNED\x07"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    capfd.readouterr()
+    with DecodePool(POLICY, processes=1, memory_mb=1024, timeout_seconds=60) as pool:
+        result = _one(pool, "charset", buffer.getvalue())
+    assert result.accepted
+    logged = capfd.readouterr().err
+    assert "\x1b" not in logged and "\x07" not in logged, logged
+
+
 @pytest.mark.parametrize("cut", ["inside a request", "before an answer"])
 def test_a_decode_process_whose_ingester_died_exits_without_a_traceback(dicom_dir: Path, cut: str) -> None:
     """An ingester SIGKILLed while sending a request (or before reading the answer) must not leave a traceback in
