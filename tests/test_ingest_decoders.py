@@ -3,6 +3,7 @@ tolerance for lossy JPEG, and JPEG 2000 at a reduced resolution level within its
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,80 @@ def test_jpeg_2000_is_decoded_at_a_reduced_level_within_the_stated_tolerance(dic
     difference = np.abs(reduced.astype(np.int16) - full.astype(np.int16))
     assert difference.mean() <= 1.25
     assert np.percentile(difference, 99) <= 8
+
+
+# --- High-Throughput JPEG 2000 ---------------------------------------------------------------------------------
+# No HTJ2K radiograph is in the shared data: each test file is a shared radiograph's own pixels (decoded by the
+# reference) encoded with OpenJPH, in the dataset it came from. Lossless: the reversible 5/3 wavelet; lossy: the
+# irreversible 9/7 one at a visible quantisation (what HTJ2K 1.2.840.10008.1.2.4.203 allows).
+HTJ2K_CASES = {
+    "966 lossless": ("pylibjpeg-data__966_fixed.dcm", pydicom.uid.HTJ2KLossless, True),
+    "JPLL lossless RPCL": ("pylibjpeg-data__RG2_JPLL.dcm", pydicom.uid.HTJ2KLosslessRPCL, True),
+    "966 lossless as HTJ2K": ("pylibjpeg-data__966_fixed.dcm", pydicom.uid.HTJ2K, True),
+}
+HTJ2K_LOSSY = ["pylibjpeg-data__966_fixed.dcm", "pylibjpeg-data__RG2_JPLL.dcm"]
+
+
+def _as_htj2k(ds: pydicom.Dataset, syntax: str, reversible: bool) -> tuple[pydicom.Dataset, np.ndarray]:
+    """``ds`` with its pixels re-encoded as HTJ2K; returns the dataset and the pixels encoded."""
+    import imagecodecs
+
+    pixels = _reference(ds)
+    codestream = imagecodecs.htj2k_encode(pixels, reversible=reversible,
+                                          **({} if reversible else {"level": 0.5}))
+    out = copy.deepcopy(ds)
+    out.file_meta.TransferSyntaxUID = syntax
+    out.PixelData = pydicom.encaps.encapsulate([codestream])
+    out["PixelData"].VR = "OB"
+    return out, pixels
+
+
+@pytest.mark.parametrize("case", sorted(HTJ2K_CASES))
+def test_lossless_htj2k_uses_openjph_and_it_is_bit_identical_to_openjpeg(dicom_dir: Path, case: str) -> None:
+    name, syntax, reversible = HTJ2K_CASES[case]
+    ds, pixels = _as_htj2k(pydicom.dcmread(dicom_dir / name), syntax, reversible)
+    assert choose_plugin(syntax) == IMAGECODECS, "imagecodecs without HTJ2K (OpenJPH): install a current release"
+    fast = decode(ds)
+    reference = _reference(ds)
+    assert fast.dtype == reference.dtype
+    np.testing.assert_array_equal(fast, reference)
+    np.testing.assert_array_equal(fast, pixels)
+
+
+@pytest.mark.parametrize("name", HTJ2K_LOSSY)
+def test_lossy_htj2k_moves_the_model_input_by_at_most_one_level(dicom_dir: Path, name: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The irreversible 9/7 wavelet is computed in floating point: OpenJPH and openjpeg round a fraction of the
+    samples apart by 1 (0.6 % of them here). Tolerance on the 224 x 224 input: max 1 grey level, mean 0.05."""
+    ds, pixels = _as_htj2k(pydicom.dcmread(dicom_dir / name), pydicom.uid.HTJ2K, reversible=False)
+    fast_pixels = decode(ds)
+    assert not np.array_equal(fast_pixels, pixels), "the lossy case should really be lossy"
+    fast, _ = normalize_radiograph(ds)
+    monkeypatch.setitem(decoders.DECODING_PREFERENCE, pydicom.uid.HTJ2K, (PYLIBJPEG,))
+    reference, _ = normalize_radiograph(ds)
+    difference = np.abs(fast.astype(np.int16) - reference.astype(np.int16))
+    assert difference.max() <= 1
+    assert difference.mean() <= 0.05
+
+
+def test_an_htj2k_radiograph_is_read_as_its_uncompressed_twin(dicom_dir: Path) -> None:
+    """HTJ2K is decoded whole (no reduced level): the model input equals that of the same pixels uncompressed,
+    and a codestream that contradicts Rows x Columns is rejected before decoding, as for JPEG 2000."""
+    from covid_cxr.errors import InputRejected
+    from ingest.pixels import check_decodable
+
+    name, syntax, reversible = HTJ2K_CASES["966 lossless"]
+    ds, pixels = _as_htj2k(pydicom.dcmread(dicom_dir / name), syntax, reversible)
+    twin = copy.deepcopy(ds)
+    twin.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    twin.PixelData = pixels.tobytes()
+    twin["PixelData"].VR = "OW"
+    image, _ = normalize_radiograph(ds)
+    uncompressed, _ = normalize_radiograph(twin)
+    np.testing.assert_array_equal(image, uncompressed)
+
+    ds.Rows = ds.Rows * 4
+    assert check_decodable(ds) == syntax
+    with pytest.raises(InputRejected) as rejected:
+        decode(ds)
+    assert rejected.value.reason == "codestream_mismatch"

@@ -6,8 +6,8 @@ Every decoder runs through pydicom's one read path (``Decoder.as_array`` with a 
 order; the first one installed is used (:func:`choose_plugin`). For lossless syntaxes a plugin
 is listed before the reference (pylibjpeg) only when its output is bit-identical on the shared
 files (tests/test_ingest_decoders.py asserts it); for lossy JPEG the output may differ from the
-reference by rounding in the inverse DCT, within a tolerance on the 224 x 224 model input
-that the same test states.
+reference by rounding in the inverse DCT (lossy HTJ2K: in the irreversible wavelet), within a
+tolerance on the 224 x 224 model input that the same test states.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ DECODING_PREFERENCE: dict[str, tuple[str, ...]] = {
     uid.JPEGLSNearLossless: (IMAGECODECS, PYLIBJPEG),  # CharLS: identical, ~4x faster
     uid.JPEGBaseline8Bit: (IMAGECODECS, PYLIBJPEG),  # libjpeg-turbo: lossy, IDCT rounding differs by 1 level
     uid.JPEGExtended12Bit: (IMAGECODECS, PYLIBJPEG),  # libjpeg-turbo: lossy, IDCT rounding differs by 1 level
+    uid.HTJ2KLossless: (IMAGECODECS, PYLIBJPEG),  # OpenJPH: identical, ~2.5x faster than openjpeg
+    uid.HTJ2KLosslessRPCL: (IMAGECODECS, PYLIBJPEG),  # OpenJPH: identical
+    uid.HTJ2K: (IMAGECODECS, PYLIBJPEG),  # OpenJPH: identical when reversible; lossy 9/7 rounds 1 level apart
 }
 #: Where each of this package's plugins lives (pydicom imports the function by name).
 _PLUGINS = {
@@ -37,7 +40,7 @@ _PLUGINS = {
 }
 _SYNTAXES = {
     IMAGECODECS: (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLosslessSV1, uid.JPEGLSLossless,
-                  uid.JPEGLSNearLossless),
+                  uid.JPEGLSNearLossless, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K),
     PILLOW_REDUCED: (uid.JPEG2000Lossless, uid.JPEG2000),
 }
 

@@ -1,4 +1,5 @@
-"""pydicom decoding plugin over imagecodecs: libjpeg-turbo 3 for JPEG (lossless and lossy), CharLS for JPEG-LS."""
+"""pydicom decoding plugin over imagecodecs: libjpeg-turbo 3 for JPEG (lossless and lossy), CharLS for JPEG-LS,
+OpenJPH for High-Throughput JPEG 2000 (HTJ2K)."""
 
 from __future__ import annotations
 
@@ -21,28 +22,48 @@ DECODER_DEPENDENCIES = {
     uid.JPEGLosslessSV1: ("numpy", "imagecodecs>=2024.1"),
     uid.JPEGLSLossless: ("numpy", "imagecodecs>=2024.1"),
     uid.JPEGLSNearLossless: ("numpy", "imagecodecs>=2024.1"),
+    uid.HTJ2KLossless: ("numpy", "imagecodecs built with OpenJPH (HTJ2K)"),
+    uid.HTJ2KLosslessRPCL: ("numpy", "imagecodecs built with OpenJPH (HTJ2K)"),
+    uid.HTJ2K: ("numpy", "imagecodecs built with OpenJPH (HTJ2K)"),
 }
 _JPEG_SYNTAXES = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLosslessSV1})
+_HTJ2K_SYNTAXES = frozenset({uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K})
+
+
+def _codec(transfer_syntax: str) -> Any:
+    """imagecodecs' codec for ``transfer_syntax`` (``None`` where this imagecodecs has none: HTJ2K is recent)."""
+    if transfer_syntax in _JPEG_SYNTAXES:
+        return imagecodecs.JPEG8
+    if transfer_syntax in _HTJ2K_SYNTAXES:
+        return getattr(imagecodecs, "HTJ2K", None)
+    return imagecodecs.JPEGLS
 
 
 def is_available(transfer_syntax: str) -> bool:
     """Whether imagecodecs is installed with the codec for ``transfer_syntax`` (pydicom's plugin interface)."""
     if imagecodecs is None or transfer_syntax not in DECODER_DEPENDENCIES:
         return False
-    codec = imagecodecs.JPEG8 if transfer_syntax in _JPEG_SYNTAXES else imagecodecs.JPEGLS
-    return bool(codec.available)
+    codec = _codec(transfer_syntax)
+    return codec is not None and bool(codec.available)
 
 
 def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     """One decoded single-sample frame, in the container (8 or 16 bits) the codestream's precision needs.
 
     Colour frames are refused (``ValueError``): libjpeg-turbo would convert YCbCr to RGB where
-    pydicom's other plugins keep it, and covid-cxr reads only grayscale radiographs.
+    pydicom's other plugins keep it, and covid-cxr reads only grayscale radiographs. An HTJ2K
+    frame is decoded whole, at full resolution; a signed codestream comes back as its samples,
+    and pydicom corrects the sign as it does for openjpeg's output.
     """
     if runner.samples_per_pixel != 1:
         raise ValueError("the imagecodecs plugin of covid-cxr decodes single-sample (grayscale) frames only")
-    jpeg = runner.transfer_syntax in _JPEG_SYNTAXES
-    array = imagecodecs.jpeg8_decode(src) if jpeg else imagecodecs.jpegls_decode(src)
+    syntax = runner.transfer_syntax
+    if syntax in _JPEG_SYNTAXES:
+        array = imagecodecs.jpeg8_decode(src)
+    elif syntax in _HTJ2K_SYNTAXES:
+        array = imagecodecs.htj2k_decode(src)
+    else:
+        array = imagecodecs.jpegls_decode(src)
     if array.ndim != 2:
         raise ValueError(f"expected one grayscale frame, the codestream decoded to shape {array.shape}")
     runner.set_option("bits_allocated", array.dtype.itemsize * 8)
