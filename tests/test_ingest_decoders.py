@@ -173,3 +173,45 @@ def test_an_htj2k_radiograph_is_read_as_its_uncompressed_twin(dicom_dir: Path) -
     with pytest.raises(InputRejected) as rejected:
         decode(ds)
     assert rejected.value.reason == "codestream_mismatch"
+
+
+def test_a_corrupt_htj2k_code_block_fails_the_file_instead_of_passing_garbage(dicom_dir: Path,
+                                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """OpenJPH reports some corrupt code blocks from a callback that cannot raise: Python printed the error raw to
+    stderr and the decode returned an image of garbage, which would have been accepted. It is decode_failed."""
+    import imagecodecs
+
+    from covid_cxr.errors import InputRejected
+
+    ds, pixels = _as_htj2k(pydicom.dcmread(dicom_dir / "pylibjpeg-data__966_fixed.dcm"), pydicom.uid.HTJ2KLossless,
+                           True)
+    codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    swallowed: list[BaseException] = []
+
+    def corrupt_codestreams():  # one byte set to 0 or 255, every 997 bytes past the headers
+        for position in range(200, len(codestream), 997):
+            for value in (0x00, 0xFF):
+                yield codestream[:position] + bytes([value]) + codestream[position + 1:]
+
+    hook = pytest.MonkeyPatch()
+    hook.setattr("sys.unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_value))
+    try:
+        for bad in corrupt_codestreams():  # the first whose error OpenJPH cannot raise
+            swallowed.clear()
+            try:
+                garbage = imagecodecs.htj2k_decode(bad)
+            except Exception:
+                continue
+            if swallowed:
+                break
+        else:
+            pytest.fail("no corruption found whose error OpenJPH swallows: this test no longer tests anything")
+    finally:
+        hook.undo()
+    assert not np.array_equal(garbage, pixels)
+    ds.PixelData = pydicom.encaps.encapsulate([bad])
+    capfd.readouterr()
+    with pytest.raises(InputRejected) as rejected:
+        decode(ds)
+    assert rejected.value.reason == "decode_failed" and "OpenJPH" in rejected.value.message
+    assert "Exception ignored" not in capfd.readouterr().err

@@ -4,6 +4,10 @@ OpenJPH for High-Throughput JPEG 2000 (HTJ2K)."""
 from __future__ import annotations
 
 import importlib
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydicom import uid
@@ -61,10 +65,35 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     if syntax in _JPEG_SYNTAXES:
         array = imagecodecs.jpeg8_decode(src)
     elif syntax in _HTJ2K_SYNTAXES:
-        array = imagecodecs.htj2k_decode(src)
+        with _errors_it_cannot_raise() as errors:
+            array = imagecodecs.htj2k_decode(src)
+        if errors:
+            raise ValueError(f"OpenJPH could not decode the HTJ2K codestream: {errors[0]}")
     else:
         array = imagecodecs.jpegls_decode(src)
     if array.ndim != 2:
         raise ValueError(f"expected one grayscale frame, the codestream decoded to shape {array.shape}")
     runner.set_option("bits_allocated", array.dtype.itemsize * 8)
     return bytes(array.tobytes())
+
+
+_hook_lock = threading.Lock()
+
+
+@contextmanager
+def _errors_it_cannot_raise() -> Iterator[list[BaseException]]:
+    """The exceptions raised inside imagecodecs' callbacks while the block runs.
+
+    OpenJPH reports a corrupt HTJ2K code block from a callback that cannot raise; Python prints it
+    ("Exception ignored in ...", raw, to stderr), and the decode returns an image of garbage. The
+    errors are collected here instead, so that the frame fails, as the same codestream does when the
+    error comes from OpenJPH's main path.
+    """
+    errors: list[BaseException] = []
+    with _hook_lock:
+        previous = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: errors.append(unraisable.exc_value or RuntimeError("unknown"))
+        try:
+            yield errors
+        finally:
+            sys.unraisablehook = previous
