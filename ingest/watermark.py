@@ -77,7 +77,7 @@ class DiskWatermark:
         self.reading: DiskReading | None = None
         self.is_paused = False
         self.paused_since: datetime | None = None
-        #: Called with the new state after every pause or resume.
+        #: Called with the new state after the first measurement and after every pause or resume.
         self.on_change: Callable[[DiskWatermark], None] | None = None
 
     def paused(self) -> bool:
@@ -86,19 +86,23 @@ class DiskWatermark:
         if now < self._next_check:
             return self.is_paused
         self._next_check = now + self._check_every
+        first = self.reading is None
         try:
             self.reading = self._measure()
         except OSError as exc:  # cannot measure: keep the last decision rather than guess
             log.warning("cannot measure free disk space: %s", exc)
             return self.is_paused
         free = self.reading.free_bytes
+        changed = first  # the status written at start said "not measured yet" until the next reconciliation
         if not self.is_paused and free < self.pause_below:
             self.is_paused, self.paused_since = True, datetime.now(UTC)
             log.warning("ingest paused: %s", self.message())
-            self._changed()
+            changed = True
         elif self.is_paused and free > self.resume_above:
             self.is_paused, self.paused_since = False, None
             log.info("ingest resumed: %s", self.message())
+            changed = True
+        if changed:
             self._changed()
         return self.is_paused
 

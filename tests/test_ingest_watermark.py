@@ -31,8 +31,18 @@ def test_two_levels_pause_below_one_and_resume_above_the_other(tmp_path):
     changes: list[bool] = []
     watermark.on_change = lambda w: changes.append(w.is_paused)
     assert [watermark.paused() for _ in range(7)] == [False, True, True, True, False, False, True]
-    assert changes == [True, False, True]
+    assert changes == [False, True, False, True], "the first measurement, then each pause and resume"
     assert "below 100 MiB" in watermark.message() and "more than 200 MiB" in watermark.message()
+
+
+def test_status_shows_the_free_space_soon_after_start_not_at_the_next_reconciliation(tmp_path):
+    settings = embedded_settings(tmp_path / "data", inbox_dir=tmp_path / "inbox", reconcile_interval_seconds=600)
+    upgrade(settings)
+    with RunningIngester(settings):
+        wait_until(lambda: any(row["free_mb"] is not None for row in status_report(settings)["ingest"]["ingesters"]),
+                   timeout=10, what="the measured free space in the ingest status row")
+        [row] = status_report(settings)["ingest"]["ingesters"]
+    assert "MiB free on" in row["message"]
 
 
 def test_the_resume_level_must_not_lie_below_the_pause_level(tmp_path):
