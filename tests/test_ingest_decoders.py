@@ -136,6 +136,22 @@ def test_lossless_htj2k_uses_openjph_and_it_is_bit_identical_to_openjpeg(dicom_d
     np.testing.assert_array_equal(fast, pixels)
 
 
+def test_a_signed_htj2k_radiograph_decodes_to_its_signed_samples(dicom_dir: Path) -> None:
+    """OpenJPH returns a signed codestream's samples as int16; pydicom applies its sign handling as for openjpeg."""
+    import imagecodecs
+
+    ds = pydicom.dcmread(dicom_dir / "pylibjpeg-data__966_fixed.dcm")
+    signed = (_reference(ds).astype(np.int32) - 2048).astype(np.int16)  # 12-bit samples, now centred on 0
+    ds.PixelRepresentation = 1
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.HTJ2KLossless
+    ds.PixelData = pydicom.encaps.encapsulate([imagecodecs.htj2k_encode(signed, reversible=True)])
+    ds["PixelData"].VR = "OB"
+    decoded = decode(ds)
+    assert decoded.dtype == np.int16 and decoded.min() < 0
+    np.testing.assert_array_equal(decoded, signed)
+    np.testing.assert_array_equal(decoded, _reference(ds))
+
+
 @pytest.mark.parametrize("name", HTJ2K_LOSSY)
 def test_lossy_htj2k_moves_the_model_input_by_at_most_one_level(dicom_dir: Path, name: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
