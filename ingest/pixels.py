@@ -66,6 +66,22 @@ GRAYSCALE_STEPS = ("to_uint8", "pad_to_square", f"resize_{IMAGE_SIZE}")
 
 register_plugins()
 
+#: Standard transfer syntaxes newer than the installed pydicom knows, named in a rejection so that an operator
+#: sees what arrived (DICOM 2024, Supplement 232).
+NEWER_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+}
+
+
+def _syntax_name(uid: UID) -> str:
+    """The transfer syntax's name; a UID pydicom does not know is named from :data:`NEWER_SYNTAX_NAMES`, or said
+    to be unknown (a private or a newer syntax), instead of repeating the UID."""
+    if uid.name != str(uid):
+        return uid.name
+    return NEWER_SYNTAX_NAMES.get(str(uid), "unknown to this installation (private, or newer than pydicom)")
+
 
 # --- DICOM steps ------------------------------------------------------------------------------
 
@@ -98,7 +114,7 @@ def check_decodable(ds: pydicom.Dataset) -> UID:
         decoder = get_decoder(uid)
     except NotImplementedError:
         raise InputRejected(
-            f"no pixel data decoder exists for transfer syntax {uid.name} ({uid})",
+            f"no pixel data decoder exists for transfer syntax {_syntax_name(uid)} ({uid})",
             reason=Reason.UNSUPPORTED_TRANSFER_SYNTAX,
         ) from None
     if not decoder.is_available:

@@ -418,6 +418,21 @@ def test_transfer_syntax_without_any_decoder_is_unsupported(dicom_dir: Path) -> 
     assert "MPEG2" in caught.value.message
 
 
+@pytest.mark.parametrize(("syntax", "named"), [
+    ("1.2.840.10008.1.2.4.110", "JPEG XL Lossless"),  # DICOM 2024: newer than pydicom 3.0
+    ("1.2.826.0.1.3680043.2.1143.1.42", "unknown to this installation"),  # a private syntax
+])
+def test_a_syntax_pydicom_does_not_know_is_named_or_said_unknown(dicom_dir: Path, syntax: str, named: str) -> None:
+    ds = pydicom.dcmread(dicom_dir / SMALL_CHEST)
+    ds.file_meta.TransferSyntaxUID = syntax
+    with pytest.raises(InputRejected) as caught:
+        normalize_radiograph(ds)
+    assert caught.value.reason == Reason.UNSUPPORTED_TRANSFER_SYNTAX
+    message = caught.value.message
+    assert message.startswith(f"no pixel data decoder exists for transfer syntax {named}")
+    assert message.count(syntax) == 1, "the UID once, not twice as its own name"
+
+
 def test_missing_decoder_plugin_is_named(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Uninstalled:
         is_available = False
