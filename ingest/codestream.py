@@ -33,9 +33,11 @@ class CodestreamHeader:
 
     ``kind`` is ``"jpeg"`` (T.81, including lossless), ``"jpeg-ls"`` or ``"jpeg2000"``;
     ``rows`` is 0 when a JPEG frame defers its height to a DNL marker. For JPEG 2000,
-    ``signed`` and ``precision`` are those of the first component and
+    ``signed`` and ``precision`` are those of the first component,
     ``decomposition_levels`` the number of wavelet levels of the main header's COD segment
-    (``None``: no COD found), which bounds the resolution levels a decoder can skip.
+    (``None``: no COD found), which bounds the resolution levels a decoder can skip, and
+    ``reversible`` whether that wavelet is the reversible 5/3 one (lossless-capable) rather than the
+    irreversible 9/7 one (``None``: no COD found).
     """
 
     kind: str
@@ -45,6 +47,7 @@ class CodestreamHeader:
     precision: int
     signed: bool = False
     decomposition_levels: int | None = None
+    reversible: bool | None = None
 
 
 def read_codestream_header(codestream: bytes) -> CodestreamHeader:
@@ -95,21 +98,24 @@ def _j2k_header(data: memoryview) -> CodestreamHeader:
     length, _, xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">HHIIII", data, 4)
     (components,) = struct.unpack_from(">H", data, 4 + 36)
     ssiz = data[4 + 38]
-    levels = None
+    levels = reversible = None
     position = 4 + length
     while position + 4 <= len(data):
         if data[position] != 0xFF:
             break
         marker = data[position + 1]
         (segment_length,) = struct.unpack_from(">H", data, position + 2)
-        if marker == _J2K_COD and position + 2 + 8 <= len(data):
-            levels = data[position + 2 + 7]  # Lcod Scod SGcod(progression, layers, MCT) then SPcod's levels
+        if marker == _J2K_COD and position + 2 + 12 <= len(data):
+            # Lcod Scod SGcod(progression, layers, MCT), then SPcod: levels, code-block width, height and style,
+            # and the wavelet transformation (1: reversible 5/3, 0: irreversible 9/7).
+            levels = data[position + 2 + 7]
+            reversible = data[position + 2 + 11] == 1
             break
         if marker == 0x90:  # SOT: the main header is over
             break
         position += 2 + segment_length
     return CodestreamHeader("jpeg2000", ysiz - yosiz, xsiz - xosiz, components, (ssiz & 0x7F) + 1,
-                            bool(ssiz & 0x80), levels)
+                            bool(ssiz & 0x80), levels, reversible)
 
 
 def check_codestream_matches(codestream: bytes, rows: int | None, columns: int | None,

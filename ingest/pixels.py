@@ -26,7 +26,7 @@ from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
 from covid_cxr.reasons import Reason
 from ingest.codestream import CodestreamHeader, check_codestream_matches
-from ingest.decoders import PILLOW_REDUCED, choose_plugin, register_plugins
+from ingest.decoders import IMAGECODECS, PILLOW_REDUCED, PYLIBJPEG, choose_plugin, register_plugins
 from ingest.decoders.pillow_plugin import pillow_can_reduce, reduced_size
 from ingest.metadata import transfer_syntax_of
 
@@ -56,6 +56,7 @@ REDUCED_DECODE_MIN_SIDE = 2 * IMAGE_SIZE
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Compressed syntaxes whose codestreams end with the FFD9 marker (JPEG EOI, JPEG 2000 EOC).
+HTJ2K_SYNTAXES = frozenset({pydicom.uid.HTJ2KLossless, pydicom.uid.HTJ2KLosslessRPCL, pydicom.uid.HTJ2K})
 _SYNTAXES_WITH_END_MARKER = frozenset(
     [*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes, *pydicom.uid.JPEG2000TransferSyntaxes]
 )
@@ -164,6 +165,10 @@ def decode(ds: pydicom.Dataset, *, frame: int | None = None) -> np.ndarray:
         rows, columns = _int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")
         header = check_codestream_matches(codestream, rows, columns, _int_or_none(ds, "SamplesPerPixel"), uid.name)
         level = reduction_level(header) if uid in pydicom.uid.JPEG2000TransferSyntaxes else 0
+        if plugin == IMAGECODECS and uid in HTJ2K_SYNTAXES and header.reversible is not True:
+            # OpenJPH does not clamp an irreversible (9/7) reconstruction to the sample range: a saturated 8-bit
+            # pixel came back 0 instead of 255. openjpeg does; a reversible codestream is exact in both.
+            plugin = PYLIBJPEG
         if level and PILLOW_REDUCED in decoder.available_plugins:
             plugin = PILLOW_REDUCED
             options = {"j2k_reduce": level, "j2k_precision": header.precision,

@@ -36,6 +36,18 @@ def test_every_shared_codestream_declares_its_header_size(dicom_dir: Path) -> No
     assert kinds == {"jpeg", "jpeg-ls", "jpeg2000"}
 
 
+def test_the_wavelet_of_each_shared_jpeg_2000_codestream_is_read_from_its_cod_segment(dicom_dir: Path) -> None:
+    """The four shared JPEG 2000 files: the three "Lossless Only" ones use the reversible 5/3 wavelet, RG1's lossy
+    one the irreversible 9/7 (what decides whether OpenJPH may decode an HTJ2K codestream)."""
+    found = {}
+    for path in sorted(dicom_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID in pydicom.uid.JPEG2000TransferSyntaxes:
+            found[path.name] = read_codestream_header(_first_codestream(ds)).reversible
+    assert found == {"pydicom-data__RG1_J2KI.dcm": False, "pydicom-data__RG3_J2KR.dcm": True,
+                     "pylibjpeg-data__966_fixed.dcm": True, "pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm": True}
+
+
 @pytest.mark.parametrize("bomb", ["jpeg2000", "jpeg", "jpeg-ls"])
 def test_a_codestream_declaring_a_huge_image_is_rejected_before_decoding(dicom_dir: Path, bomb: str) -> None:
     if bomb == "jpeg2000":
