@@ -26,7 +26,7 @@ from covid_cxr.constants import IMAGE_SIZE
 from covid_cxr.errors import InputRejected
 from covid_cxr.reasons import Reason
 from ingest.codestream import CodestreamHeader, check_codestream_matches
-from ingest.decoders import IMAGECODECS, PILLOW_REDUCED, PYLIBJPEG, choose_plugin, register_plugins
+from ingest.decoders import HTJ2K_SYNTAXES, IMAGECODECS, PILLOW_REDUCED, PYLIBJPEG, choose_plugin, register_plugins
 from ingest.decoders.pillow_plugin import pillow_can_reduce, reduced_size
 from ingest.metadata import transfer_syntax_of
 
@@ -56,7 +56,6 @@ REDUCED_DECODE_MIN_SIDE = 2 * IMAGE_SIZE
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Compressed syntaxes whose codestreams end with the FFD9 marker (JPEG EOI, JPEG 2000 EOC).
-HTJ2K_SYNTAXES = frozenset({pydicom.uid.HTJ2KLossless, pydicom.uid.HTJ2KLosslessRPCL, pydicom.uid.HTJ2K})
 _SYNTAXES_WITH_END_MARKER = frozenset(
     [*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes, *pydicom.uid.JPEG2000TransferSyntaxes]
 )

@@ -22,6 +22,8 @@ PILLOW_REDUCED = "pillow-reduced"
 #: pydicom's label of the pylibjpeg plugins: the reference decoder of every compressed syntax.
 PYLIBJPEG = "pylibjpeg"
 
+#: High-Throughput JPEG 2000 (DICOM 2023; also in pydicom's JPEG2000TransferSyntaxes).
+HTJ2K_SYNTAXES = frozenset({uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K})
 #: Plugins to try per transfer syntax, fastest exact first. Syntaxes not listed use the reference alone.
 DECODING_PREFERENCE: dict[str, tuple[str, ...]] = {
     uid.JPEGLosslessSV1: (IMAGECODECS, PYLIBJPEG),  # libjpeg-turbo: identical, ~5x faster

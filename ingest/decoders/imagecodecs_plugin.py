@@ -13,6 +13,8 @@ from typing import Any
 from pydicom import uid
 from pydicom.pixels.decoders.base import DecodeRunner
 
+from ingest.decoders import HTJ2K_SYNTAXES
+
 imagecodecs: Any
 try:
     imagecodecs = importlib.import_module("imagecodecs")
@@ -31,14 +33,13 @@ DECODER_DEPENDENCIES = {
     uid.HTJ2K: ("numpy", "imagecodecs built with OpenJPH (HTJ2K)"),
 }
 _JPEG_SYNTAXES = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLosslessSV1})
-_HTJ2K_SYNTAXES = frozenset({uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K})
 
 
 def _codec(transfer_syntax: str) -> Any:
     """imagecodecs' codec for ``transfer_syntax`` (``None`` where this imagecodecs has none: HTJ2K is recent)."""
     if transfer_syntax in _JPEG_SYNTAXES:
         return imagecodecs.JPEG8
-    if transfer_syntax in _HTJ2K_SYNTAXES:
+    if transfer_syntax in HTJ2K_SYNTAXES:
         return getattr(imagecodecs, "HTJ2K", None)
     return imagecodecs.JPEGLS
 
@@ -64,7 +65,7 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     syntax = runner.transfer_syntax
     if syntax in _JPEG_SYNTAXES:
         array = imagecodecs.jpeg8_decode(src)
-    elif syntax in _HTJ2K_SYNTAXES:
+    elif syntax in HTJ2K_SYNTAXES:
         with _errors_it_cannot_raise() as errors:
             array = imagecodecs.htj2k_decode(src)
         if errors:
