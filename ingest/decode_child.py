@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
 
     from covid_cxr.errors import InputRejected
     from covid_cxr.reasons import Reason
-    from ingest.inbox import FileChanged, InboxEntryError, read_inbox_file
+    from ingest.inbox import FileChanged, InboxEntryError, read_claimed_file
     from ingest.normalized_png import encode_png
     from ingest.reader import ReaderPolicy, RejectedResult, read_radiograph
 
@@ -75,9 +75,7 @@ def main(argv: list[str]) -> int:
         if message[0] == "read_path":
             _, job, path, identity = message
             try:
-                inbox_file = read_inbox_file(Path(path))
-                if inbox_file.identity != identity:
-                    raise FileChanged("replaced or written to since it was claimed")
+                inbox_file = read_claimed_file(Path(path), identity)
             except (OSError, InboxEntryError, FileChanged) as exc:
                 if not _answer(answers, ("error", job, exc, False, None)):
                     return 1

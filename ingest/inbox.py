@@ -117,7 +117,24 @@ def read_inbox_file(path: Path) -> InboxFile:
     data = b"".join(chunks)
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
         raise FileChanged("written to while it was read")
-    return InboxFile(data, (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns))
+    return InboxFile(data, identity_of(after))
+
+
+Identity = tuple[int, int, int, int]
+
+
+def identity_of(info: os.stat_result) -> Identity:
+    """What makes a file the very file that was seen: device, inode, size and mtime."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def read_claimed_file(path: Path, identity: Identity) -> InboxFile:
+    """:func:`read_inbox_file`, of a file that must still be the one of ``identity`` (as it was when claimed);
+    raises ``FileChanged`` otherwise."""
+    inbox_file = read_inbox_file(path)
+    if inbox_file.identity != identity:
+        raise FileChanged("replaced or written to since it was claimed")
+    return inbox_file
 
 
 def is_unchanged(path: Path, identity: tuple[int, int, int, int]) -> bool:
@@ -126,7 +143,7 @@ def is_unchanged(path: Path, identity: tuple[int, int, int, int]) -> bool:
         info = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) == identity
+    return stat.S_ISREG(info.st_mode) and identity_of(info) == identity
 
 #: Mode of the files the service stores (archived and quarantined DICOMs hold PHI).
 PRIVATE_FILE_MODE = 0o600

@@ -10,9 +10,10 @@ database round trips overlap with decoding. The steps, each testable alone:
 2. :func:`~ingest.reader.read_radiograph` decodes and normalizes, or rejects with a reason, in a
    :class:`~ingest.decode_pool.DecodePool` process (memory cap, time limit); files above
    ``max_file_bytes`` are rejected before they are read. The decode process reads and hashes the
-   claimed file itself, checking it is still the file claimed (device, inode, size, mtime); whether
-   it was recorded before (a restart) is asked with the sha256 it returns. Kept files
-   (``after_ingest=keep``), met again at every start, are read here and asked before decoding.
+   claimed file itself, checking it is still the file claimed (device, inode, size, mtime). Whether
+   it was recorded before (a restart meeting its own file) is asked by the recorder thread, in the
+   transaction that would record it. Kept files (``after_ingest=keep``), met again at every start,
+   are read here and asked before decoding.
 3. :func:`~ingest.recorder.record` commits the rows (and where the file will go).
 4. :func:`~ingest.inbox.carry_out` archives, keeps, deletes or quarantines the file.
 5. :class:`Batcher` groups new instances and the ``enqueue`` function sends one task per batch;
@@ -57,8 +58,10 @@ from ingest.inbox import (
     InboxEntryError,
     carry_out,
     entry_error,
+    identity_of,
     is_unchanged,
     move_no_clobber,
+    read_claimed_file,
     read_inbox_file,
     relative_name,
     write_reason,
@@ -601,8 +604,7 @@ class IngestService:
             # all decode processes share, does neither. Whether it was recorded before is asked after decoding.
             if not stat.S_ISREG(info.st_mode):
                 read_inbox_file(claim.path)  # raises what the entry is: it is given back and listed
-            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-            item = _InFlight(claim, watcher_path, None, identity, size, None)
+            item = _InFlight(claim, watcher_path, None, identity_of(info), size, None)
         else:
             # Kept files stay in the inbox and are met again at every start: asked before decoding, by their bytes.
             inbox_file = read_inbox_file(claim.path)
@@ -647,9 +649,7 @@ class IngestService:
         if item.sha256 is not None:
             return item, result
         if not result.sha256:  # its decode process died or overran: the file is read here, for its row and quarantine
-            inbox_file = read_inbox_file(item.claim.path)
-            if inbox_file.identity != item.identity:
-                raise FileChanged("replaced or written to since it was claimed")
+            inbox_file = read_claimed_file(item.claim.path, item.identity)
             item = dataclasses.replace(item, data=inbox_file.data)
             result = dataclasses.replace(result, sha256=inbox_file.sha256)
         return dataclasses.replace(item, sha256=result.sha256), result
@@ -910,7 +910,7 @@ def _hash_unread(path: Path) -> tuple[str, tuple[int, int, int, int]]:
     with os.fdopen(fd, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
         info = os.fstat(handle.fileno())
-    return digest, (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return digest, identity_of(info)
 
 
 @dataclass(frozen=True)
