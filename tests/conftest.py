@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,31 @@ import pytest
 pytest_plugins = ["service_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("COVID_CXR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _shared_data_candidates() -> list[Path]:
+    """Where the shared data may be: ``COVID_CXR_SHARED_DATA`` alone if set; else ``../shared/data`` beside this
+    checkout, then beside the repository this checkout was cloned from when that is a local folder (a fresh
+    ``git clone`` of a working checkout into a temporary folder has no ``../shared`` of its own)."""
+    if "COVID_CXR_SHARED_DATA" in os.environ:
+        return [Path(os.environ["COVID_CXR_SHARED_DATA"])]
+    candidates = [REPO_ROOT.parent / "shared" / "data"]
+    try:
+        origin = subprocess.run(["git", "-C", str(REPO_ROOT), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout: only the first place
+        origin = ""
+    if origin and "://" not in origin and ":" not in origin.split("/")[0] and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "data")
+    return candidates
+
+
+def _shared_data() -> Path:
+    candidates = _shared_data_candidates()
+    return next((path for path in candidates if (path / "dicom" / "manifest.csv").exists()), candidates[0])
+
+
+SHARED_DATA = _shared_data()
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 POSTGRES_ADMIN_URL = os.environ.get("COVID_CXR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
