@@ -278,8 +278,9 @@ def test_a_decode_process_whose_ingester_died_exits_without_a_traceback(dicom_di
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
-    info = os.lstat(path)
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+    from ingest.inbox import identity_of
+
+    return identity_of(os.lstat(path))
 
 
 def test_a_file_read_by_path_gets_the_same_result_and_its_sha256_from_the_decode_process(
